@@ -1,0 +1,93 @@
+//! Building blocks shared by the architectures: initialization schemes and conv + BatchNorm.
+
+use tch::nn::{self, init, Init, ModuleT};
+use tch::Tensor;
+
+/// He (Kaiming) normal init, fan-out, for convolutions followed by ReLU (torchvision's choice for
+/// ResNet, VGG and MobileNetV2).
+pub const HE_FAN_OUT: Init = Init::Kaiming {
+    dist: init::NormalOrUniform::Normal,
+    fan: init::FanInOut::FanOut,
+    non_linearity: init::NonLinearity::ReLU,
+};
+
+/// A convolution with He init and zero bias.
+pub fn conv(p: nn::Path, c_in: i64, c_out: i64, k: i64, stride: i64, padding: i64, groups: i64, bias: bool) -> nn::Conv2D {
+    let cfg = nn::ConvConfig {
+        stride,
+        padding,
+        groups,
+        bias,
+        ws_init: HE_FAN_OUT,
+        bs_init: Init::Const(0.),
+        ..Default::default()
+    };
+    nn::conv2d(p, c_in, c_out, k, cfg)
+}
+
+/// A convolution with a rectangular `[kh, kw]` kernel and stride 1 (Inception's factorized 1x7, 7x1,
+/// 1x3 and 3x1 convolutions), He init and zero bias.
+pub fn conv_rect(p: nn::Path, c_in: i64, c_out: i64, k: [i64; 2], padding: [i64; 2], bias: bool) -> nn::Conv2D {
+    let cfg = nn::ConvConfigND::<[i64; 2]> {
+        padding,
+        bias,
+        ws_init: HE_FAN_OUT,
+        bs_init: Init::Const(0.),
+        ..Default::default()
+    };
+    nn::conv(p, c_in, c_out, k, cfg)
+}
+
+/// BatchNorm with torchvision's defaults (eps 1e-5, momentum 0.1, weight 1, bias 0).
+pub fn batch_norm(p: nn::Path, c: i64, eps: f64) -> nn::BatchNorm {
+    let cfg = nn::BatchNormConfig { eps, ws_init: Init::Const(1.), bs_init: Init::Const(0.), ..Default::default() };
+    nn::batch_norm2d(p, c, cfg)
+}
+
+/// A linear layer drawn from N(0, std) with zero bias (torchvision's VGG/MobileNetV2 classifiers).
+pub fn linear_normal(p: nn::Path, d_in: i64, d_out: i64, std: f64) -> nn::Linear {
+    let cfg = nn::LinearConfig { ws_init: Init::Randn { mean: 0., stdev: std }, bs_init: Some(Init::Const(0.)), bias: true };
+    nn::linear(p, d_in, d_out, cfg)
+}
+
+/// A linear layer with PyTorch's default init (Kaiming uniform, a = sqrt(5); bias U(+-1/sqrt(fan_in))).
+pub fn linear_default(p: nn::Path, d_in: i64, d_out: i64) -> nn::Linear {
+    nn::linear(p, d_in, d_out, Default::default())
+}
+
+/// The activation that follows a convolution and its BatchNorm.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Act {
+    /// None (the projection before a residual sum).
+    Identity,
+    Relu,
+    /// min(max(x, 0), 6), MobileNetV2's activation.
+    Relu6,
+}
+
+/// Convolution, BatchNorm and an activation as one module: torchvision's `Conv2dNormActivation`
+/// (`<i>.0`, `<i>.1`), Inception's `BasicConv2d` (`conv`, `bn`) and ResNet's `convK`/`bnK` pairs.
+/// The caller names the two paths, so each architecture keeps its torchvision keys.
+#[derive(Debug)]
+pub struct ConvBn {
+    conv: nn::Conv2D,
+    bn: nn::BatchNorm,
+    act: Act,
+}
+
+impl ConvBn {
+    pub fn new(conv: nn::Conv2D, bn: nn::BatchNorm, act: Act) -> Self {
+        ConvBn { conv, bn, act }
+    }
+}
+
+impl ModuleT for ConvBn {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        let ys = xs.apply(&self.conv).apply_t(&self.bn, train);
+        match self.act {
+            Act::Identity => ys,
+            Act::Relu => ys.relu(),
+            Act::Relu6 => ys.clamp(0., 6.),
+        }
+    }
+}
