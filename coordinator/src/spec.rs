@@ -44,7 +44,11 @@ impl WeightsSpec {
         match s {
             "imagenet" => Ok(WeightsSpec::Imagenet),
             "none" => Ok(WeightsSpec::None),
-            "" => Err(invalid("model.weights", "\"\"", "expected \"imagenet\", \"none\" or a path to a .safetensors file")),
+            "" => Err(invalid(
+                "model.weights",
+                "\"\"",
+                "expected \"imagenet\", \"none\" or a path to a .safetensors file",
+            )),
             path => Ok(WeightsSpec::File(resolve(base, path))),
         }
     }
@@ -111,7 +115,10 @@ impl Strategy {
                     return Err(invalid(
                         "schedule.k",
                         k,
-                        format!("the model has {n} groups ({}); k must leave at least the head trainable", groups.join(", ")),
+                        format!(
+                            "the model has {n} groups ({}); k must leave at least the head trainable",
+                            groups.join(", ")
+                        ),
                     ));
                 }
                 (0..n).map(|i| i < *k).collect()
@@ -285,16 +292,33 @@ struct RawOutput {
     checkpoint_every_steps: Option<usize>,
 }
 
+/// `p` taken relative to `base` (unless absolute), with `.` and `..` folded lexically so that
+/// paths read cleanly in logs and in the resolved spec.
 fn resolve(base: &Path, p: &str) -> PathBuf {
-    let p = Path::new(p);
-    if p.is_absolute() {
-        p.to_path_buf()
-    } else {
-        base.join(p)
+    use std::path::Component;
+    let joined = base.join(p);
+    let mut out = PathBuf::new();
+    for c in joined.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                if !out.pop() {
+                    out.push("..");
+                }
+            }
+            other => out.push(other),
+        }
     }
+    out
 }
 
-fn check_finite(field: &'static str, v: f64, min: f64, min_inclusive: bool, max: Option<f64>) -> Result<f64, SpecError> {
+fn check_finite(
+    field: &'static str,
+    v: f64,
+    min: f64,
+    min_inclusive: bool,
+    max: Option<f64>,
+) -> Result<f64, SpecError> {
     let low_ok = if min_inclusive { v >= min } else { v > min };
     if !v.is_finite() || !low_ok || max.is_some_and(|m| v >= m) {
         let range = match (min_inclusive, max) {
@@ -311,7 +335,8 @@ fn check_finite(field: &'static str, v: f64, min: f64, min_inclusive: bool, max:
 impl JobSpec {
     /// Reads and validates a spec file; relative paths are taken from the file's directory.
     pub fn from_file(path: &Path) -> Result<JobSpec, SpecError> {
-        let text = std::fs::read_to_string(path).map_err(|source| SpecError::Read { path: path.to_path_buf(), source })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| SpecError::Read { path: path.to_path_buf(), source })?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
         let base = if base.as_os_str().is_empty() { PathBuf::from(".") } else { base };
         let base = std::path::absolute(&base).unwrap_or(base);
@@ -330,7 +355,11 @@ impl JobSpec {
     fn validate(raw: RawSpec, base: &Path) -> Result<JobSpec, SpecError> {
         let name = raw.name.trim().to_string();
         if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.') {
-            return Err(invalid("name", format!("\"{}\"", raw.name), "must be non-empty and use only letters, digits, '-', '_' and '.'"));
+            return Err(invalid(
+                "name",
+                format!("\"{}\"", raw.name),
+                "must be non-empty and use only letters, digits, '-', '_' and '.'",
+            ));
         }
 
         let weights = WeightsSpec::parse(&raw.model.weights, base)?;
@@ -411,7 +440,8 @@ impl JobSpec {
             }
             other => return Err(invalid("train.optimizer", format!("\"{other}\""), "expected \"sgd\" or \"adamw\"")),
         };
-        let label_smoothing = check_finite("train.label_smoothing", t.label_smoothing.unwrap_or(0.0), 0.0, true, Some(1.0))?;
+        let label_smoothing =
+            check_finite("train.label_smoothing", t.label_smoothing.unwrap_or(0.0), 0.0, true, Some(1.0))?;
         let train = TrainSpec {
             epochs,
             batch_size,
@@ -452,15 +482,33 @@ impl JobSpec {
                         extra("schedule.groups", s.groups.is_some())?;
                         match s.k {
                             Some(k) if k >= 1 => Strategy::FreezeBottom { k },
-                            Some(k) => return Err(invalid("schedule.k", k, "freeze_bottom needs k >= 1 frozen groups (k = 0 is finetune_all)")),
-                            None => return Err(invalid("schedule.k", "missing", "freeze_bottom needs k, the number of frozen groups from the input")),
+                            Some(k) => {
+                                return Err(invalid(
+                                    "schedule.k",
+                                    k,
+                                    "freeze_bottom needs k >= 1 frozen groups (k = 0 is finetune_all)",
+                                ))
+                            }
+                            None => {
+                                return Err(invalid(
+                                    "schedule.k",
+                                    "missing",
+                                    "freeze_bottom needs k, the number of frozen groups from the input",
+                                ))
+                            }
                         }
                     }
                     "freeze" => {
                         extra("schedule.k", s.k.is_some())?;
                         match s.groups {
                             Some(g) if !g.is_empty() => Strategy::Freeze { groups: g },
-                            _ => return Err(invalid("schedule.groups", "missing", "strategy \"freeze\" needs a non-empty list of group names")),
+                            _ => {
+                                return Err(invalid(
+                                    "schedule.groups",
+                                    "missing",
+                                    "strategy \"freeze\" needs a non-empty list of group names",
+                                ))
+                            }
                         }
                     }
                     other => {
@@ -485,7 +533,10 @@ impl JobSpec {
                 return Err(invalid(
                     "model.weights",
                     "\"none\"",
-                    format!("strategy \"{}\" freezes layers, which only makes sense with pretrained weights", schedule.name()),
+                    format!(
+                        "strategy \"{}\" freezes layers, which only makes sense with pretrained weights",
+                        schedule.name()
+                    ),
                 ))
             }
             _ => {}
@@ -503,7 +554,13 @@ impl JobSpec {
     pub fn to_toml(&self) -> String {
         let mut s = String::new();
         let q = |v: &str| toml::Value::String(v.to_string()).to_string();
-        s += &format!("name = {}\nseed = {}\n\n[model]\narch = {}\nweights = {}\n", q(&self.name), self.seed, q(&self.model.arch), q(&self.model.weights.as_spec_str()));
+        s += &format!(
+            "name = {}\nseed = {}\n\n[model]\narch = {}\nweights = {}\n",
+            q(&self.name),
+            self.seed,
+            q(&self.model.arch),
+            q(&self.model.weights.as_spec_str())
+        );
         if let Some(n) = self.model.num_classes {
             s += &format!("num_classes = {n}\n");
         }
@@ -522,7 +579,10 @@ impl JobSpec {
         if let Some(v) = d.val_limit {
             s += &format!("val_limit = {v}\n");
         }
-        s += &format!("val_fraction = {:?}\nhflip = {}\nloader_threads = {}\n", d.val_fraction, d.hflip, d.loader_threads);
+        s += &format!(
+            "val_fraction = {:?}\nhflip = {}\nloader_threads = {}\n",
+            d.val_fraction, d.hflip, d.loader_threads
+        );
         let t = &self.train;
         s += &format!("\n[train]\nepochs = {}\nbatch_size = {}\nlr = {:?}\n", t.epochs, t.batch_size, t.lr);
         match t.optimizer {
@@ -537,7 +597,12 @@ impl JobSpec {
             LrSchedule::Constant => "constant",
             LrSchedule::Cosine => "cosine",
         };
-        s += &format!("lr_schedule = {}\nwarmup_steps = {}\nlabel_smoothing = {:?}\n", q(sched), t.warmup_steps, t.label_smoothing);
+        s += &format!(
+            "lr_schedule = {}\nwarmup_steps = {}\nlabel_smoothing = {:?}\n",
+            q(sched),
+            t.warmup_steps,
+            t.label_smoothing
+        );
         s += &format!("\n[schedule]\nstrategy = {}\n", q(self.schedule.name()));
         match &self.schedule {
             Strategy::FreezeBottom { k } => s += &format!("k = {k}\n"),
@@ -585,6 +650,8 @@ strategy = "feature_extract"
         let s = parse(GOOD).unwrap();
         assert_eq!(s.data.root, PathBuf::from("/base/data/fmnist"));
         assert_eq!(s.output.dir, PathBuf::from("/base/runs/fmnist"));
+        let up = parse(&GOOD.replace("data/fmnist", "../data/./fmnist")).unwrap();
+        assert_eq!(up.data.root, PathBuf::from("/data/fmnist"));
         assert_eq!(s.model.weights, WeightsSpec::Imagenet);
         assert_eq!(s.schedule, Strategy::FeatureExtract);
         assert_eq!(s.train.optimizer, OptimizerSpec::Sgd { momentum: 0.9, nesterov: false, weight_decay: 0.0 });
@@ -626,7 +693,9 @@ strategy = "feature_extract"
     fn scratch_with_pretrained_weights_is_rejected() {
         let err = parse(&GOOD.replace("\"feature_extract\"", "\"scratch\"")).unwrap_err().to_string();
         assert!(err.contains("model.weights") && err.contains("scratch"), "{err}");
-        let ok = parse(&GOOD.replace("\"feature_extract\"", "\"scratch\"").replace("arch = ", "weights = \"none\"\narch = "));
+        let ok = parse(
+            &GOOD.replace("\"feature_extract\"", "\"scratch\"").replace("arch = ", "weights = \"none\"\narch = "),
+        );
         assert_eq!(ok.unwrap().schedule, Strategy::Scratch);
     }
 

@@ -19,7 +19,8 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
-use super::{import_checkpoint_named, temp_path_beside, WeightsError};
+use super::{import_checkpoint_named, WeightsError};
+use crate::tensor_io::temp_path_beside;
 use crate::zoo::{Arch, ImagenetWeights};
 
 /// Attempts per download (the first try and two retries).

@@ -18,14 +18,14 @@ pub mod pickle;
 mod torch_file;
 
 use std::collections::{HashMap, HashSet};
-use std::fs::{self, File};
+use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use safetensors::{Dtype, SafeTensors};
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
+use crate::tensor_io;
 use crate::zoo::{is_buffer_name, Arch, Network};
 
 pub use download::{
@@ -256,41 +256,18 @@ fn fit_details(expected: &[(String, Vec<i64>)], found: &[(String, Vec<i64>)]) ->
     Some(parts.join("; "))
 }
 
-static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
-
-/// A temporary name beside `dst` (same directory, so a rename is atomic), unique per process and
-/// call: several workers of one machine may import the same weights at once, and must not write
-/// into each other's temporary file.
-pub(crate) fn temp_path_beside(dst: &Path, ext: &str) -> PathBuf {
-    let name = dst.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "weights".into());
-    let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-    dst.with_file_name(format!("{name}.{}-{n}.{ext}", std::process::id()))
-}
-
-/// Writes a safetensors file atomically: a temporary file in the same directory, fsync, rename,
-/// fsync of the directory.
+/// Writes a safetensors file atomically (see [`tensor_io::write_atomic`]).
 fn write_safetensors_atomic(
     dst: &Path,
     tensors: &[(String, RawTensor)],
     metadata: HashMap<String, String>,
 ) -> Result<(), WeightsError> {
-    let dir = match dst.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    fs::create_dir_all(&dir).map_err(|e| WeightsError::io("creating", &dir, e))?;
-    let tmp = temp_path_beside(dst, "tmp");
-    let result = (|| {
-        safetensors::serialize_to_file(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata), &tmp)
-            .map_err(|e| WeightsError::safetensors(&tmp, e))?;
-        File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| WeightsError::io("syncing", &tmp, e))?;
-        fs::rename(&tmp, dst).map_err(|e| WeightsError::io("renaming a temporary file to", dst, e))?;
-        File::open(&dir).and_then(|d| d.sync_all()).map_err(|e| WeightsError::io("syncing", &dir, e))
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
+    let bytes = safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata))
+        .map_err(|e| WeightsError::safetensors(dst, e))?;
+    tensor_io::write_atomic(dst, |f| io::Write::write_all(f, &bytes)).map_err(|e| match e {
+        tensor_io::TensorIoError::Write { path, source } => WeightsError::io("writing", &path, source),
+        other => WeightsError::format(dst, other.to_string()),
+    })
 }
 
 /// Reads a torch checkpoint, checks that it fits `arch` exactly (every variable present with its
@@ -352,22 +329,6 @@ fn head_classes(net: &Network, found: &[(String, Vec<i64>)]) -> Option<i64> {
     })
 }
 
-fn kind_of(dtype: Dtype) -> Option<Kind> {
-    Some(match dtype {
-        Dtype::F32 => Kind::Float,
-        Dtype::F64 => Kind::Double,
-        Dtype::F16 => Kind::Half,
-        Dtype::BF16 => Kind::BFloat16,
-        Dtype::I64 => Kind::Int64,
-        Dtype::I32 => Kind::Int,
-        Dtype::I16 => Kind::Int16,
-        Dtype::I8 => Kind::Int8,
-        Dtype::U8 => Kind::Uint8,
-        Dtype::BOOL => Kind::Bool,
-        _ => return None,
-    })
-}
-
 /// Copies the tensors of a safetensors file into `net`'s variables, by name. Every variable must
 /// be in the file with its shape, and the file must hold nothing else (`*.num_batches_tracked`
 /// aside). With `skip_head`, the head's variables are neither read nor required and keep their
@@ -421,7 +382,7 @@ pub fn load_into(net: &Network, path: &Path, skip_head: bool) -> Result<LoadRepo
     tch::no_grad(|| -> Result<(), WeightsError> {
         for (name, shape) in &expected {
             let view = &file[name];
-            let kind = kind_of(view.dtype()).ok_or_else(|| {
+            let kind = tensor_io::kind_of(view.dtype()).ok_or_else(|| {
                 WeightsError::safetensors(path, format!("tensor `{name}` has unsupported dtype {:?}", view.dtype()))
             })?;
             let src = Tensor::f_from_data_size(view.data(), shape, kind)

@@ -9,6 +9,7 @@ use std::process::Command;
 use sha2::{Digest, Sha256};
 
 use super::*;
+use tch::Kind;
 
 const MOBILENET_TENSORS: usize = 314;
 const MOBILENET_PARAMETERS: u64 = 3_504_872;
@@ -375,15 +376,6 @@ fn fit_details_lists_a_few_names_of_each_kind() {
          1 wrong shape: m0 (model [0], file [5])"
     );
     assert_eq!(fit_details(&expected, &expected), None);
-}
-
-#[test]
-fn temp_names_are_unique_and_beside_the_destination() {
-    let dst = Path::new("/cache/weights/x.safetensors");
-    let (a, b) = (temp_path_beside(dst, "tmp"), temp_path_beside(dst, "tmp"));
-    assert_ne!(a, b);
-    assert_eq!(a.parent(), dst.parent());
-    assert!(a.to_string_lossy().ends_with(".tmp"));
 }
 
 #[test]

@@ -12,7 +12,16 @@ pub const HE_FAN_OUT: Init = Init::Kaiming {
 };
 
 /// A convolution with He init and zero bias.
-pub fn conv(p: nn::Path, c_in: i64, c_out: i64, k: i64, stride: i64, padding: i64, groups: i64, bias: bool) -> nn::Conv2D {
+pub fn conv(
+    p: nn::Path,
+    c_in: i64,
+    c_out: i64,
+    k: i64,
+    stride: i64,
+    padding: i64,
+    groups: i64,
+    bias: bool,
+) -> nn::Conv2D {
     let cfg = nn::ConvConfig {
         stride,
         padding,
@@ -46,7 +55,8 @@ pub fn batch_norm(p: nn::Path, c: i64, eps: f64) -> nn::BatchNorm {
 
 /// A linear layer drawn from N(0, std) with zero bias (torchvision's VGG/MobileNetV2 classifiers).
 pub fn linear_normal(p: nn::Path, d_in: i64, d_out: i64, std: f64) -> nn::Linear {
-    let cfg = nn::LinearConfig { ws_init: Init::Randn { mean: 0., stdev: std }, bs_init: Some(Init::Const(0.)), bias: true };
+    let cfg =
+        nn::LinearConfig { ws_init: Init::Randn { mean: 0., stdev: std }, bs_init: Some(Init::Const(0.)), bias: true };
     nn::linear(p, d_in, d_out, cfg)
 }
 

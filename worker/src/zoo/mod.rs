@@ -118,32 +118,20 @@ impl Arch {
     }
 
     pub fn from_name(name: &str) -> Result<Arch, UnknownArch> {
-        Arch::ALL
-            .iter()
-            .copied()
-            .find(|a| a.name() == name)
-            .ok_or_else(|| UnknownArch { name: name.to_string() })
+        Arch::ALL.iter().copied().find(|a| a.name() == name).ok_or_else(|| UnknownArch { name: name.to_string() })
     }
 
     /// Default preprocessing (input size, resize, normalization, channels).
     pub fn preprocess(self) -> Preprocess {
         match self {
-            Arch::Lenet5 => Preprocess {
-                input_size: 32,
-                resize_size: 32,
-                mean: vec![0.5],
-                std: vec![0.5],
-                channels: 1,
-            },
+            Arch::Lenet5 => {
+                Preprocess { input_size: 32, resize_size: 32, mean: vec![0.5], std: vec![0.5], channels: 1 }
+            }
             // torchvision's pretrained Inception v3 uses `transform_input`, which maps ImageNet
             // normalization to (x - 0.5) / 0.5; normalizing that way directly is equivalent.
-            Arch::InceptionV3 => Preprocess {
-                input_size: 299,
-                resize_size: 342,
-                mean: vec![0.5; 3],
-                std: vec![0.5; 3],
-                channels: 3,
-            },
+            Arch::InceptionV3 => {
+                Preprocess { input_size: 299, resize_size: 342, mean: vec![0.5; 3], std: vec![0.5; 3], channels: 3 }
+            }
             _ => Preprocess::imagenet(224),
         }
     }
@@ -338,8 +326,7 @@ impl Network {
     /// Runs groups `range` on `xs`; `modes` has one entry per group of the network.
     pub fn forward_range(&self, xs: &Tensor, modes: &[GroupMode], range: std::ops::Range<usize>) -> Tensor {
         assert_eq!(modes.len(), self.groups.len(), "one mode per group");
-        let frozen_prefix =
-            modes[range.clone()].iter().take_while(|m| **m == GroupMode::Frozen).count() + range.start;
+        let frozen_prefix = modes[range.clone()].iter().take_while(|m| **m == GroupMode::Frozen).count() + range.start;
         let mut x = if frozen_prefix > range.start {
             tch::no_grad(|| {
                 let mut x = xs.shallow_clone();
@@ -381,8 +368,7 @@ impl Network {
 
     /// Expected tensors (name, shape) of this network, parameters and buffers, for weight import.
     pub fn expected_tensors(&self) -> Vec<(String, Vec<i64>)> {
-        let mut v: Vec<(String, Vec<i64>)> =
-            self.vs.variables().into_iter().map(|(n, t)| (n, t.size())).collect();
+        let mut v: Vec<(String, Vec<i64>)> = self.vs.variables().into_iter().map(|(n, t)| (n, t.size())).collect();
         v.sort();
         v
     }

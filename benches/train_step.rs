@@ -1,0 +1,125 @@
+//! Training-step time of thaw against the equivalent PyTorch eager loop, in the same run.
+//!
+//! For ResNet18 and MobileNetV2 at batch 32, 64x64 and 224x224: one step is forward, cross-entropy,
+//! backward and an SGD-with-momentum update of every parameter. thaw's side uses the same
+//! `Network` and `Optimizer` the trainer uses; PyTorch's side (`train_step_torch.py`) uses
+//! torchvision's models and `torch.optim.SGD`. Both run with the same number of threads on random
+//! inputs, after warm-up steps; the median step time is reported and the ratio torch/thaw
+//! (above 1: thaw is faster).
+//!
+//! The baseline needs the full torch==2.13.0 and torchvision==0.28.0, installed on demand into
+//! `.thaw/bench-venv` (about 4.7 GB). `THAW_BENCH_NO_BASELINE=1` runs thaw's side alone.
+//! `THAW_BENCH_STEPS` overrides the number of timed steps.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Instant;
+
+use tch::{Device, Kind, Tensor};
+use thaw_coordinator::spec::OptimizerSpec;
+use thaw_worker::optim::{Optimizer, Param};
+use thaw_worker::zoo::{Arch, GroupMode, Network};
+
+const CASES: [(Arch, i64); 4] =
+    [(Arch::Resnet18, 64), (Arch::Resnet18, 224), (Arch::MobilenetV2, 64), (Arch::MobilenetV2, 224)];
+const BATCH: i64 = 32;
+
+fn steps_for(size: i64) -> usize {
+    std::env::var("THAW_BENCH_STEPS").ok().and_then(|s| s.parse().ok()).unwrap_or(if size > 100 { 5 } else { 20 })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn thaw_step_ms(arch: Arch, size: i64, steps: usize) -> f64 {
+    tch::manual_seed(0);
+    let net = Network::new(arch, 1000, Device::Cpu);
+    let modes = vec![GroupMode::Train; net.groups().len()];
+    let params: Vec<Param> = (0..net.groups().len())
+        .flat_map(|g| net.group_parameters(g).into_iter().map(move |(name, tensor)| Param { name, tensor, group: g }))
+        .collect();
+    let mut opt = Optimizer::new(OptimizerSpec::Sgd { momentum: 0.9, nesterov: false, weight_decay: 0.0 }, params);
+    let xs = Tensor::randn([BATCH, 3, size, size], (Kind::Float, Device::Cpu));
+    let ys = Tensor::randint(1000, [BATCH], (Kind::Int64, Device::Cpu));
+    let mut times = Vec::new();
+    for i in 0..steps + 2 {
+        let t = Instant::now();
+        opt.zero_grad();
+        let loss = net.forward_modes(&xs, &modes).cross_entropy_for_logits(&ys);
+        loss.backward();
+        opt.step(&|_| 0.01);
+        let _ = loss.double_value(&[]);
+        if i >= 2 {
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    median(times)
+}
+
+fn baseline_python() -> Option<PathBuf> {
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let venv = repo.join(".thaw/bench-venv");
+    let py = venv.join("bin/python");
+    let marker = venv.join(".thaw-torch-2.13.0-torchvision-0.28.0");
+    if !marker.exists() {
+        eprintln!("installing the PyTorch baseline (torch==2.13.0, torchvision==0.28.0) into {}", venv.display());
+        let ok = Command::new("python3").args(["-m", "venv"]).arg(&venv).status().is_ok_and(|s| s.success())
+            && Command::new(&py)
+                .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "torch==2.13.0", "numpy"])
+                .status()
+                .is_ok_and(|s| s.success())
+            && Command::new(&py)
+                .args([
+                    "-m",
+                    "pip",
+                    "install",
+                    "--quiet",
+                    "--disable-pip-version-check",
+                    "--no-deps",
+                    "torchvision==0.28.0",
+                    "pillow",
+                ])
+                .status()
+                .is_ok_and(|s| s.success());
+        if !ok {
+            eprintln!("could not install the PyTorch baseline; reporting thaw alone");
+            return None;
+        }
+        let _ = std::fs::write(&marker, "");
+    }
+    Some(py)
+}
+
+fn main() {
+    // `cargo test --benches` runs bench binaries with `--bench`-less args; only time under `cargo bench`.
+    if std::env::args().any(|a| a == "--test" || a == "--list") {
+        return;
+    }
+    let threads = tch::get_num_threads();
+    let py = if std::env::var("THAW_BENCH_NO_BASELINE").is_ok() { None } else { baseline_python() };
+    println!("training step, batch {BATCH}, SGD momentum, {threads} threads, median ms/step");
+    println!("{:<13} {:>5} {:>10} {:>10} {:>12}", "model", "size", "thaw_ms", "torch_ms", "torch/thaw");
+    for (arch, size) in CASES {
+        let steps = steps_for(size);
+        let ours = thaw_step_ms(arch, size, steps);
+        let theirs = py.as_ref().and_then(|py| {
+            let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches/train_step_torch.py");
+            let out = Command::new(py)
+                .arg(script)
+                .args([arch.name(), &size.to_string(), &BATCH.to_string(), &steps.to_string(), &threads.to_string()])
+                .output()
+                .ok()?;
+            if !out.status.success() {
+                eprintln!("baseline failed: {}", String::from_utf8_lossy(&out.stderr));
+                return None;
+            }
+            String::from_utf8_lossy(&out.stdout).trim().parse::<f64>().ok()
+        });
+        match theirs {
+            Some(t) => println!("{:<13} {:>5} {:>10.1} {:>10.1} {:>12.2}", arch.name(), size, ours, t, t / ours),
+            None => println!("{:<13} {:>5} {:>10.1} {:>10} {:>12}", arch.name(), size, ours, "-", "-"),
+        }
+    }
+}

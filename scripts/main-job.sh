@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The main job: set-up (idempotent), then fine-tune ImageNet-pretrained MobileNetV2 on
+# Fashion-MNIST on this machine. Prints progress, the epoch table and the final test accuracy,
+# and leaves a checkpoint and the resolved spec under runs/fashion-mnist-mobilenet/.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+bash scripts/setup.sh
+cargo build --release --quiet
+thaw=target/release/thaw
+# The weights cache ($THAW_HOME, default ~/.cache/thaw) gets torchvision's file from set-up;
+# with network access `--weights imagenet` would download it instead.
+if ! "$thaw" weights path --arch mobilenet_v2 | grep -q present; then
+  "$thaw" weights import .thaw/weights/mobilenet_v2-b0353104.pth --arch mobilenet_v2
+fi
+"$thaw" train examples/fashion-mnist-mobilenet.toml "$@"

@@ -1,0 +1,391 @@
+//! `thaw`: the command line. Parses arguments, sets up logging, and calls into the worker and
+//! coordinator crates; no training logic lives here.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use thaw_coordinator::spec::JobSpec;
+use thaw_worker::data::idx::{IdxDataset, Split};
+use thaw_worker::data::transform::Transform;
+use thaw_worker::data::{folder::FolderDataset, Dataset};
+use thaw_worker::predict::{extract_features, Classifier};
+use thaw_worker::train::Trainer;
+use thaw_worker::weights;
+use thaw_worker::zoo::{Arch, Network};
+
+#[derive(Parser)]
+#[command(name = "thaw", version, about = "Transfer learning for computer vision, from one CPU to a GPU cluster")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DeviceArg {
+    /// CUDA when available, else CPU.
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+impl DeviceArg {
+    fn device(self) -> Result<tch::Device> {
+        Ok(match self {
+            DeviceArg::Auto => tch::Device::cuda_if_available(),
+            DeviceArg::Cpu => tch::Device::Cpu,
+            DeviceArg::Cuda => {
+                if !tch::Cuda::is_available() {
+                    bail!("--device cuda: no CUDA device is visible to libtorch");
+                }
+                tch::Device::Cuda(0)
+            }
+        })
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum FormatArg {
+    /// `idx` if the directory holds IDX files, else `folder`.
+    Auto,
+    Folder,
+    Idx,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a job in this process: `thaw train JOB.toml`, or `thaw train --resume CHECKPOINT`.
+    Train {
+        /// The job spec (TOML).
+        spec: Option<PathBuf>,
+        /// Continue the run saved in this checkpoint (its spec is inside it).
+        #[arg(long, conflicts_with = "spec")]
+        resume: Option<PathBuf>,
+        #[arg(long, value_enum, default_value = "auto")]
+        device: DeviceArg,
+        /// Stop after this many steps (a checkpoint is written); resume later with --resume.
+        #[arg(long)]
+        max_steps: Option<usize>,
+        /// Validate the spec, data and weights, print the plan, and exit without training.
+        #[arg(long)]
+        check: bool,
+    },
+    /// Classify images with a model: top-k classes with probabilities.
+    Predict {
+        #[arg(long)]
+        model: String,
+        /// `imagenet`, `none`, or a path to a thaw checkpoint / imported weights file.
+        #[arg(long, default_value = "imagenet")]
+        weights: String,
+        #[arg(long, default_value_t = 5)]
+        top_k: usize,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[arg(long, value_enum, default_value = "auto")]
+        device: DeviceArg,
+        #[arg(required = true)]
+        images: Vec<PathBuf>,
+    },
+    /// Standalone feature extractor: pooled trunk features (+ labels) of a dataset, as safetensors.
+    Extract {
+        #[arg(long)]
+        model: String,
+        #[arg(long, default_value = "imagenet")]
+        weights: String,
+        /// An image-folder tree (`DIR/<class>/<image>`) or a directory of IDX files.
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long, value_enum, default_value = "auto")]
+        format: FormatArg,
+        /// For IDX data: `train` or `test`.
+        #[arg(long, default_value = "train")]
+        split: String,
+        #[arg(long)]
+        out: PathBuf,
+        /// Input side (default: the model's).
+        #[arg(long)]
+        image_size: Option<i64>,
+        #[arg(long, default_value_t = 64)]
+        batch_size: usize,
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        #[arg(long, value_enum, default_value = "auto")]
+        device: DeviceArg,
+    },
+    /// Manage pretrained weights.
+    Weights {
+        #[command(subcommand)]
+        command: WeightsCommand,
+    },
+    /// List the model zoo: architectures, layer groups, parameters, input sizes.
+    Models {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum WeightsCommand {
+    /// Convert a torchvision checkpoint (.pth, zip or legacy format) into the weights cache.
+    Import {
+        file: PathBuf,
+        #[arg(long)]
+        arch: String,
+        /// Where to write (default: the cache entry that `--weights imagenet` uses).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Print where the ImageNet weights of an architecture are cached, and whether they are there.
+    Path {
+        #[arg(long)]
+        arch: String,
+    },
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Train { spec, resume, device, max_steps, check } => {
+            train(spec, resume, device.device()?, max_steps, check)
+        }
+        Command::Predict { model, weights, top_k, json, device, images } => {
+            predict(&model, &weights, top_k, json, device.device()?, &images)
+        }
+        Command::Extract { model, weights, data, format, split, out, image_size, batch_size, threads, device } => {
+            let arch = Arch::from_name(&model)?;
+            let ds = open_dataset(&data, format, &split)?;
+            let clf = Classifier::load(arch, &weights, device.device()?)?;
+            let t = Transform::new(&arch.preprocess(), image_size, ds.resize_whole());
+            let report = extract_features(&clf.net, ds, &t, batch_size, threads, &out)?;
+            for e in &report.skipped {
+                eprintln!("skipped {}: {}", e.key, e.reason);
+            }
+            println!(
+                "wrote {} features of width {} to {} ({} unreadable samples skipped)",
+                report.samples,
+                report.feature_dim,
+                out.display(),
+                report.skipped.len()
+            );
+            Ok(())
+        }
+        Command::Weights { command: WeightsCommand::Import { file, arch, out } } => {
+            let arch = Arch::from_name(&arch)?;
+            let out = match out {
+                Some(o) => o,
+                None => weights::cached_imagenet_path(arch)
+                    .with_context(|| format!("{arch} has no ImageNet weights; pass --out PATH"))?,
+            };
+            let report = weights::import_checkpoint(&file, arch, &out)?;
+            println!(
+                "imported {} tensors ({} parameters) for {arch} into {}",
+                report.tensors,
+                report.parameters,
+                out.display()
+            );
+            Ok(())
+        }
+        Command::Weights { command: WeightsCommand::Path { arch } } => {
+            let arch = Arch::from_name(&arch)?;
+            let p = weights::cached_imagenet_path(arch).with_context(|| format!("{arch} has no ImageNet weights"))?;
+            println!("{} ({})", p.display(), if p.is_file() { "present" } else { "absent" });
+            Ok(())
+        }
+        Command::Models { json } => models(json),
+    }
+}
+
+fn open_dataset(dir: &Path, format: FormatArg, split: &str) -> Result<Arc<dyn Dataset>> {
+    let is_idx = ["train", "t10k"].iter().any(|p| {
+        let f = format!("{p}-images-idx3-ubyte");
+        dir.join(&f).is_file() || dir.join(format!("{f}.gz")).is_file()
+    });
+    Ok(match (format, is_idx) {
+        (FormatArg::Idx, _) | (FormatArg::Auto, true) => {
+            let split = match split {
+                "train" => Split::Train,
+                "test" => Split::Test,
+                other => bail!("--split {other:?}: expected \"train\" or \"test\""),
+            };
+            if !dir.is_dir() {
+                bail!("data directory {} does not exist", dir.display());
+            }
+            Arc::new(IdxDataset::open(dir, split)?)
+        }
+        _ => Arc::new(FolderDataset::open(dir)?),
+    })
+}
+
+fn train(
+    spec: Option<PathBuf>,
+    resume: Option<PathBuf>,
+    device: tch::Device,
+    max_steps: Option<usize>,
+    check: bool,
+) -> Result<()> {
+    let mut trainer = match (spec, resume) {
+        (Some(spec), None) => Trainer::prepare(JobSpec::from_file(&spec)?, device)?,
+        (None, Some(ck)) => Trainer::resume(&ck, device)?,
+        _ => bail!("give a job spec (`thaw train JOB.toml`) or `--resume CHECKPOINT`"),
+    };
+    let groups = trainer.net.group_names().join(", ");
+    let frozen: Vec<&str> = trainer
+        .net
+        .group_names()
+        .into_iter()
+        .zip(&trainer.modes)
+        .filter(|(_, m)| **m == thaw_worker::zoo::GroupMode::Frozen)
+        .map(|(g, _)| g)
+        .collect();
+    tracing::info!(
+        job = %trainer.spec.name,
+        arch = %trainer.arch,
+        weights = %trainer.weights_source,
+        strategy = trainer.spec.schedule.name(),
+        train_images = trainer.splits.train.len(),
+        val_images = trainer.splits.val.len(),
+        classes = trainer.net.num_classes,
+        image_size = trainer.train_transform.size,
+        trainable_params = trainer.trainable_parameters(),
+        total_params = trainer.net.num_parameters(),
+        device = ?device,
+        "prepared"
+    );
+    eprintln!("groups: {groups}; frozen: {}", if frozen.is_empty() { "none".to_string() } else { frozen.join(", ") });
+    if check {
+        println!(
+            "job {} is valid; {} steps per epoch",
+            trainer.spec.name,
+            trainer.splits.train.len().div_ceil(trainer.spec.train.batch_size)
+        );
+        return Ok(());
+    }
+    if trainer.cursor().epoch > 0 || trainer.cursor().step > 0 {
+        eprintln!("resuming at epoch {}, step {}", trainer.cursor().epoch + 1, trainer.cursor().step);
+    }
+    let summary = trainer.run(max_steps)?;
+    let out = &trainer.spec.output.dir;
+    std::fs::write(out.join("metrics.json"), serde_json::to_string_pretty(&summary.history)?)
+        .with_context(|| format!("writing {}", out.join("metrics.json").display()))?;
+    println!(
+        "{:>5} {:>10} {:>9} {:>9} {:>8} {:>8} {:>7} {:>8} {:>9}",
+        "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "images", "skipped", "time_s", "data_wait"
+    );
+    for m in &summary.history {
+        println!(
+            "{:>5} {:>10.4} {:>9.4} {:>9.4} {:>8.4} {:>8} {:>7} {:>8.1} {:>9.1}",
+            m.epoch, m.train_loss, m.train_acc, m.val_loss, m.val_acc, m.images, m.skipped, m.seconds, m.data_wait
+        );
+    }
+    if !summary.skipped_keys.is_empty() {
+        println!("skipped {} unreadable samples: {}", summary.skipped_keys.len(), summary.skipped_keys.join(", "));
+    }
+    match summary.history.last() {
+        Some(m) if trainer.cursor().epoch == trainer.spec.train.epochs => {
+            println!("final validation accuracy: {:.4} ({} images)", m.val_acc, trainer.splits.val.len())
+        }
+        _ => println!(
+            "stopped at epoch {}, step {}; continue with --resume",
+            trainer.cursor().epoch + 1,
+            trainer.cursor().step
+        ),
+    }
+    println!("checkpoint: {}", summary.checkpoint.display());
+    Ok(())
+}
+
+fn predict(
+    model: &str,
+    weights: &str,
+    top_k: usize,
+    json: bool,
+    device: tch::Device,
+    images: &[PathBuf],
+) -> Result<()> {
+    let arch = Arch::from_name(model)?;
+    let clf = Classifier::load(arch, weights, device)?;
+    let results = clf.predict_files(images, top_k);
+    let mut failed = 0;
+    let mut out = Vec::new();
+    for (path, r) in images.iter().zip(results) {
+        match r {
+            Ok(top) => {
+                if json {
+                    out.push(serde_json::json!({
+                        "image": path.display().to_string(),
+                        "top": top.iter().map(|(i, n, p)| serde_json::json!({"class": i, "name": n, "probability": p})).collect::<Vec<_>>(),
+                    }));
+                } else {
+                    println!("{}", path.display());
+                    for (i, n, p) in top {
+                        println!("  {p:>7.4}  {i:>4}  {n}");
+                    }
+                }
+            }
+            Err(e) => {
+                failed += 1;
+                eprintln!("error: {e}");
+                if json {
+                    out.push(serde_json::json!({"image": path.display().to_string(), "error": e.reason}));
+                }
+            }
+        }
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    }
+    if failed > 0 {
+        bail!("{failed} of {} images could not be read", images.len());
+    }
+    Ok(())
+}
+
+fn models(json: bool) -> Result<()> {
+    let mut rows = Vec::new();
+    for arch in Arch::ALL {
+        let net = Network::new(arch, if arch == Arch::Lenet5 { 10 } else { 1000 }, tch::Device::Cpu);
+        let pre = arch.preprocess();
+        rows.push(serde_json::json!({
+            "arch": arch.name(),
+            "groups": net.group_names(),
+            "parameters": net.num_parameters(),
+            "feature_dim": net.feature_dim,
+            "input_size": pre.input_size,
+            "channels": pre.channels,
+            "imagenet_weights": arch.imagenet_weights().map(|w| w.file_name),
+        }));
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        println!("{:<13} {:>12} {:>6} {:>8}  groups", "arch", "parameters", "input", "features");
+        for r in &rows {
+            let groups: Vec<&str> = r["groups"].as_array().into_iter().flatten().filter_map(|v| v.as_str()).collect();
+            println!(
+                "{:<13} {:>12} {:>6} {:>8}  {}",
+                r["arch"].as_str().unwrap_or_default(),
+                r["parameters"].as_i64().unwrap_or_default(),
+                r["input_size"].as_i64().unwrap_or_default(),
+                r["feature_dim"].as_i64().unwrap_or_default(),
+                groups.join(" ")
+            );
+        }
+    }
+    Ok(())
+}

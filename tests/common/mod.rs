@@ -1,0 +1,86 @@
+//! Shared helpers for the end-to-end tests: the real `thaw` binary, the data and weights that
+//! `scripts/setup.sh` installs, and a per-binary weights cache (`THAW_HOME`) filled once by
+//! `thaw weights import` from torchvision's real MobileNetV2 file.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A file installed by `scripts/setup.sh`; a missing one fails the test with the fix.
+pub fn setup_file(rel: &str) -> PathBuf {
+    let p = repo().join(".thaw").join(rel);
+    assert!(p.exists(), "{} is missing: run `bash scripts/setup.sh` first", p.display());
+    p
+}
+
+pub fn fashion_mnist() -> PathBuf {
+    setup_file("data/fashion-mnist")
+}
+
+pub fn photo(name: &str) -> PathBuf {
+    setup_file(&format!("data/photos/{name}"))
+}
+
+/// A THAW_HOME shared by the tests of one binary, holding the imported MobileNetV2 weights.
+pub fn thaw_home() -> &'static Path {
+    static HOME: OnceLock<tempfile::TempDir> = OnceLock::new();
+    HOME.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let out = Command::new(env!("CARGO_BIN_EXE_thaw"))
+            .args(["weights", "import"])
+            .arg(setup_file("weights/mobilenet_v2-b0353104.pth"))
+            .args(["--arch", "mobilenet_v2"])
+            .env("THAW_HOME", dir.path())
+            .output()
+            .expect("run thaw");
+        assert!(out.status.success(), "weights import failed: {}", String::from_utf8_lossy(&out.stderr));
+        dir
+    })
+    .path()
+}
+
+/// `thaw ARGS` with the shared weights cache, offline, on the CPU.
+pub fn thaw(args: &[&str]) -> Output {
+    thaw_in(args, None)
+}
+
+pub fn thaw_in(args: &[&str], cwd: Option<&Path>) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_thaw"));
+    cmd.args(args).env("THAW_HOME", thaw_home()).env("THAW_OFFLINE", "1").env("RUST_LOG", "info");
+    if let Some(d) = cwd {
+        cmd.current_dir(d);
+    }
+    cmd.output().expect("run thaw")
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Asserts success, showing both streams otherwise.
+pub fn ok(o: Output) -> Output {
+    assert!(o.status.success(), "thaw failed\nstdout:\n{}\nstderr:\n{}", stdout(&o), stderr(&o));
+    o
+}
+
+/// Asserts failure and returns stderr.
+pub fn fails(o: Output) -> String {
+    assert!(!o.status.success(), "thaw unexpectedly succeeded\nstdout:\n{}\nstderr:\n{}", stdout(&o), stderr(&o));
+    stderr(&o)
+}
+
+/// Writes a job spec into `dir` and returns its path.
+pub fn write_spec(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(format!("{name}.toml"));
+    std::fs::write(&p, text).expect("write spec");
+    p
+}

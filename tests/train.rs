@@ -1,0 +1,274 @@
+//! `thaw train` end to end on real Fashion-MNIST and real weights: learning, checkpoints, exact
+//! resume, frozen groups that stay bit-identical, and bad input rejected before anything starts.
+
+mod common;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use common::*;
+
+fn fmnist_spec(name: &str, out: &Path, model: &str, extra: &str) -> String {
+    format!(
+        r#"name = "{name}"
+seed = 7
+[model]
+{model}
+[data]
+format = "idx"
+root = "{root}"
+{extra}
+[output]
+dir = "{out}"
+"#,
+        root = fashion_mnist().display(),
+        out = out.display(),
+    )
+}
+
+/// Model variables of a checkpoint or weights file, by name (prefix `model.` stripped).
+fn tensors(path: &Path) -> HashMap<String, Vec<u8>> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .filter(|(n, _)| !n.starts_with("optim."))
+        .map(|(n, v)| (n.strip_prefix("model.").unwrap_or(&n).to_string(), v.data().to_vec()))
+        .collect()
+}
+
+fn final_accuracy(stdout: &str) -> f64 {
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("final validation accuracy:"))
+        .unwrap_or_else(|| panic!("no accuracy in:\n{stdout}"));
+    line.split_whitespace().nth(3).unwrap().parse().unwrap()
+}
+
+#[test]
+fn lenet5_from_scratch_learns_and_leaves_a_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let spec = write_spec(
+        dir.path(),
+        "lenet",
+        &fmnist_spec(
+            "lenet",
+            &out,
+            "arch = \"lenet5\"\nweights = \"none\"",
+            "train_limit = 4000\nval_limit = 1000\n[train]\nepochs = 2\nbatch_size = 32\nlr = 0.05\n[schedule]\nstrategy = \"scratch\"",
+        ),
+    );
+    let o = ok(thaw(&["train", spec.to_str().unwrap()]));
+    let acc = final_accuracy(&stdout(&o));
+    // 10 classes: chance is 0.10; LeNet-5 reaches ~0.75 on 4000 images in 2 epochs.
+    assert!(acc > 0.6, "accuracy {acc}\n{}", stdout(&o));
+    assert!(stdout(&o).contains("epoch train_loss"), "{}", stdout(&o));
+    assert!(out.join("checkpoint.safetensors").is_file());
+    let resolved = std::fs::read_to_string(out.join("spec.toml")).unwrap();
+    assert!(
+        resolved.contains("strategy = \"scratch\"") && resolved.contains(&fashion_mnist().display().to_string()),
+        "{resolved}"
+    );
+    let metrics: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    assert_eq!(metrics.as_array().unwrap().len(), 2);
+    assert_eq!(metrics[1]["images"], 4000);
+
+    // The checkpoint serves `thaw predict` with the dataset's class names.
+    let img = dir.path().join("x.png");
+    image::GrayImage::from_pixel(28, 28, image::Luma([128])).save(&img).unwrap();
+    let ck = out.join("checkpoint.safetensors");
+    let o = ok(thaw(&[
+        "predict",
+        "--model",
+        "lenet5",
+        "--weights",
+        ck.to_str().unwrap(),
+        "--top-k",
+        "3",
+        "--json",
+        img.to_str().unwrap(),
+    ]));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v[0]["top"].as_array().unwrap().len(), 3);
+}
+
+#[test]
+fn resume_mid_epoch_matches_an_uninterrupted_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = |name: &str| {
+        let out = dir.path().join(name);
+        let spec = write_spec(
+            dir.path(),
+            name,
+            &fmnist_spec(
+                name,
+                &out,
+                "arch = \"lenet5\"\nweights = \"none\"",
+                "train_limit = 640\nval_limit = 200\nhflip = true\n[train]\nepochs = 2\nbatch_size = 64\nlr = 0.05\nnesterov = true\nweight_decay = 0.0001\n[schedule]\nstrategy = \"scratch\"",
+            ),
+        );
+        (spec, out.join("checkpoint.safetensors"))
+    };
+    let (whole_spec, whole_ck) = job("whole");
+    ok(thaw(&["train", whole_spec.to_str().unwrap()]));
+
+    let (split_spec, split_ck) = job("split");
+    let o = ok(thaw(&["train", split_spec.to_str().unwrap(), "--max-steps", "13"]));
+    assert!(stdout(&o).contains("stopped at epoch 2, step 3"), "{}", stdout(&o));
+    let o = ok(thaw(&["train", "--resume", split_ck.to_str().unwrap()]));
+    assert!(stderr(&o).contains("resuming at epoch 2, step 3"), "{}", stderr(&o));
+
+    let (a, b) = (tensors(&whole_ck), tensors(&split_ck));
+    assert_eq!(a.len(), b.len());
+    for (name, bytes) in &a {
+        assert!(Some(bytes) == b.get(name), "variable {name} differs after resume");
+    }
+}
+
+#[test]
+fn frozen_groups_stay_bit_identical() {
+    let dir = tempfile::tempdir().unwrap();
+    let imported = thaw_home().join("weights").join("mobilenet_v2-b0353104.safetensors");
+    let before = tensors(&imported);
+    for (name, schedule, frozen_prefixes) in [
+        ("head-only", "strategy = \"feature_extract\"", &["features."][..]),
+        (
+            "bottom3",
+            "strategy = \"freeze_bottom\"\nk = 3",
+            &["features.0.", "features.1.", "features.2.", "features.3.", "features.4.", "features.5.", "features.6."]
+                [..],
+        ),
+    ] {
+        let out = dir.path().join(name);
+        let spec = write_spec(
+            dir.path(),
+            name,
+            &fmnist_spec(
+                name,
+                &out,
+                "arch = \"mobilenet_v2\"\nweights = \"imagenet\"",
+                &format!("image_size = 32\ntrain_limit = 192\nval_limit = 64\n[train]\nepochs = 1\nbatch_size = 64\nlr = 0.01\n[schedule]\n{schedule}"),
+            ),
+        );
+        ok(thaw(&["train", spec.to_str().unwrap()]));
+        let after = tensors(&out.join("checkpoint.safetensors"));
+        let mut frozen = 0;
+        let mut trained_changed = 0;
+        for (n, bytes) in &after {
+            let is_frozen = frozen_prefixes.iter().any(|p| n.starts_with(p));
+            if is_frozen {
+                frozen += 1;
+                assert!(Some(bytes) == before.get(n), "{name}: frozen {n} changed");
+            } else if !n.starts_with("classifier.") && before.get(n) != Some(bytes) {
+                trained_changed += 1;
+            }
+        }
+        assert!(frozen > 0);
+        if name == "bottom3" {
+            // features.7.. train: their weights and BatchNorm statistics move.
+            assert!(trained_changed > 50, "{name}: only {trained_changed} trainable tensors changed");
+        } else {
+            assert_eq!(trained_changed, 0);
+        }
+        assert_eq!(after["classifier.1.weight"].len(), 10 * 1280 * 4, "head rebuilt for 10 classes");
+    }
+}
+
+#[test]
+fn corrupt_images_are_skipped_counted_and_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("shapes");
+    for split in ["train", "val"] {
+        for (class, color) in [("red", [220u8, 20, 20]), ("blue", [20, 20, 220])] {
+            let d = data.join(split).join(class);
+            std::fs::create_dir_all(&d).unwrap();
+            for i in 0..8u8 {
+                let mut img = image::RgbImage::from_pixel(40, 30, image::Rgb(color));
+                img.put_pixel(i as u32, 0, image::Rgb([i * 30, 255, 0]));
+                img.save(d.join(format!("{i}.jpg"))).unwrap();
+            }
+        }
+    }
+    let good = std::fs::read(data.join("train/red/0.jpg")).unwrap();
+    std::fs::write(data.join("train/red/truncated.jpg"), &good[..good.len() / 2]).unwrap();
+    let out = dir.path().join("run");
+    let spec = write_spec(
+        dir.path(),
+        "shapes",
+        &format!(
+            "name = \"shapes\"\n[model]\narch = \"lenet5\"\nweights = \"none\"\n[data]\nformat = \"folder\"\nroot = \"shapes\"\n[train]\nepochs = 1\nbatch_size = 4\n[output]\ndir = \"{}\"\n",
+            out.display()
+        ),
+    );
+    let o = ok(thaw(&["train", spec.to_str().unwrap()]));
+    let s = stdout(&o);
+    assert!(s.contains("skipped 1 unreadable samples") && s.contains("truncated.jpg"), "{s}");
+    let metrics: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    assert_eq!(metrics[0]["images"], 16);
+    assert_eq!(metrics[0]["skipped"], 1);
+}
+
+#[test]
+fn bad_jobs_are_rejected_before_anything_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("never");
+    let imported: PathBuf = thaw_home().join("weights").join("mobilenet_v2-b0353104.safetensors");
+    let cases: Vec<(&str, String, Vec<&str>)> = vec![
+        (
+            "missing-data",
+            fmnist_spec("missing-data", &out, "arch = \"lenet5\"\nweights = \"none\"", "")
+                .replace(&fashion_mnist().display().to_string(), "/nonexistent/fmnist"),
+            vec!["/nonexistent/fmnist", "does not exist"],
+        ),
+        (
+            "zero-classes",
+            fmnist_spec("zero-classes", &out, "arch = \"lenet5\"\nweights = \"none\"\nnum_classes = 0", ""),
+            vec!["model.num_classes", "= 0"],
+        ),
+        (
+            "unknown-arch",
+            fmnist_spec("unknown-arch", &out, "arch = \"resnt50\"", ""),
+            vec!["unknown model `resnt50`", "resnet50"],
+        ),
+        (
+            "typo-field",
+            fmnist_spec("typo-field", &out, "arch = \"lenet5\"\nweights = \"none\"", "[train]\nepochz = 3"),
+            vec!["epochz"],
+        ),
+        (
+            "wrong-weights",
+            fmnist_spec(
+                "wrong-weights",
+                &out,
+                &format!("arch = \"resnet18\"\nweights = \"{}\"", imported.display()),
+                "",
+            ),
+            vec!["resnet18", "mobilenet_v2"],
+        ),
+        (
+            "unknown-group",
+            fmnist_spec(
+                "unknown-group",
+                &out,
+                "arch = \"lenet5\"\nweights = \"imagenet\"",
+                "[schedule]\nstrategy = \"freeze\"\ngroups = [\"layer9\"]",
+            ),
+            vec!["\"layer9\"", "conv, fc, head"],
+        ),
+        (
+            "too-few-classes",
+            fmnist_spec("too-few-classes", &out, "arch = \"lenet5\"\nweights = \"none\"\nnum_classes = 5", ""),
+            vec!["num_classes = 5", "10 classes"],
+        ),
+    ];
+    for (name, text, expect) in cases {
+        let spec = write_spec(dir.path(), name, &text);
+        let err = fails(thaw(&["train", spec.to_str().unwrap()]));
+        for e in expect {
+            assert!(err.contains(e), "{name}: `{e}` not in: {err}");
+        }
+        assert!(!out.exists(), "{name}: the rejected job wrote {}", out.display());
+    }
+}

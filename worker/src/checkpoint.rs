@@ -1,0 +1,197 @@
+//! Training checkpoints: one safetensors file holding the model's variables (`model.<name>`), the
+//! optimizer state (`optim.<name>.<buffer>`), and in its metadata the resolved job spec, the data
+//! cursor and the metrics so far, so `thaw train --resume` continues exactly where a run stopped,
+//! mid-epoch included.
+//!
+//! Written atomically ([`crate::tensor_io::write_atomic`]): an interrupted write never leaves a
+//! torn checkpoint. *When* to checkpoint is decided by [`CheckpointPolicy`], apart from the writing.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tch::Tensor;
+
+use crate::tensor_io::{self, TensorIoError};
+
+pub const FORMAT: &str = "thaw-checkpoint-v1";
+
+/// Where training resumes: the next step of the given epoch, with the running sums of the
+/// partial epoch so its metrics come out exact.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Cursor {
+    pub epoch: usize,
+    pub step: usize,
+    pub loss_sum: f64,
+    pub correct: u64,
+    pub seen: u64,
+    pub skipped: u64,
+}
+
+/// Metrics of one finished epoch.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EpochMetrics {
+    pub epoch: usize,
+    pub train_loss: f64,
+    pub train_acc: f64,
+    pub val_loss: f64,
+    pub val_acc: f64,
+    pub images: u64,
+    pub skipped: u64,
+    pub seconds: f64,
+    /// Seconds the trainer waited for the loader.
+    pub data_wait: f64,
+}
+
+pub struct Checkpoint {
+    pub spec_toml: String,
+    pub arch: String,
+    pub num_classes: i64,
+    pub class_names: Vec<String>,
+    pub cursor: Cursor,
+    pub history: Vec<EpochMetrics>,
+    pub model: HashMap<String, Tensor>,
+    pub optim: HashMap<String, Tensor>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error(transparent)]
+    Io(#[from] TensorIoError),
+    #[error("checkpoint of {arch} does not fit: {reason}")]
+    Mismatch { arch: String, reason: String },
+    #[error("{path} is not a thaw checkpoint: {reason}")]
+    NotACheckpoint { path: PathBuf, reason: String },
+}
+
+impl Checkpoint {
+    pub fn save(&self, path: &Path) -> Result<(), CheckpointError> {
+        let mut tensors: Vec<(String, Tensor)> = Vec::with_capacity(self.model.len() + self.optim.len());
+        tensors.extend(self.model.iter().map(|(n, t)| (format!("model.{n}"), t.shallow_clone())));
+        tensors.extend(self.optim.iter().map(|(n, t)| (format!("optim.{n}"), t.shallow_clone())));
+        let meta = HashMap::from([
+            ("format".to_string(), FORMAT.to_string()),
+            ("spec".to_string(), self.spec_toml.clone()),
+            ("arch".to_string(), self.arch.clone()),
+            ("num_classes".to_string(), self.num_classes.to_string()),
+            ("class_names".to_string(), json(&self.class_names)),
+            ("cursor".to_string(), json(&self.cursor)),
+            ("history".to_string(), json(&self.history)),
+        ]);
+        tensor_io::write_safetensors(path, &tensors, meta)?;
+        Ok(())
+    }
+
+    pub fn load(path: &Path) -> Result<Checkpoint, CheckpointError> {
+        let (tensors, meta) = tensor_io::read_safetensors(path)?;
+        let bad = |reason: String| CheckpointError::NotACheckpoint { path: path.to_path_buf(), reason };
+        if meta.get("format").map(String::as_str) != Some(FORMAT) {
+            return Err(bad(format!("metadata `format` is {:?}, expected {FORMAT:?}", meta.get("format"))));
+        }
+        let get = |k: &str| meta.get(k).cloned().ok_or_else(|| bad(format!("metadata lacks `{k}`")));
+        let parse = |k: &str, v: String| bad(format!("metadata `{k}` is malformed: {v}"));
+        let mut model = HashMap::new();
+        let mut optim = HashMap::new();
+        for (name, t) in tensors {
+            if let Some(n) = name.strip_prefix("model.") {
+                model.insert(n.to_string(), t);
+            } else if let Some(n) = name.strip_prefix("optim.") {
+                optim.insert(n.to_string(), t);
+            }
+        }
+        Ok(Checkpoint {
+            spec_toml: get("spec")?,
+            arch: get("arch")?,
+            num_classes: get("num_classes")?
+                .parse()
+                .map_err(|e: std::num::ParseIntError| parse("num_classes", e.to_string()))?,
+            class_names: serde_json::from_str(&get("class_names")?).map_err(|e| parse("class_names", e.to_string()))?,
+            cursor: serde_json::from_str(&get("cursor")?).map_err(|e| parse("cursor", e.to_string()))?,
+            history: serde_json::from_str(&get("history")?).map_err(|e| parse("history", e.to_string()))?,
+            model,
+            optim,
+        })
+    }
+}
+
+impl Checkpoint {
+    /// Copies the saved model variables into `net`; every variable must be present with its shape.
+    pub fn restore_model(&self, net: &crate::zoo::Network) -> Result<(), CheckpointError> {
+        let mismatch = |reason: String| CheckpointError::Mismatch { arch: self.arch.clone(), reason };
+        if self.arch != net.arch.name() || self.num_classes != net.num_classes {
+            return Err(mismatch(format!(
+                "the model to restore is {} with {} classes, the checkpoint {} with {}",
+                net.arch, net.num_classes, self.arch, self.num_classes
+            )));
+        }
+        tch::no_grad(|| {
+            for (name, var) in net.vs.variables() {
+                let saved =
+                    self.model.get(&name).ok_or_else(|| mismatch(format!("it lacks model variable `{name}`")))?;
+                if saved.size() != var.size() {
+                    return Err(mismatch(format!("`{name}` has shape {:?}, the model {:?}", saved.size(), var.size())));
+                }
+                var.shallow_clone().copy_(saved);
+            }
+            Ok(())
+        })
+    }
+}
+
+fn json<T: Serialize>(v: &T) -> String {
+    serde_json::to_string(v).expect("plain data serializes")
+}
+
+/// When to write a checkpoint: a pure decision, apart from the writing.
+#[derive(Clone, Copy, Debug)]
+pub struct CheckpointPolicy {
+    /// Also every this many steps within an epoch (0: only at epoch ends).
+    pub every_steps: usize,
+}
+
+impl CheckpointPolicy {
+    /// Whether to checkpoint after finishing step `step` (0-based) of an epoch of `steps` steps.
+    pub fn after_step(&self, step: usize, steps: usize) -> bool {
+        step + 1 == steps || (self.every_steps > 0 && (step + 1) % self.every_steps == 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policy_checkpoints_at_epoch_end_and_every_n() {
+        let p = CheckpointPolicy { every_steps: 0 };
+        assert_eq!((0..10).filter(|&s| p.after_step(s, 10)).collect::<Vec<_>>(), [9]);
+        let p = CheckpointPolicy { every_steps: 4 };
+        assert_eq!((0..10).filter(|&s| p.after_step(s, 10)).collect::<Vec<_>>(), [3, 7, 9]);
+    }
+
+    #[test]
+    fn round_trip_and_rejects_other_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.safetensors");
+        let ck = Checkpoint {
+            spec_toml: "name = \"x\"".into(),
+            arch: "lenet5".into(),
+            num_classes: 10,
+            class_names: vec!["a".into(), "b".into()],
+            cursor: Cursor { epoch: 2, step: 7, loss_sum: 1.5, correct: 3, seen: 9, skipped: 1 },
+            history: vec![],
+            model: HashMap::from([("fc.weight".to_string(), Tensor::from_slice(&[1f32, 2.]))]),
+            optim: HashMap::from([("fc.weight.step".to_string(), Tensor::from_slice(&[4i64]))]),
+        };
+        ck.save(&path).unwrap();
+        let back = Checkpoint::load(&path).unwrap();
+        assert_eq!(back.cursor, ck.cursor);
+        assert_eq!(back.class_names, ck.class_names);
+        assert!(back.model["fc.weight"].equal(&ck.model["fc.weight"]));
+        assert_eq!(back.optim["fc.weight.step"].int64_value(&[0]), 4);
+
+        let other = dir.path().join("w.safetensors");
+        tensor_io::write_safetensors(&other, &[("a".into(), Tensor::from_slice(&[1f32]))], HashMap::new()).unwrap();
+        let err = Checkpoint::load(&other).err().unwrap().to_string();
+        assert!(err.contains("not a thaw checkpoint"), "{err}");
+    }
+}

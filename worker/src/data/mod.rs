@@ -1,0 +1,163 @@
+//! Datasets and the batch loader.
+//!
+//! A [`Dataset`] is an indexable list of labelled samples that decodes one sample at a time:
+//! [`idx::IdxDataset`] (MNIST/Fashion-MNIST files, held in memory) and [`folder::FolderDataset`]
+//! (an image-folder tree of JPEG/PNG files). [`loader::Loader`] turns an ordered list of indices
+//! into batches of tensors on its own threads, ahead of the trainer.
+//!
+//! A sample that cannot be read or decoded is never fatal: the loader skips it, counts it and
+//! reports its key. Nothing here touches the model.
+
+pub mod folder;
+pub mod idx;
+pub mod loader;
+pub mod transform;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use image::DynamicImage;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use thaw_coordinator::spec::{DataFormat, DataSpec};
+
+/// Errors opening a dataset (per-sample failures are [`SampleError`]s and are skipped).
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error("data directory {0} does not exist")]
+    MissingRoot(PathBuf),
+    #[error("{path}: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+    #[error("cannot read {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+}
+
+/// One sample that could not be used; the loader skips it.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{key}: {reason}")]
+pub struct SampleError {
+    pub key: String,
+    pub reason: String,
+}
+
+/// An indexable, labelled image dataset. Implementations must be cheap to share across threads.
+pub trait Dataset: Send + Sync {
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    fn label(&self, i: usize) -> i64;
+    fn class_names(&self) -> &[String];
+    /// A stable, human-readable name of sample `i` (a file path, or `split[i]`).
+    fn key(&self, i: usize) -> String;
+    /// Reads and decodes sample `i`.
+    fn load(&self, i: usize) -> Result<DynamicImage, SampleError>;
+    /// Whether samples are small centred objects to be resized whole (IDX digits and clothes)
+    /// rather than photos to be resized and centre-cropped.
+    fn resize_whole(&self) -> bool {
+        false
+    }
+}
+
+/// A subset of another dataset, by index.
+pub struct Subset {
+    inner: Arc<dyn Dataset>,
+    indices: Vec<usize>,
+}
+
+impl Subset {
+    pub fn new(inner: Arc<dyn Dataset>, indices: Vec<usize>) -> Self {
+        Subset { inner, indices }
+    }
+}
+
+impl Dataset for Subset {
+    fn len(&self) -> usize {
+        self.indices.len()
+    }
+    fn label(&self, i: usize) -> i64 {
+        self.inner.label(self.indices[i])
+    }
+    fn class_names(&self) -> &[String] {
+        self.inner.class_names()
+    }
+    fn key(&self, i: usize) -> String {
+        self.inner.key(self.indices[i])
+    }
+    fn load(&self, i: usize) -> Result<DynamicImage, SampleError> {
+        self.inner.load(self.indices[i])
+    }
+    fn resize_whole(&self) -> bool {
+        self.inner.resize_whole()
+    }
+}
+
+/// The training and validation splits of a job.
+pub struct Splits {
+    pub train: Arc<dyn Dataset>,
+    pub val: Arc<dyn Dataset>,
+}
+
+/// A seeded permutation of `0..n`: the same (seed, stream) always gives the same order.
+pub fn permutation(n: usize, seed: u64, stream: u64) -> Vec<usize> {
+    let mut v: Vec<usize> = (0..n).collect();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ stream.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    v.shuffle(&mut rng);
+    v
+}
+
+fn limit(ds: Arc<dyn Dataset>, limit: Option<usize>, seed: u64, stream: u64) -> Arc<dyn Dataset> {
+    match limit {
+        Some(n) if n < ds.len() => {
+            let mut idx = permutation(ds.len(), seed, stream);
+            idx.truncate(n);
+            idx.sort_unstable();
+            Arc::new(Subset::new(ds, idx))
+        }
+        _ => ds,
+    }
+}
+
+/// Opens the splits a job spec names, applying its limits (seeded subsets).
+pub fn open_splits(spec: &DataSpec, seed: u64) -> Result<Splits, DataError> {
+    if !spec.root.is_dir() {
+        return Err(DataError::MissingRoot(spec.root.clone()));
+    }
+    let (train, val): (Arc<dyn Dataset>, Arc<dyn Dataset>) = match spec.format {
+        DataFormat::Idx => (
+            Arc::new(idx::IdxDataset::open(&spec.root, idx::Split::Train)?),
+            Arc::new(idx::IdxDataset::open(&spec.root, idx::Split::Test)?),
+        ),
+        DataFormat::Folder => folder::open_splits(&spec.root, spec.val_fraction, seed)?,
+    };
+    if train.class_names() != val.class_names() {
+        return Err(DataError::Invalid {
+            path: spec.root.clone(),
+            reason: format!(
+                "training classes ({}) differ from validation classes ({})",
+                train.class_names().join(", "),
+                val.class_names().join(", ")
+            ),
+        });
+    }
+    Ok(Splits { train: limit(train, spec.train_limit, seed, 1), val: limit(val, spec.val_limit, seed, 2) })
+}
+
+pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DataError + '_ {
+    move |source| DataError::Io { path: path.to_path_buf(), source }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permutation_is_seeded_and_complete() {
+        let a = permutation(1000, 7, 3);
+        assert_eq!(a, permutation(1000, 7, 3));
+        assert_ne!(a, permutation(1000, 7, 4));
+        let mut s = a.clone();
+        s.sort_unstable();
+        assert_eq!(s, (0..1000).collect::<Vec<_>>());
+    }
+}

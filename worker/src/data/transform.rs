@@ -1,0 +1,118 @@
+//! Image preprocessing: resize, crop, flip, channel conversion and normalization into a CHW
+//! `f32` buffer, matching torchvision's eval transforms (resize the shorter side, centre crop,
+//! `ToTensor`, `Normalize`).
+
+use image::imageops::FilterType;
+use image::DynamicImage;
+
+use crate::zoo::Preprocess;
+
+/// How samples become network inputs.
+#[derive(Clone, Debug)]
+pub struct Transform {
+    /// Side of the square output.
+    pub size: u32,
+    /// Shorter side before the centre crop (ignored when `whole`).
+    pub resize: u32,
+    /// Resize the whole image to `size` x `size` (small centred objects such as IDX images).
+    pub whole: bool,
+    pub channels: usize,
+    pub mean: Vec<f32>,
+    pub std: Vec<f32>,
+}
+
+impl Transform {
+    /// The transform for a model's preprocessing at `size` (the model's own input size if `None`).
+    pub fn new(pre: &Preprocess, size: Option<i64>, whole: bool) -> Transform {
+        let size = size.unwrap_or(pre.input_size);
+        let resize = (size * pre.resize_size + pre.input_size / 2) / pre.input_size;
+        Transform {
+            size: size as u32,
+            resize: resize as u32,
+            whole,
+            channels: pre.channels as usize,
+            mean: pre.mean.iter().map(|&m| m as f32).collect(),
+            std: pre.std.iter().map(|&s| s as f32).collect(),
+        }
+    }
+
+    /// Number of `f32`s one sample takes.
+    pub fn sample_len(&self) -> usize {
+        self.channels * (self.size as usize) * (self.size as usize)
+    }
+
+    /// Applies the transform, writing `channels x size x size` normalized values into `out`.
+    pub fn apply(&self, img: &DynamicImage, hflip: bool, out: &mut [f32]) {
+        let s = self.size;
+        let img = if self.whole {
+            if img.width() == s && img.height() == s {
+                img.clone()
+            } else {
+                img.resize_exact(s, s, FilterType::Triangle)
+            }
+        } else {
+            let (w, h) = (img.width().max(1), img.height().max(1));
+            let r = self.resize.max(s) as f64;
+            let (nw, nh) = if w <= h {
+                (r as u32, ((h as f64) * r / (w as f64)).round().max(r) as u32)
+            } else {
+                (((w as f64) * r / (h as f64)).round().max(r) as u32, r as u32)
+            };
+            let resized = img.resize_exact(nw, nh, FilterType::Triangle);
+            resized.crop_imm((nw - s) / 2, (nh - s) / 2, s, s)
+        };
+        let img = if hflip { img.fliph() } else { img };
+        let plane = (s * s) as usize;
+        match self.channels {
+            1 => {
+                let g = img.to_luma8();
+                for (i, p) in g.as_raw().iter().enumerate() {
+                    out[i] = (*p as f32 / 255.0 - self.mean[0]) / self.std[0];
+                }
+            }
+            _ => {
+                let rgb = img.to_rgb8();
+                for (i, px) in rgb.as_raw().chunks_exact(3).enumerate() {
+                    for c in 0..3 {
+                        out[c * plane + i] = (px[c] as f32 / 255.0 - self.mean[c]) / self.std[c];
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use image::{GrayImage, RgbImage};
+
+    #[test]
+    fn gray_expands_to_three_normalized_channels() {
+        let t = Transform::new(&Preprocess::imagenet(224), Some(8), true);
+        let img = DynamicImage::ImageLuma8(GrayImage::from_pixel(4, 4, image::Luma([255])));
+        let mut out = vec![0f32; t.sample_len()];
+        t.apply(&img, false, &mut out);
+        assert_eq!(out.len(), 3 * 64);
+        let expect = (1.0 - 0.485) / 0.229;
+        assert!((out[0] - expect).abs() < 1e-5, "{}", out[0]);
+        assert!((out[64] - (1.0 - 0.456) / 0.224).abs() < 1e-5);
+    }
+
+    #[test]
+    fn centre_crop_keeps_the_middle_and_flip_mirrors() {
+        let mut img = RgbImage::new(40, 20);
+        for (x, _, p) in img.enumerate_pixels_mut() {
+            *p = image::Rgb([if x < 20 { 0 } else { 255 }, 0, 0]);
+        }
+        let pre = Preprocess { input_size: 10, resize_size: 10, mean: vec![0.; 3], std: vec![1.; 3], channels: 3 };
+        let t = Transform::new(&pre, None, false);
+        let mut a = vec![0f32; t.sample_len()];
+        t.apply(&DynamicImage::ImageRgb8(img.clone()), false, &mut a);
+        // 40x20 -> 20x10, crop the middle 10 columns: left half dark, right half bright.
+        assert!(a[0] < 0.1 && a[9] > 0.9, "{:?}", &a[..10]);
+        let mut b = vec![0f32; t.sample_len()];
+        t.apply(&DynamicImage::ImageRgb8(img), true, &mut b);
+        assert!(b[0] > 0.9 && b[9] < 0.1, "{:?}", &b[..10]);
+    }
+}

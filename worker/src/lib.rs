@@ -1,0 +1,19 @@
+//! thaw's worker: everything that touches tensors.
+//!
+//! - [`zoo`]: the architectures, as named layer groups with torchvision variable names;
+//! - [`weights`]: reading torchvision checkpoints (zip and legacy formats), the weights cache,
+//!   downloads with hash checks, loading into a network;
+//! - [`imagenet_classes`]: the ImageNet-1k class names, in the pretrained heads' index order;
+//!
+//! libtorch runs on the calling thread; nothing here is async.
+
+pub mod checkpoint;
+pub mod data;
+pub mod imagenet_classes;
+pub mod optim;
+pub mod predict;
+pub mod progress;
+pub mod tensor_io;
+pub mod train;
+pub mod weights;
+pub mod zoo;

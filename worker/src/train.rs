@@ -1,0 +1,397 @@
+//! The single-process trainer: prepares a job (every check before any work), then runs epochs of
+//! forward/backward/update with the frozen groups the schedule names, evaluates each epoch,
+//! checkpoints atomically, and resumes from a checkpoint exactly where it stopped.
+//!
+//! Preparation validates the whole job first: architecture, data, class count, weights, frozen
+//! groups. A bad spec fails in [`Trainer::prepare`], before an epoch starts. libtorch runs on the
+//! calling thread; decoding runs on the loader's threads.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use tch::{Device, Kind, Tensor};
+use thaw_coordinator::spec::{JobSpec, LrSchedule, SpecError, WeightsSpec};
+
+use crate::checkpoint::{Checkpoint, CheckpointError, CheckpointPolicy, Cursor, EpochMetrics};
+use crate::data::loader::{Loader, LoaderConfig};
+use crate::data::transform::Transform;
+use crate::data::{self, DataError, Dataset, Splits};
+use crate::optim::{Optimizer, Param};
+use crate::progress::Progress;
+use crate::weights::{self, WeightsError};
+use crate::zoo::{Arch, GroupMode, Network, UnknownArch};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    #[error(transparent)]
+    Arch(#[from] UnknownArch),
+    #[error(transparent)]
+    Data(#[from] DataError),
+    #[error(transparent)]
+    Weights(#[from] WeightsError),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Io(#[from] crate::tensor_io::TensorIoError),
+}
+
+/// A job ready to run: everything validated and loaded.
+pub struct Trainer {
+    pub spec: JobSpec,
+    pub arch: Arch,
+    pub net: Network,
+    pub splits: Splits,
+    pub modes: Vec<GroupMode>,
+    pub train_transform: Transform,
+    pub eval_transform: Transform,
+    optimizer: Optimizer,
+    cursor: Cursor,
+    history: Vec<EpochMetrics>,
+    /// Where the weights came from, for the log.
+    pub weights_source: String,
+}
+
+/// What a finished run reports.
+pub struct RunSummary {
+    pub history: Vec<EpochMetrics>,
+    pub checkpoint: PathBuf,
+    pub skipped_keys: Vec<String>,
+}
+
+impl Trainer {
+    /// Validates and loads everything a job needs; nothing is trained yet.
+    pub fn prepare(spec: JobSpec, device: Device) -> Result<Trainer, TrainError> {
+        Self::prepare_inner(spec, device, None)
+    }
+
+    /// Rebuilds the job saved in a checkpoint and restores its weights, optimizer and cursor.
+    pub fn resume(path: &Path, device: Device) -> Result<Trainer, TrainError> {
+        let ck = Checkpoint::load(path)?;
+        let spec = JobSpec::from_toml(&ck.spec_toml, Path::new("/"))?;
+        Self::prepare_inner(spec, device, Some(ck))
+    }
+
+    fn prepare_inner(spec: JobSpec, device: Device, ck: Option<Checkpoint>) -> Result<Trainer, TrainError> {
+        let arch = Arch::from_name(&spec.model.arch)?;
+        let splits = data::open_splits(&spec.data, spec.seed)?;
+        let data_classes = splits.train.class_names().len() as i64;
+        let num_classes = spec.model.num_classes.unwrap_or(data_classes);
+        if data_classes > num_classes {
+            return Err(TrainError::Invalid(format!(
+                "model.num_classes = {num_classes}, but the data in {} has {data_classes} classes",
+                spec.data.root.display()
+            )));
+        }
+        if splits.train.is_empty() || splits.val.is_empty() {
+            return Err(TrainError::Invalid(format!(
+                "{}: the training or validation split is empty ({} / {} samples)",
+                spec.data.root.display(),
+                splits.train.len(),
+                splits.val.len()
+            )));
+        }
+
+        // Random init (and everything else drawn from libtorch's RNG) follows the spec's seed.
+        tch::manual_seed(spec.seed as i64);
+        let net = Network::new(arch, num_classes, device);
+        let groups = net.group_names();
+        let frozen = spec.schedule.frozen_mask(&groups)?;
+        let modes: Vec<GroupMode> =
+            frozen.iter().map(|&f| if f { GroupMode::Frozen } else { GroupMode::Train }).collect();
+
+        let weights_source = match (&ck, &spec.model.weights) {
+            (Some(_), _) => "checkpoint".to_string(),
+            (None, WeightsSpec::None) => "random init".to_string(),
+            (None, WeightsSpec::Imagenet) => {
+                let path = weights::resolve_imagenet(arch, &weights::FetchOptions::from_env())?;
+                weights::load_into(&net, &path, true)?;
+                format!("imagenet ({})", path.display())
+            }
+            (None, WeightsSpec::File(path)) => {
+                let head_fits = weights::load_into(&net, path, false).is_ok();
+                if !head_fits {
+                    weights::load_into(&net, path, true)?;
+                }
+                format!("{}{}", path.display(), if head_fits { "" } else { " (new head)" })
+            }
+        };
+        net.set_modes(&modes);
+
+        let params: Vec<Param> = (0..groups.len())
+            .filter(|&g| modes[g] == GroupMode::Train)
+            .flat_map(|g| {
+                net.group_parameters(g).into_iter().map(move |(name, tensor)| Param { name, tensor, group: g })
+            })
+            .collect();
+        let mut optimizer = Optimizer::new(spec.train.optimizer, params);
+
+        let pre = arch.preprocess();
+        let whole = splits.train.resize_whole();
+        let train_transform = Transform::new(&pre, spec.data.image_size, whole);
+        let eval_transform = train_transform.clone();
+
+        let (cursor, history) = match ck {
+            None => (Cursor::default(), Vec::new()),
+            Some(ck) => {
+                ck.restore_model(&net)?;
+                optimizer.load_state(&ck.optim);
+                (ck.cursor, ck.history)
+            }
+        };
+
+        Ok(Trainer {
+            spec,
+            arch,
+            net,
+            splits,
+            modes,
+            train_transform,
+            eval_transform,
+            optimizer,
+            cursor,
+            history,
+            weights_source,
+        })
+    }
+
+    pub fn history(&self) -> &[EpochMetrics] {
+        &self.history
+    }
+
+    pub fn cursor(&self) -> &Cursor {
+        &self.cursor
+    }
+
+    /// Number of parameters that train under the current modes.
+    pub fn trainable_parameters(&self) -> i64 {
+        self.optimizer.params().iter().map(|p| p.tensor.numel() as i64).sum()
+    }
+
+    pub fn checkpoint_path(&self) -> PathBuf {
+        self.spec.output.dir.join("checkpoint.safetensors")
+    }
+
+    fn steps_per_epoch(&self) -> usize {
+        self.splits.train.len().div_ceil(self.spec.train.batch_size)
+    }
+
+    /// The learning rate at a global step: linear warm-up, then constant or cosine decay.
+    pub fn lr_at(&self, global_step: usize) -> f64 {
+        let t = &self.spec.train;
+        let total = (self.steps_per_epoch() * t.epochs).max(1);
+        if global_step < t.warmup_steps {
+            return t.lr * (global_step + 1) as f64 / t.warmup_steps as f64;
+        }
+        match t.lr_schedule {
+            LrSchedule::Constant => t.lr,
+            LrSchedule::Cosine => {
+                let span = (total - t.warmup_steps.min(total)).max(1) as f64;
+                let done = (global_step - t.warmup_steps) as f64 / span;
+                t.lr * 0.5 * (1.0 + (std::f64::consts::PI * done.min(1.0)).cos())
+            }
+        }
+    }
+
+    fn save_checkpoint(&self) -> Result<PathBuf, TrainError> {
+        let path = self.checkpoint_path();
+        let ck = Checkpoint {
+            spec_toml: self.spec.to_toml(),
+            arch: self.arch.name().to_string(),
+            num_classes: self.net.num_classes,
+            class_names: self.splits.train.class_names().to_vec(),
+            cursor: self.cursor.clone(),
+            history: self.history.clone(),
+            model: self.net.vs.variables(),
+            optim: self.optimizer.state_tensors().into_iter().collect::<HashMap<_, _>>(),
+        };
+        ck.save(&path)?;
+        Ok(path)
+    }
+
+    /// Writes the resolved spec beside the outputs.
+    fn write_resolved_spec(&self) -> Result<(), TrainError> {
+        let path = self.spec.output.dir.join("spec.toml");
+        let text = self.spec.to_toml();
+        Ok(crate::tensor_io::write_atomic(&path, |f| std::io::Write::write_all(f, text.as_bytes()))?)
+    }
+
+    /// Trains up to `max_steps` more steps (or to the end), evaluating and checkpointing each epoch.
+    pub fn run(&mut self, max_steps: Option<usize>) -> Result<RunSummary, TrainError> {
+        self.write_resolved_spec()?;
+        let policy = CheckpointPolicy { every_steps: self.spec.output.checkpoint_every_steps };
+        let steps = self.steps_per_epoch();
+        let bs = self.spec.train.batch_size;
+        let mut budget = max_steps.unwrap_or(usize::MAX);
+        let mut skipped_keys = Vec::new();
+        let device = self.net.vs.device();
+        while self.cursor.epoch < self.spec.train.epochs && budget > 0 {
+            let epoch = self.cursor.epoch;
+            let order = data::permutation(self.splits.train.len(), self.spec.seed, 1000 + epoch as u64);
+            let cfg = LoaderConfig {
+                batch_size: bs,
+                threads: self.spec.data.loader_threads,
+                prefetch: 2,
+                hflip: self.spec.data.hflip,
+                seed: self.spec.seed,
+                epoch: epoch as u64,
+            };
+            let loader =
+                Loader::start(self.splits.train.clone(), order, self.cursor.step, self.train_transform.clone(), cfg);
+            let started = Instant::now();
+            let mut data_wait = 0.0;
+            let mut progress =
+                Progress::new(format!("epoch {}/{}", epoch + 1, self.spec.train.epochs), (steps * bs) as u64, "img");
+            let mut waited = Instant::now();
+            for batch in loader {
+                data_wait += waited.elapsed().as_secs_f64();
+                for e in &batch.skipped {
+                    tracing::warn!(key = %e.key, reason = %e.reason, "skipping unreadable sample");
+                    skipped_keys.push(e.key.clone());
+                }
+                self.cursor.skipped += batch.skipped.len() as u64;
+                let n = batch.labels.size()[0];
+                if n > 0 {
+                    let lr = self.lr_at(epoch * steps + batch.step);
+                    // Dropout masks are a function of (seed, epoch, step), so a resumed run
+                    // draws exactly what an uninterrupted one would.
+                    tch::manual_seed(step_seed(self.spec.seed, epoch, batch.step));
+                    let xs = batch.images.to_device(device);
+                    let ys = batch.labels.to_device(device);
+                    self.optimizer.zero_grad();
+                    let logits = self.net.forward_modes(&xs, &self.modes);
+                    let loss = logits.cross_entropy_loss::<Tensor>(
+                        &ys,
+                        None,
+                        tch::Reduction::Mean,
+                        -100,
+                        self.spec.train.label_smoothing,
+                    );
+                    loss.backward();
+                    self.optimizer.step(&|_| lr);
+                    let loss_v = loss.double_value(&[]);
+                    if !loss_v.is_finite() {
+                        return Err(TrainError::Invalid(format!(
+                            "loss became {loss_v} at epoch {} step {}; lower train.lr (now {})",
+                            epoch + 1,
+                            batch.step,
+                            self.spec.train.lr
+                        )));
+                    }
+                    let correct = logits.argmax(-1, false).eq_tensor(&ys).sum(Kind::Int64).int64_value(&[]);
+                    self.cursor.loss_sum += loss_v * n as f64;
+                    self.cursor.correct += correct as u64;
+                    self.cursor.seen += n as u64;
+                }
+                self.cursor.step = batch.step + 1;
+                let c = &self.cursor;
+                progress.update(((batch.step + 1) * bs).min(self.splits.train.len()) as u64, || {
+                    format!(
+                        "loss {:.4} acc {:.3}",
+                        c.loss_sum / c.seen.max(1) as f64,
+                        c.correct as f64 / c.seen.max(1) as f64
+                    )
+                });
+                budget -= 1;
+                let epoch_done = self.cursor.step == steps;
+                if !epoch_done && (policy.after_step(batch.step, steps) || budget == 0) {
+                    self.save_checkpoint()?;
+                }
+                if budget == 0 && !epoch_done {
+                    break;
+                }
+                waited = Instant::now();
+            }
+            progress.finish();
+            if self.cursor.step < steps {
+                break; // out of budget mid-epoch; the checkpoint above holds the cursor
+            }
+            let (val_loss, val_acc) = self.evaluate()?;
+            let c = &self.cursor;
+            let m = EpochMetrics {
+                epoch: epoch + 1,
+                train_loss: c.loss_sum / c.seen.max(1) as f64,
+                train_acc: c.correct as f64 / c.seen.max(1) as f64,
+                val_loss,
+                val_acc,
+                images: c.seen,
+                skipped: c.skipped,
+                seconds: started.elapsed().as_secs_f64(),
+                data_wait,
+            };
+            tracing::info!(
+                epoch = m.epoch,
+                train_loss = m.train_loss,
+                train_acc = m.train_acc,
+                val_loss = m.val_loss,
+                val_acc = m.val_acc,
+                images = m.images,
+                skipped = m.skipped,
+                seconds = m.seconds,
+                "epoch done"
+            );
+            self.history.push(m);
+            self.cursor = Cursor { epoch: epoch + 1, ..Cursor::default() };
+            self.save_checkpoint()?;
+        }
+        Ok(RunSummary { history: self.history.clone(), checkpoint: self.checkpoint_path(), skipped_keys })
+    }
+
+    /// Loss and accuracy on the validation split (eval mode, no gradients).
+    pub fn evaluate(&self) -> Result<(f64, f64), TrainError> {
+        evaluate(
+            &self.net,
+            self.splits.val.clone(),
+            &self.eval_transform,
+            self.spec.train.batch_size,
+            self.spec.data.loader_threads,
+        )
+    }
+}
+
+/// The libtorch seed for one training step.
+fn step_seed(seed: u64, epoch: usize, step: usize) -> i64 {
+    let mut h = seed ^ 0x5EED_u64.wrapping_mul(epoch as u64 + 1);
+    h = h.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ step as u64;
+    (h.wrapping_mul(0xBF58_476D_1CE4_E5B9) >> 1) as i64
+}
+
+/// Loss and accuracy of `net` on `ds` (eval mode, no gradients).
+pub fn evaluate(
+    net: &Network,
+    ds: Arc<dyn Dataset>,
+    t: &Transform,
+    batch_size: usize,
+    threads: usize,
+) -> Result<(f64, f64), TrainError> {
+    let cfg = LoaderConfig { batch_size, threads, prefetch: 2, hflip: false, seed: 0, epoch: 0 };
+    let order: Vec<usize> = (0..ds.len()).collect();
+    let total = ds.len() as u64;
+    let mut progress = Progress::new("evaluate", total, "img");
+    let (mut loss_sum, mut correct, mut seen) = (0.0, 0i64, 0i64);
+    let device = net.vs.device();
+    tch::no_grad(|| {
+        for batch in Loader::start(ds, order, 0, t.clone(), cfg) {
+            let n = batch.labels.size()[0];
+            if n == 0 {
+                continue;
+            }
+            let ys = batch.labels.to_device(device);
+            let logits = net.forward_t(&batch.images.to_device(device), false);
+            loss_sum += logits.cross_entropy_for_logits(&ys).double_value(&[]) * n as f64;
+            correct += logits.argmax(-1, false).eq_tensor(&ys).sum(Kind::Int64).int64_value(&[]);
+            seen += n;
+            progress.update(seen as u64, || format!("acc {:.3}", correct as f64 / seen as f64));
+        }
+    });
+    progress.finish();
+    if seen == 0 {
+        return Err(TrainError::Invalid("no validation sample could be read".into()));
+    }
+    Ok((loss_sum / seen as f64, correct as f64 / seen as f64))
+}
