@@ -261,7 +261,7 @@ fn train(
         train_images = trainer.splits.train.len(),
         val_images = trainer.splits.val.len(),
         classes = trainer.net.num_classes,
-        image_size = trainer.train_transform.size,
+        image_size = trainer.transform.size,
         trainable_params = trainer.trainable_parameters(),
         total_params = trainer.net.num_parameters(),
         device = ?device,

@@ -25,6 +25,12 @@ dir = "{out}"
     )
 }
 
+/// Writes a Fashion-MNIST job named `name` into `dir`; returns the spec path and its output dir.
+fn fmnist_job(dir: &Path, name: &str, model: &str, extra: &str) -> (PathBuf, PathBuf) {
+    let out = dir.join(name);
+    (write_spec(dir, name, &fmnist_spec(name, &out, model, extra)), out)
+}
+
 /// Model variables of a checkpoint or weights file, by name (prefix `model.` stripped).
 fn tensors(path: &Path) -> HashMap<String, Vec<u8>> {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
@@ -47,16 +53,11 @@ fn final_accuracy(stdout: &str) -> f64 {
 #[test]
 fn lenet5_from_scratch_learns_and_leaves_a_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("run");
-    let spec = write_spec(
+    let (spec, out) = fmnist_job(
         dir.path(),
         "lenet",
-        &fmnist_spec(
-            "lenet",
-            &out,
-            "arch = \"lenet5\"\nweights = \"none\"",
-            "train_limit = 4000\nval_limit = 1000\n[train]\nepochs = 2\nbatch_size = 32\nlr = 0.05\n[schedule]\nstrategy = \"scratch\"",
-        ),
+        "arch = \"lenet5\"\nweights = \"none\"",
+        "train_limit = 4000\nval_limit = 1000\n[train]\nepochs = 2\nbatch_size = 32\nlr = 0.05\n[schedule]\nstrategy = \"scratch\"",
     );
     let o = ok(thaw(&["train", spec.to_str().unwrap()]));
     let acc = final_accuracy(&stdout(&o));
@@ -97,16 +98,11 @@ fn lenet5_from_scratch_learns_and_leaves_a_checkpoint() {
 fn resume_mid_epoch_matches_an_uninterrupted_run() {
     let dir = tempfile::tempdir().unwrap();
     let job = |name: &str| {
-        let out = dir.path().join(name);
-        let spec = write_spec(
+        let (spec, out) = fmnist_job(
             dir.path(),
             name,
-            &fmnist_spec(
-                name,
-                &out,
-                "arch = \"lenet5\"\nweights = \"none\"",
-                "train_limit = 640\nval_limit = 200\nhflip = true\n[train]\nepochs = 2\nbatch_size = 64\nlr = 0.05\nnesterov = true\nweight_decay = 0.0001\n[schedule]\nstrategy = \"scratch\"",
-            ),
+            "arch = \"lenet5\"\nweights = \"none\"",
+            "train_limit = 640\nval_limit = 200\nhflip = true\n[train]\nepochs = 2\nbatch_size = 64\nlr = 0.05\nnesterov = true\nweight_decay = 0.0001\n[schedule]\nstrategy = \"scratch\"",
         );
         (spec, out.join("checkpoint.safetensors"))
     };
@@ -140,16 +136,11 @@ fn frozen_groups_stay_bit_identical() {
                 [..],
         ),
     ] {
-        let out = dir.path().join(name);
-        let spec = write_spec(
+        let (spec, out) = fmnist_job(
             dir.path(),
             name,
-            &fmnist_spec(
-                name,
-                &out,
-                "arch = \"mobilenet_v2\"\nweights = \"imagenet\"",
-                &format!("image_size = 32\ntrain_limit = 192\nval_limit = 64\n[train]\nepochs = 1\nbatch_size = 64\nlr = 0.01\n[schedule]\n{schedule}"),
-            ),
+            "arch = \"mobilenet_v2\"\nweights = \"imagenet\"",
+            &format!("image_size = 32\ntrain_limit = 192\nval_limit = 64\n[train]\nepochs = 1\nbatch_size = 64\nlr = 0.01\n[schedule]\n{schedule}"),
         );
         ok(thaw(&["train", spec.to_str().unwrap()]));
         let after = tensors(&out.join("checkpoint.safetensors"));

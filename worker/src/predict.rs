@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use tch::{Device, Kind, Tensor};
 
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::{Checkpoint, CheckpointError};
 use crate::data::loader::{Loader, LoaderConfig};
 use crate::data::transform::Transform;
 use crate::data::{Dataset, SampleError};
@@ -48,11 +48,13 @@ impl Classifier {
                         names.resize_with(ck.num_classes as usize, || "?".into());
                         Ok(Classifier { net, class_names: names })
                     }
-                    Err(_) => {
+                    // Not a checkpoint: an imported weights file with the ImageNet head.
+                    Err(CheckpointError::NotACheckpoint { .. }) => {
                         let net = Network::new(arch, 1000, device);
                         weights::load_into(&net, path, false)?;
                         Ok(Classifier { net, class_names: imagenet_names() })
                     }
+                    Err(e) => Err(e.into()),
                 }
             }
         }

@@ -48,8 +48,8 @@ pub struct Trainer {
     pub net: Network,
     pub splits: Splits,
     pub modes: Vec<GroupMode>,
-    pub train_transform: Transform,
-    pub eval_transform: Transform,
+    /// Preprocessing for training and evaluation (random flips are the loader's, per epoch).
+    pub transform: Transform,
     optimizer: Optimizer,
     cursor: Cursor,
     history: Vec<EpochMetrics>,
@@ -133,8 +133,7 @@ impl Trainer {
 
         let pre = arch.preprocess();
         let whole = splits.train.resize_whole();
-        let train_transform = Transform::new(&pre, spec.data.image_size, whole);
-        let eval_transform = train_transform.clone();
+        let transform = Transform::new(&pre, spec.data.image_size, whole);
 
         let (cursor, history) = match ck {
             None => (Cursor::default(), Vec::new()),
@@ -151,8 +150,7 @@ impl Trainer {
             net,
             splits,
             modes,
-            train_transform,
-            eval_transform,
+            transform,
             optimizer,
             cursor,
             history,
@@ -242,7 +240,7 @@ impl Trainer {
                 epoch: epoch as u64,
             };
             let loader =
-                Loader::start(self.splits.train.clone(), order, self.cursor.step, self.train_transform.clone(), cfg);
+                Loader::start(self.splits.train.clone(), order, self.cursor.step, self.transform.clone(), cfg);
             let started = Instant::now();
             let mut data_wait = 0.0;
             let mut progress =
@@ -347,7 +345,7 @@ impl Trainer {
         evaluate(
             &self.net,
             self.splits.val.clone(),
-            &self.eval_transform,
+            &self.transform,
             self.spec.train.batch_size,
             self.spec.data.loader_threads,
         )

@@ -93,11 +93,13 @@ impl ConvBn {
 
 impl ModuleT for ConvBn {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
-        let ys = xs.apply(&self.conv).apply_t(&self.bn, train);
+        let mut ys = xs.apply(&self.conv).apply_t(&self.bn, train);
+        // In place, as torchvision does: BatchNorm's backward needs its input, not its output, so
+        // overwriting the output is safe and saves an allocation and a pass over memory.
         match self.act {
             Act::Identity => ys,
-            Act::Relu => ys.relu(),
-            Act::Relu6 => ys.clamp(0., 6.),
+            Act::Relu => ys.relu_(),
+            Act::Relu6 => ys.relu6_(),
         }
     }
 }

@@ -57,7 +57,10 @@ impl ModuleT for Block {
             Some(d) => xs.apply_t(d, train),
             None => xs.shallow_clone(),
         };
-        (ys + shortcut).relu()
+        // `out += identity; relu_(out)` in place, as torchvision does.
+        let mut ys = ys;
+        let _ = ys.g_add_(&shortcut);
+        ys.relu_()
     }
 }
 
