@@ -11,6 +11,8 @@
 //! `.thaw/bench-venv` (about 4.7 GB). `THAW_BENCH_NO_BASELINE=1` runs thaw's side alone.
 //! `THAW_BENCH_STEPS` overrides the number of timed steps.
 
+mod common;
+
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
@@ -19,6 +21,8 @@ use tch::{Device, Kind, Tensor};
 use thaw_coordinator::spec::OptimizerSpec;
 use thaw_worker::optim::{Optimizer, Param};
 use thaw_worker::zoo::{Arch, GroupMode, Network};
+
+use common::baseline_python;
 
 const CASES: [(Arch, i64); 4] =
     [(Arch::Resnet18, 64), (Arch::Resnet18, 224), (Arch::MobilenetV2, 64), (Arch::MobilenetV2, 224)];
@@ -56,40 +60,6 @@ fn thaw_step_ms(arch: Arch, size: i64, steps: usize) -> f64 {
         }
     }
     median(times)
-}
-
-fn baseline_python() -> Option<PathBuf> {
-    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let venv = repo.join(".thaw/bench-venv");
-    let py = venv.join("bin/python");
-    let marker = venv.join(".thaw-torch-2.13.0-torchvision-0.28.0");
-    if !marker.exists() {
-        eprintln!("installing the PyTorch baseline (torch==2.13.0, torchvision==0.28.0) into {}", venv.display());
-        let ok = Command::new("python3").args(["-m", "venv"]).arg(&venv).status().is_ok_and(|s| s.success())
-            && Command::new(&py)
-                .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "torch==2.13.0", "numpy"])
-                .status()
-                .is_ok_and(|s| s.success())
-            && Command::new(&py)
-                .args([
-                    "-m",
-                    "pip",
-                    "install",
-                    "--quiet",
-                    "--disable-pip-version-check",
-                    "--no-deps",
-                    "torchvision==0.28.0",
-                    "pillow",
-                ])
-                .status()
-                .is_ok_and(|s| s.success());
-        if !ok {
-            eprintln!("could not install the PyTorch baseline; reporting thaw alone");
-            return None;
-        }
-        let _ = std::fs::write(&marker, "");
-    }
-    Some(py)
 }
 
 fn main() {

@@ -1,6 +1,8 @@
 //! `thaw`: the command line. Parses arguments, sets up logging, and calls into the worker and
 //! coordinator crates; no training logic lives here.
 
+mod cluster;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -124,6 +126,63 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Data-parallel training on this machine: an in-process coordinator and N worker processes.
+    Launch {
+        /// Worker processes.
+        #[arg(long, default_value_t = 2)]
+        nproc: u32,
+        spec: PathBuf,
+        #[arg(long, value_enum, default_value = "cpu")]
+        device: DeviceArg,
+    },
+    /// Run a coordinator (jobs, rendezvous, epoch plans) until Ctrl-C or SIGTERM.
+    Coordinator {
+        #[arg(long, default_value = "127.0.0.1:7070")]
+        listen: String,
+    },
+    /// Run one worker of a job.
+    Worker {
+        #[arg(long, env = "THAW_COORDINATOR", default_value = cluster::DEFAULT_COORDINATOR)]
+        coordinator: String,
+        #[arg(long)]
+        job: String,
+        /// Unique per worker (default: host:pid).
+        #[arg(long)]
+        worker_id: Option<String>,
+        /// Address the collective engine listens on (a free port is chosen).
+        #[arg(long, default_value = "127.0.0.1")]
+        bind_host: String,
+        #[arg(long, value_enum, default_value = "cpu")]
+        device: DeviceArg,
+    },
+    /// Submit a job to a coordinator; prints its id.
+    Submit {
+        spec: PathBuf,
+        #[arg(long, env = "THAW_COORDINATOR", default_value = cluster::DEFAULT_COORDINATOR)]
+        coordinator: String,
+    },
+    /// Show one job, or all.
+    Status {
+        job: Option<String>,
+        #[arg(long, env = "THAW_COORDINATOR", default_value = cluster::DEFAULT_COORDINATOR)]
+        coordinator: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Follow a job until it ends; the exit status follows its state (0 succeeded, 1 failed, 130 cancelled).
+    Watch {
+        job: String,
+        #[arg(long, env = "THAW_COORDINATOR", default_value = cluster::DEFAULT_COORDINATOR)]
+        coordinator: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel a job; its workers stop at their next heartbeat and rank 0 checkpoints.
+    Cancel {
+        job: String,
+        #[arg(long, env = "THAW_COORDINATOR", default_value = cluster::DEFAULT_COORDINATOR)]
+        coordinator: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -208,7 +267,31 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Models { json } => models(json),
+        Command::Launch { nproc, spec, device } => {
+            let dev = match device {
+                DeviceArg::Cuda => "cuda",
+                DeviceArg::Auto => "auto",
+                DeviceArg::Cpu => "cpu",
+            };
+            exit_with(cluster::launch(&spec, nproc, dev)?)
+        }
+        Command::Coordinator { listen } => cluster::coordinator(&listen),
+        Command::Worker { coordinator, job, worker_id, bind_host, device } => {
+            cluster::worker(&coordinator, &job, worker_id, &bind_host, device.device()?)
+        }
+        Command::Submit { spec, coordinator } => cluster::submit(&spec, &coordinator),
+        Command::Status { job, coordinator, json } => cluster::status(job.as_deref(), &coordinator, json),
+        Command::Watch { job, coordinator, json } => exit_with(cluster::watch(&job, &coordinator, json)?),
+        Command::Cancel { job, coordinator } => cluster::cancel(&job, &coordinator),
     }
+}
+
+/// Ends the process with `code` when it is not 0 (a job that failed or was cancelled).
+fn exit_with(code: i32) -> Result<()> {
+    if code != 0 {
+        std::process::exit(code);
+    }
+    Ok(())
 }
 
 fn open_dataset(dir: &Path, format: FormatArg, split: &str) -> Result<Arc<dyn Dataset>> {
@@ -283,15 +366,17 @@ fn train(
     let out = &trainer.spec.output.dir;
     std::fs::write(out.join("metrics.json"), serde_json::to_string_pretty(&summary.history)?)
         .with_context(|| format!("writing {}", out.join("metrics.json").display()))?;
-    println!(
-        "{:>5} {:>10} {:>9} {:>9} {:>8} {:>8} {:>7} {:>8} {:>9}",
-        "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "images", "skipped", "time_s", "data_wait"
-    );
-    for m in &summary.history {
+    if !summary.history.is_empty() {
         println!(
-            "{:>5} {:>10.4} {:>9.4} {:>9.4} {:>8.4} {:>8} {:>7} {:>8.1} {:>9.1}",
-            m.epoch, m.train_loss, m.train_acc, m.val_loss, m.val_acc, m.images, m.skipped, m.seconds, m.data_wait
+            "{:>5} {:>10} {:>9} {:>9} {:>8} {:>8} {:>7} {:>8} {:>9}",
+            "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "images", "skipped", "time_s", "data_wait"
         );
+        for m in &summary.history {
+            println!(
+                "{:>5} {:>10.4} {:>9.4} {:>9.4} {:>8.4} {:>8} {:>7} {:>8.1} {:>9.1}",
+                m.epoch, m.train_loss, m.train_acc, m.val_loss, m.val_acc, m.images, m.skipped, m.seconds, m.data_wait
+            );
+        }
     }
     if !summary.skipped_keys.is_empty() {
         println!("skipped {} unreadable samples: {}", summary.skipped_keys.len(), summary.skipped_keys.join(", "));

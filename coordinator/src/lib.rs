@@ -5,4 +5,9 @@
 //! both the coordinator and the workers need (the job spec, schedule types) lives here only;
 //! `thaw-worker` depends on this crate, never the other way round.
 
+pub mod core;
+pub mod job;
+pub mod plan;
+pub mod rendezvous;
+pub mod service;
 pub mod spec;

@@ -169,6 +169,58 @@ pub struct JobSpec {
     pub train: TrainSpec,
     pub schedule: Strategy,
     pub output: OutputSpec,
+    pub distributed: DistributedSpec,
+}
+
+/// The collective engine that averages gradients.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CollectiveKind {
+    /// TCP ring all-reduce between CPU workers.
+    Ring,
+    /// NCCL between GPUs.
+    Nccl,
+}
+
+impl CollectiveKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CollectiveKind::Ring => "ring",
+            CollectiveKind::Nccl => "nccl",
+        }
+    }
+}
+
+/// How a job runs on several workers (ignored by `thaw train`, which is one process).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DistributedSpec {
+    /// The rendezvous closes once at least `min_workers` have joined (after a last call for more)
+    /// and at once at `max_workers`.
+    pub min_workers: u32,
+    pub max_workers: u32,
+    /// Fewer than `min_workers` within this time fails the job.
+    pub join_timeout_secs: f64,
+    /// How long to wait for more workers once `min_workers` are in.
+    pub last_call_secs: f64,
+    pub collective: CollectiveKind,
+    /// Gradient bucket size for the all-reduce, in MB.
+    pub bucket_mb: f64,
+    /// Deadline of every collective call, in seconds.
+    pub collective_timeout_secs: f64,
+}
+
+impl Default for DistributedSpec {
+    fn default() -> Self {
+        DistributedSpec {
+            min_workers: 1,
+            max_workers: 1,
+            join_timeout_secs: 300.0,
+            last_call_secs: 2.0,
+            collective: CollectiveKind::Ring,
+            bucket_mb: 25.0,
+            collective_timeout_secs: 300.0,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -231,6 +283,21 @@ struct RawSpec {
     schedule: Option<RawSchedule>,
     #[serde(default)]
     output: RawOutput,
+    #[serde(default)]
+    distributed: RawDistributed,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDistributed {
+    workers: Option<u32>,
+    min_workers: Option<u32>,
+    max_workers: Option<u32>,
+    join_timeout_secs: Option<f64>,
+    last_call_secs: Option<f64>,
+    collective: Option<CollectiveKind>,
+    bucket_mb: Option<f64>,
+    collective_timeout_secs: Option<f64>,
 }
 
 #[derive(Deserialize)]
@@ -546,7 +613,57 @@ impl JobSpec {
             dir: resolve(base, raw.output.dir.as_deref().unwrap_or(&format!("runs/{name}"))),
             checkpoint_every_steps: raw.output.checkpoint_every_steps.unwrap_or(0),
         };
-        Ok(JobSpec { name, seed: raw.seed, model, data, train, schedule, output })
+        let d = raw.distributed;
+        let defaults = DistributedSpec::default();
+        if d.workers.is_some() && (d.min_workers.is_some() || d.max_workers.is_some()) {
+            return Err(invalid("distributed.workers", "set", "give either `workers` or `min_workers`/`max_workers`"));
+        }
+        let min_workers = d.workers.or(d.min_workers).unwrap_or(defaults.min_workers);
+        let max_workers = d.workers.or(d.max_workers).unwrap_or(min_workers.max(defaults.max_workers));
+        if min_workers == 0 || min_workers > 65_536 {
+            return Err(invalid("distributed.min_workers", min_workers, "must be between 1 and 65536"));
+        }
+        if max_workers < min_workers || max_workers > 65_536 {
+            return Err(invalid(
+                "distributed.max_workers",
+                max_workers,
+                format!("must be between min_workers ({min_workers}) and 65536"),
+            ));
+        }
+        let distributed = DistributedSpec {
+            min_workers,
+            max_workers,
+            join_timeout_secs: check_finite(
+                "distributed.join_timeout_secs",
+                d.join_timeout_secs.unwrap_or(defaults.join_timeout_secs),
+                0.0,
+                false,
+                Some(86_400.0),
+            )?,
+            last_call_secs: check_finite(
+                "distributed.last_call_secs",
+                d.last_call_secs.unwrap_or(defaults.last_call_secs),
+                0.0,
+                true,
+                Some(3_600.0),
+            )?,
+            collective: d.collective.unwrap_or(defaults.collective),
+            bucket_mb: check_finite(
+                "distributed.bucket_mb",
+                d.bucket_mb.unwrap_or(defaults.bucket_mb),
+                0.0,
+                false,
+                Some(4096.0),
+            )?,
+            collective_timeout_secs: check_finite(
+                "distributed.collective_timeout_secs",
+                d.collective_timeout_secs.unwrap_or(defaults.collective_timeout_secs),
+                0.0,
+                false,
+                Some(86_400.0),
+            )?,
+        };
+        Ok(JobSpec { name, seed: raw.seed, model, data, train, schedule, output, distributed })
     }
 
     /// The resolved spec as TOML in the same format the file uses (absolute paths, defaults
@@ -616,6 +733,17 @@ impl JobSpec {
             q(&self.output.dir.display().to_string()),
             self.output.checkpoint_every_steps
         );
+        let d = &self.distributed;
+        s += &format!(
+            "\n[distributed]\nmin_workers = {}\nmax_workers = {}\njoin_timeout_secs = {:?}\nlast_call_secs = {:?}\ncollective = {}\nbucket_mb = {:?}\ncollective_timeout_secs = {:?}\n",
+            d.min_workers,
+            d.max_workers,
+            d.join_timeout_secs,
+            d.last_call_secs,
+            q(d.collective.as_str()),
+            d.bucket_mb,
+            d.collective_timeout_secs
+        );
         s
     }
 }
@@ -662,6 +790,10 @@ strategy = "feature_extract"
         let s = parse(GOOD).unwrap();
         let again = JobSpec::from_toml(&s.to_toml(), Path::new("/elsewhere")).unwrap();
         assert_eq!(s, again);
+        let dist = parse(&GOOD.replace("[schedule]", "[distributed]\nworkers = 4\ncollective = \"nccl\"\n[schedule]"))
+            .unwrap();
+        assert_eq!((dist.distributed.min_workers, dist.distributed.max_workers), (4, 4));
+        assert_eq!(dist, JobSpec::from_toml(&dist.to_toml(), Path::new("/x")).unwrap());
         let adam = parse(&GOOD.replace("lr = 0.05", "lr = 0.001\noptimizer = \"adamw\"\nbetas = [0.8, 0.99]")).unwrap();
         assert_eq!(adam, JobSpec::from_toml(&adam.to_toml(), Path::new("/x")).unwrap());
     }
@@ -682,6 +814,12 @@ strategy = "feature_extract"
             ("strategy = \"feature_extract\"", "strategy = \"frozen_soup\"", "\"frozen_soup\""),
             ("strategy = \"feature_extract\"", "strategy = \"freeze_bottom\"", "schedule.k` = missing"),
             ("name = \"fmnist\"", "name = \"a b\"", "`name` = \"a b\""),
+            (
+                "[schedule]",
+                "[distributed]\nmin_workers = 3\nmax_workers = 2\n[schedule]",
+                "distributed.max_workers` = 2",
+            ),
+            ("[schedule]", "[distributed]\nworkers = 0\n[schedule]", "distributed.min_workers` = 0"),
         ];
         for (from, to, expect) in cases {
             let err = parse(&GOOD.replace(from, to)).unwrap_err().to_string();

@@ -7,7 +7,10 @@
 //!
 //! libtorch runs on the calling thread; nothing here is async.
 
+pub mod agent;
+pub mod buckets;
 pub mod checkpoint;
+pub mod collective;
 pub mod data;
 pub mod imagenet_classes;
 pub mod optim;

@@ -14,7 +14,11 @@ use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 use thaw_coordinator::spec::{JobSpec, LrSchedule, SpecError, WeightsSpec};
 
+use thaw_coordinator::plan::EpochPlan;
+
+use crate::buckets::Buckets;
 use crate::checkpoint::{Checkpoint, CheckpointError, CheckpointPolicy, Cursor, EpochMetrics};
+use crate::collective::{Collective, CollectiveError};
 use crate::data::loader::{Loader, LoaderConfig};
 use crate::data::transform::Transform;
 use crate::data::{self, DataError, Dataset, Splits};
@@ -39,6 +43,8 @@ pub enum TrainError {
     Invalid(String),
     #[error(transparent)]
     Io(#[from] crate::tensor_io::TensorIoError),
+    #[error(transparent)]
+    Collective(#[from] CollectiveError),
 }
 
 /// A job ready to run: everything validated and loaded.
@@ -144,18 +150,7 @@ impl Trainer {
             }
         };
 
-        Ok(Trainer {
-            spec,
-            arch,
-            net,
-            splits,
-            modes,
-            transform,
-            optimizer,
-            cursor,
-            history,
-            weights_source,
-        })
+        Ok(Trainer { spec, arch, net, splits, modes, transform, optimizer, cursor, history, weights_source })
     }
 
     pub fn history(&self) -> &[EpochMetrics] {
@@ -179,10 +174,11 @@ impl Trainer {
         self.splits.train.len().div_ceil(self.spec.train.batch_size)
     }
 
-    /// The learning rate at a global step: linear warm-up, then constant or cosine decay.
-    pub fn lr_at(&self, global_step: usize) -> f64 {
+    /// The learning rate at a global step of a run with `steps_per_epoch` steps in every epoch:
+    /// linear warm-up, then constant or cosine decay.
+    pub fn lr_at(&self, global_step: usize, steps_per_epoch: usize) -> f64 {
         let t = &self.spec.train;
-        let total = (self.steps_per_epoch() * t.epochs).max(1);
+        let total = (steps_per_epoch * t.epochs).max(1);
         if global_step < t.warmup_steps {
             return t.lr * (global_step + 1) as f64 / t.warmup_steps as f64;
         }
@@ -239,8 +235,7 @@ impl Trainer {
                 seed: self.spec.seed,
                 epoch: epoch as u64,
             };
-            let loader =
-                Loader::start(self.splits.train.clone(), order, self.cursor.step, self.transform.clone(), cfg);
+            let loader = Loader::start(self.splits.train.clone(), order, self.cursor.step, self.transform.clone(), cfg);
             let started = Instant::now();
             let mut data_wait = 0.0;
             let mut progress =
@@ -255,7 +250,7 @@ impl Trainer {
                 self.cursor.skipped += batch.skipped.len() as u64;
                 let n = batch.labels.size()[0];
                 if n > 0 {
-                    let lr = self.lr_at(epoch * steps + batch.step);
+                    let lr = self.lr_at(epoch * steps + batch.step, steps);
                     // Dropout masks are a function of (seed, epoch, step), so a resumed run
                     // draws exactly what an uninterrupted one would.
                     tch::manual_seed(step_seed(self.spec.seed, epoch, batch.step));
@@ -392,4 +387,238 @@ pub fn evaluate(
         return Err(TrainError::Invalid("no validation sample could be read".into()));
     }
     Ok((loss_sum / seen as f64, correct as f64 / seen as f64))
+}
+
+/// The coordinator as the data-parallel trainer sees it; the worker agent implements it over gRPC.
+/// Keeping it a trait keeps the training loop free of transport types.
+pub trait Control {
+    /// The plan of `epoch` (the same on every rank).
+    fn epoch_plan(&mut self, epoch: u32) -> Result<EpochPlan, TrainError>;
+    /// Progress within the current epoch; `metrics` once the epoch is done (rank 0 reports both).
+    fn progress(&mut self, epoch: u32, step: u64, samples_done: u64, metrics: Option<&EpochMetrics>);
+    /// Set when the coordinator asked this worker to stop (job cancelled or failed).
+    fn stop_requested(&self) -> Option<String>;
+    /// The dataset indices this rank trained on at `step` of `epoch` (for audits and tests).
+    fn trained(&mut self, _epoch: u32, _step: u64, _samples: &[usize]) {}
+}
+
+/// How a data-parallel run ended.
+pub struct DistOutcome {
+    pub history: Vec<EpochMetrics>,
+    /// Why the run stopped early (all ranks agree on the step), if it did.
+    pub stopped: Option<String>,
+}
+
+fn to_vec(t: &Tensor) -> Vec<f32> {
+    Vec::<f32>::try_from(t.to_device(Device::Cpu).to_kind(Kind::Float).flatten(0, -1)).unwrap_or_default()
+}
+
+impl Trainer {
+    /// Variables (parameters and buffers) in a fixed order, the same on every rank.
+    fn ordered_variables(&self) -> Vec<(String, Tensor)> {
+        let mut v: Vec<(String, Tensor)> = self.net.vs.variables().into_iter().collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    /// Makes every replica identical to rank 0's: parameters, buffers (BatchNorm statistics).
+    pub fn sync_from_rank0(&self, c: &mut dyn Collective) -> Result<(), TrainError> {
+        let vars = self.ordered_variables();
+        let flat: Vec<Tensor> = vars.iter().map(|(_, t)| t.detach().to_kind(Kind::Float).flatten(0, -1)).collect();
+        let mut buf = to_vec(&Tensor::cat(&flat, 0));
+        c.broadcast(&mut buf, 0)?;
+        let all = Tensor::from_slice(&buf);
+        let mut off = 0;
+        tch::no_grad(|| {
+            for (_, t) in &vars {
+                let n = t.numel() as i64;
+                t.shallow_clone().copy_(&all.narrow(0, off, n).view_as(t).to_kind(t.kind()));
+                off += n;
+            }
+        });
+        Ok(())
+    }
+
+    /// Data-parallel training: this rank trains its share of every epoch's plan, gradients of the
+    /// trainable parameters are averaged across ranks in buckets, rank 0 evaluates, checkpoints and
+    /// reports. Every rank takes the same steps; a stop request is agreed on at a step boundary.
+    ///
+    /// The loss of a step is the sum over this rank's real samples divided by the number of real
+    /// samples in the whole global batch (times the world size, since the all-reduce averages), so
+    /// the averaged gradient equals a single process's on the global batch, padded tail included.
+    pub fn run_distributed(
+        &mut self,
+        rank: u32,
+        c: &mut dyn Collective,
+        ctl: &mut dyn Control,
+        bucket_bytes: usize,
+    ) -> Result<DistOutcome, TrainError> {
+        let world = c.world_size() as f64;
+        if rank == 0 {
+            self.write_resolved_spec()?;
+        }
+        self.sync_from_rank0(c)?;
+        let params: Vec<Param> = self
+            .optimizer
+            .params()
+            .iter()
+            .map(|p| Param { name: p.name.clone(), tensor: p.tensor.shallow_clone(), group: p.group })
+            .collect();
+        Buckets::ensure_grads(&params);
+        let buckets = Buckets::new(&params, bucket_bytes);
+        let device = self.net.vs.device();
+        let policy = CheckpointPolicy { every_steps: self.spec.output.checkpoint_every_steps };
+        let mut stopped = None;
+        while self.cursor.epoch < self.spec.train.epochs && stopped.is_none() {
+            let epoch = self.cursor.epoch;
+            let plan = ctl.epoch_plan(epoch as u32)?;
+            let steps = plan.steps_per_rank() as usize;
+            let batches: Vec<Vec<usize>> = (0..plan.steps_per_rank())
+                .map(|s| {
+                    plan.rank_batch(rank, s)
+                        .map(|slots| slots.iter().filter_map(|s| s.sample()).map(|i| i as usize).collect())
+                })
+                .collect::<Result<_, _>>()
+                .map_err(|e| TrainError::Invalid(e.to_string()))?;
+            let cfg = LoaderConfig {
+                batch_size: self.spec.train.batch_size,
+                threads: self.spec.data.loader_threads,
+                prefetch: 2,
+                hflip: self.spec.data.hflip,
+                seed: self.spec.seed,
+                epoch: epoch as u64,
+            };
+            let loader = Loader::start_batches(
+                self.splits.train.clone(),
+                batches,
+                self.cursor.step,
+                self.transform.clone(),
+                cfg,
+            );
+            let started = Instant::now();
+            let mut progress = Progress::new(
+                format!("rank {rank} epoch {}/{}", epoch + 1, self.spec.train.epochs),
+                steps as u64,
+                "step",
+            );
+            let mut data_wait = 0.0;
+            let mut waited = Instant::now();
+            let mut last_report = Instant::now();
+            for batch in loader {
+                data_wait += waited.elapsed().as_secs_f64();
+                for e in &batch.skipped {
+                    tracing::warn!(key = %e.key, reason = %e.reason, "skipping unreadable sample");
+                }
+                self.cursor.skipped += batch.skipped.len() as u64;
+                let global =
+                    plan.step_real_count(batch.step as u64).map_err(|e| TrainError::Invalid(e.to_string()))? as f64;
+                let n = batch.labels.size()[0];
+                self.optimizer.zero_grad();
+                let (mut loss_sum, mut correct) = (0.0, 0i64);
+                if n > 0 {
+                    tch::manual_seed(step_seed(self.spec.seed, epoch, batch.step) ^ rank as i64);
+                    let xs = batch.images.to_device(device);
+                    let ys = batch.labels.to_device(device);
+                    let logits = self.net.forward_modes(&xs, &self.modes);
+                    let sum = logits.cross_entropy_loss::<Tensor>(
+                        &ys,
+                        None,
+                        tch::Reduction::Sum,
+                        -100,
+                        self.spec.train.label_smoothing,
+                    );
+                    (&sum * (world / global.max(1.0))).backward();
+                    loss_sum = sum.double_value(&[]);
+                    correct = logits.argmax(-1, false).eq_tensor(&ys).sum(Kind::Int64).int64_value(&[]);
+                }
+                for b in 0..buckets.buckets.len() {
+                    let mut buf = to_vec(&buckets.gather(b, &params));
+                    c.all_reduce_mean(&mut buf)?;
+                    buckets.scatter(b, &params, &Tensor::from_slice(&buf).to_device(device));
+                }
+                let lr = self.lr_at(epoch * steps + batch.step, steps);
+                self.optimizer.step(&|_| lr);
+                // Step statistics and the stop flag, summed over ranks: every rank sees the same.
+                let stop_local = ctl.stop_requested();
+                let mut stats =
+                    [loss_sum as f32, correct as f32, n as f32, if stop_local.is_some() { 1.0 } else { 0.0 }];
+                c.all_reduce_sum(&mut stats)?;
+                if !stats[0].is_finite() {
+                    return Err(TrainError::Invalid(format!(
+                        "loss became {} at epoch {} step {}; lower train.lr (now {})",
+                        stats[0],
+                        epoch + 1,
+                        batch.step,
+                        self.spec.train.lr
+                    )));
+                }
+                self.cursor.loss_sum += stats[0] as f64;
+                self.cursor.correct += stats[1] as u64;
+                self.cursor.seen += stats[2] as u64;
+                ctl.trained(epoch as u32, batch.step as u64, &batch.indices);
+                self.cursor.step = batch.step + 1;
+                let cur = &self.cursor;
+                progress.update(self.cursor.step as u64, || {
+                    format!(
+                        "loss {:.4} acc {:.3}",
+                        cur.loss_sum / cur.seen.max(1) as f64,
+                        cur.correct as f64 / cur.seen.max(1) as f64
+                    )
+                });
+                if rank == 0 && last_report.elapsed().as_secs_f64() >= 1.0 {
+                    last_report = Instant::now();
+                    ctl.progress(epoch as u32, self.cursor.step as u64, self.cursor.seen, None);
+                }
+                if stats[3] > 0.0 {
+                    stopped = Some(stop_local.unwrap_or_else(|| "another rank was asked to stop".into()));
+                    break;
+                }
+                if rank == 0 && self.cursor.step < steps && policy.after_step(batch.step, steps) {
+                    self.save_checkpoint()?;
+                }
+                waited = Instant::now();
+            }
+            progress.finish();
+            if stopped.is_some() {
+                if rank == 0 {
+                    self.save_checkpoint()?;
+                }
+                break;
+            }
+            let seconds = started.elapsed().as_secs_f64();
+            let mut totals = [self.cursor.skipped as f32];
+            c.all_reduce_sum(&mut totals)?;
+            if rank == 0 {
+                let (val_loss, val_acc) = self.evaluate()?;
+                let cur = &self.cursor;
+                let m = EpochMetrics {
+                    epoch: epoch + 1,
+                    train_loss: cur.loss_sum / cur.seen.max(1) as f64,
+                    train_acc: cur.correct as f64 / cur.seen.max(1) as f64,
+                    val_loss,
+                    val_acc,
+                    images: cur.seen,
+                    skipped: totals[0] as u64,
+                    seconds,
+                    data_wait,
+                };
+                tracing::info!(
+                    epoch = m.epoch,
+                    train_loss = m.train_loss,
+                    val_acc = m.val_acc,
+                    images = m.images,
+                    "epoch done"
+                );
+                ctl.progress(epoch as u32, steps as u64, cur.seen, Some(&m));
+                self.history.push(m);
+            }
+            self.cursor = Cursor { epoch: epoch + 1, ..Cursor::default() };
+            if rank == 0 {
+                self.save_checkpoint()?;
+            }
+            // Nobody starts the next epoch before rank 0 has evaluated and checkpointed.
+            c.barrier()?;
+        }
+        Ok(DistOutcome { history: self.history.clone(), stopped })
+    }
 }

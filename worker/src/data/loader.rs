@@ -58,7 +58,8 @@ pub struct Loader {
 }
 
 impl Loader {
-    /// Starts producing batches of `order` (dataset indices), from batch `start_step` on.
+    /// Starts producing batches of `order` (dataset indices) in chunks of `cfg.batch_size`, from
+    /// batch `start_step` on.
     pub fn start(
         ds: Arc<dyn Dataset>,
         order: Vec<usize>,
@@ -66,14 +67,25 @@ impl Loader {
         transform: Transform,
         cfg: LoaderConfig,
     ) -> Loader {
-        let bs = cfg.batch_size.max(1);
-        let steps = order.len().div_ceil(bs);
+        let batches = order.chunks(cfg.batch_size.max(1)).map(<[usize]>::to_vec).collect();
+        Self::start_batches(ds, batches, start_step, transform, cfg)
+    }
+
+    /// Starts producing the given batches (dataset indices; a batch may be short or empty, as the
+    /// padded tail of a distributed epoch is), from batch `start_step` on.
+    pub fn start_batches(
+        ds: Arc<dyn Dataset>,
+        batches: Vec<Vec<usize>>,
+        start_step: usize,
+        transform: Transform,
+        cfg: LoaderConfig,
+    ) -> Loader {
+        let steps = batches.len();
         let (tx, rx) = sync_channel(cfg.prefetch.max(1));
         let handle = std::thread::Builder::new()
             .name("thaw-loader".into())
             .spawn(move || {
-                for step in start_step..steps {
-                    let idx = &order[step * bs..((step + 1) * bs).min(order.len())];
+                for (step, idx) in batches.iter().enumerate().skip(start_step) {
                     let batch = make_batch(ds.as_ref(), idx, step, &transform, &cfg);
                     if tx.send(batch).is_err() {
                         return; // the consumer stopped early

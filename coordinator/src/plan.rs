@@ -1,0 +1,680 @@
+//! Epoch plans: which sample each rank trains on at each step of an epoch — a `DistributedSampler`
+//! without its traps.
+//!
+//! An [`EpochPlan`] is five numbers (seed, epoch, number of samples, world size, batch size) and a
+//! few derived constants. From them any rank computes its own batches on its own, in O(1) memory,
+//! and all ranks agree without talking:
+//!
+//! - **Order.** The epoch's order is a pseudo-random permutation of `0..num_samples` that depends on
+//!   (seed, epoch) only; position `p` of the order holds sample [`EpochPlan::sample_at`]`(p)`. The
+//!   permutation is never materialized (see [`Permutation`] for the construction): element `p` costs
+//!   a few hash rounds, whatever the dataset size.
+//! - **Layout.** With `W` ranks and batch `B` per rank, global step `k` covers positions
+//!   `[k·W·B, (k+1)·W·B)` and rank `r` takes the `B` positions `[k·W·B + r·B, k·W·B + (r+1)·B)`.
+//!   Positions at or past `num_samples` are [`Slot::Pad`]: masked entries with zero loss weight.
+//! - **Coverage.** Every sample is at exactly one position, hence in exactly one rank's batch at
+//!   exactly one step: nothing is duplicated to even out the ranks (the trap of padding by
+//!   repeating samples, which counts them twice) and nothing is dropped (the trap of `drop_last`).
+//! - **Equal steps.** Every rank takes `ceil(num_samples / (W·B))` steps, so no rank waits forever
+//!   in a collective for a peer that has run out of data; a rank whose share runs short gets pads.
+//! - **Same global batches as one worker.** The global batch of step `k` (the concatenation of the
+//!   ranks' batches in rank order) is the positions `[k·W·B, (k+1)·W·B)`, which depend on `W·B`
+//!   only. So `W` workers with batch `B` see, step by step, exactly the global batches of one worker
+//!   with batch `W·B` (pads included, in the same order); with the loss normalized by the global
+//!   count of real samples of the step ([`EpochPlan::step_real_count`]) their summed gradients are
+//!   those of the single worker.
+//! - **Prefix progress.** After `k` global steps the samples done are exactly the positions
+//!   `[0, k·W·B)`, whatever the rank count: a cursor is one step number.
+//!
+//! This module never reads the clock, never touches the network or the disk, and never allocates
+//! in proportion to the dataset.
+
+use std::iter::FusedIterator;
+
+/// Feistel rounds of the permutation. Four rounds of a good round function already make a strong
+/// pseudo-random permutation (Luby–Rackoff); eight leave a margin for the cheap hash used here.
+const ROUNDS: usize = 8;
+
+/// A rejected plan or an out-of-range request: names the field or value and the valid range.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    #[error("invalid epoch plan: `{field}` = {value}: {reason}")]
+    Invalid { field: &'static str, value: u64, reason: &'static str },
+    #[error("invalid epoch plan: {num_samples} samples padded to whole global batches of {global_batch} overflow u64")]
+    TooLarge { num_samples: u64, global_batch: u64 },
+    #[error("rank {rank} out of range for world_size {world_size} (ranks are 0..{world_size})")]
+    RankOutOfRange { rank: u32, world_size: u32 },
+    #[error("step {step} out of range: the epoch has {steps} steps per rank (0..{steps})")]
+    StepOutOfRange { step: u64, steps: u64 },
+    #[error("position {position} out of range: the epoch has {num_samples} samples")]
+    PositionOutOfRange { position: u64, num_samples: u64 },
+    #[error("sample {sample} out of range: the dataset has {num_samples} samples")]
+    SampleOutOfRange { sample: u64, num_samples: u64 },
+}
+
+/// One entry of a rank's batch: a real sample index, or a masked pad that carries zero loss weight.
+///
+/// A worker should not feed pads through the model at all (they would skew BatchNorm batch
+/// statistics); it trains on the real samples of its batch, possibly none, and still takes part in
+/// the step's collectives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Slot {
+    Sample(u64),
+    Pad,
+}
+
+impl Slot {
+    /// The sample index, or `None` for a pad.
+    pub fn sample(self) -> Option<u64> {
+        match self {
+            Slot::Sample(i) => Some(i),
+            Slot::Pad => None,
+        }
+    }
+
+    pub fn is_pad(self) -> bool {
+        self == Slot::Pad
+    }
+
+    /// The loss weight of this entry: 1 for a sample, 0 for a pad.
+    pub fn weight(self) -> f32 {
+        match self {
+            Slot::Sample(_) => 1.0,
+            Slot::Pad => 0.0,
+        }
+    }
+}
+
+/// SplitMix64's finalizer (Stafford's mix 13): a bijective, well-avalanching 64-bit mix.
+fn mix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+fn low_mask(bits: u32) -> u64 {
+    if bits >= 64 {
+        u64::MAX
+    } else {
+        (1u64 << bits) - 1
+    }
+}
+
+/// A keyed pseudo-random permutation of `0..n`, evaluated element by element in O(1) memory.
+///
+/// Construction (format-preserving encryption in the style of NIST FF1, with a hash instead of AES):
+///
+/// 1. **Domain.** Let `k` be the number of bits of `n - 1` (at least 2), so `2^(k-1) < n ≤ 2^k`.
+///    A `k`-bit value `x` is split into a high part `a` of `u = ⌊k/2⌋` bits and a low part `b` of
+///    `v = k - u` bits.
+/// 2. **Unbalanced Feistel network.** Each of eight rounds computes
+///    `c = (a + F(key_i, b)) mod 2^u`, then `(a, b) ← (b, c)` and swaps the widths `u` and `v`.
+///    Each round is invertible (`a = (c - F(key_i, b)) mod 2^u`), so the network is a bijection of
+///    `0..2^k` whatever `F` is. `F(key, b)` is SplitMix64's finalizer of `b XOR key`; the eight round
+///    keys are a SplitMix64 sequence seeded from (seed, stream).
+/// 3. **Cycle walking.** To map `x < n`, apply the network until the result is below `n`. The
+///    result is a bijection of `0..n`: the network's cycle through `x` returns to `x < n`, so the
+///    walk ends, and walks from different starting points end at different points. Since
+///    `2^k < 2n`, a walk takes fewer than two network evaluations on average.
+///
+/// The keys depend on (seed, stream) only: the same pair always gives the same permutation, and
+/// for a given seed different streams (epochs) give different keys.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Permutation {
+    n: u64,
+    /// Width of the high part `a` at the first round; the low part has `bits - hi_bits`.
+    hi_bits: u32,
+    lo_bits: u32,
+    keys: [u64; ROUNDS],
+}
+
+impl Permutation {
+    /// The permutation of `0..n` keyed by (seed, stream). `n = 0` gives the empty permutation.
+    pub fn new(n: u64, seed: u64, stream: u64) -> Permutation {
+        let bits = (64 - n.saturating_sub(1).leading_zeros()).max(2);
+        let hi_bits = bits / 2;
+        // Injective in `stream` for a given seed: both the add and the mix are bijections.
+        let mut state = mix64(mix64(seed).wrapping_add(stream));
+        let mut keys = [0u64; ROUNDS];
+        for key in &mut keys {
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            *key = mix64(state);
+        }
+        Permutation { n, hi_bits, lo_bits: bits - hi_bits, keys }
+    }
+
+    /// The size of the permuted range `0..n`.
+    pub fn len(&self) -> u64 {
+        self.n
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+
+    fn encrypt(&self, x: u64) -> u64 {
+        let (mut u, mut v) = (self.hi_bits, self.lo_bits);
+        let (mut a, mut b) = (x >> v, x & low_mask(v));
+        for &key in &self.keys {
+            let c = a.wrapping_add(mix64(b ^ key)) & low_mask(u);
+            a = b;
+            b = c;
+            std::mem::swap(&mut u, &mut v);
+        }
+        (a << v) | b
+    }
+
+    fn decrypt(&self, y: u64) -> u64 {
+        // After an even number of rounds the widths are back to (hi_bits, lo_bits).
+        let (mut u, mut v) = if ROUNDS & 1 == 0 { (self.hi_bits, self.lo_bits) } else { (self.lo_bits, self.hi_bits) };
+        let (mut a, mut b) = (y >> v, y & low_mask(v));
+        for &key in self.keys.iter().rev() {
+            // Undo one round: the previous (a, b) had widths (v, u) and was (c - F(a), a).
+            std::mem::swap(&mut u, &mut v);
+            let prev_a = b.wrapping_sub(mix64(a ^ key)) & low_mask(u);
+            b = a;
+            a = prev_a;
+        }
+        (a << v) | b
+    }
+
+    /// The element at index `i`; `None` if `i >= n`.
+    pub fn get(&self, i: u64) -> Option<u64> {
+        if i >= self.n {
+            return None;
+        }
+        let mut x = self.encrypt(i);
+        while x >= self.n {
+            x = self.encrypt(x);
+        }
+        Some(x)
+    }
+
+    /// The index at which `value` appears (the inverse permutation); `None` if `value >= n`.
+    pub fn index_of(&self, value: u64) -> Option<u64> {
+        if value >= self.n {
+            return None;
+        }
+        let mut x = self.decrypt(value);
+        while x >= self.n {
+            x = self.decrypt(x);
+        }
+        Some(x)
+    }
+}
+
+/// The plan of one epoch: see the module documentation for the order, layout and guarantees.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EpochPlan {
+    seed: u64,
+    epoch: u32,
+    world_size: u32,
+    batch_size: u32,
+    steps: u64,
+    perm: Permutation,
+}
+
+impl EpochPlan {
+    /// A validated plan: `num_samples`, `world_size` and `batch_size` must each be at least 1.
+    pub fn new(seed: u64, epoch: u32, num_samples: u64, world_size: u32, batch_size: u32) -> Result<Self, PlanError> {
+        if num_samples == 0 {
+            return Err(PlanError::Invalid {
+                field: "num_samples",
+                value: 0,
+                reason: "an epoch needs at least 1 sample",
+            });
+        }
+        if world_size == 0 {
+            return Err(PlanError::Invalid { field: "world_size", value: 0, reason: "must be at least 1 rank" });
+        }
+        if batch_size == 0 {
+            return Err(PlanError::Invalid {
+                field: "batch_size",
+                value: 0,
+                reason: "must be at least 1 sample per rank",
+            });
+        }
+        let global_batch = u64::from(world_size) * u64::from(batch_size);
+        let steps = num_samples.div_ceil(global_batch);
+        if steps.checked_mul(global_batch).is_none() {
+            return Err(PlanError::TooLarge { num_samples, global_batch });
+        }
+        Ok(EpochPlan {
+            seed,
+            epoch,
+            world_size,
+            batch_size,
+            steps,
+            perm: Permutation::new(num_samples, seed, epoch.into()),
+        })
+    }
+
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    pub fn epoch(&self) -> u32 {
+        self.epoch
+    }
+
+    pub fn num_samples(&self) -> u64 {
+        self.perm.len()
+    }
+
+    pub fn world_size(&self) -> u32 {
+        self.world_size
+    }
+
+    /// Slots per rank per step (real samples and pads).
+    pub fn batch_size(&self) -> u32 {
+        self.batch_size
+    }
+
+    /// Slots per global step: `world_size * batch_size`.
+    pub fn global_batch(&self) -> u64 {
+        u64::from(self.world_size) * u64::from(self.batch_size)
+    }
+
+    /// Steps every rank takes this epoch: `ceil(num_samples / (world_size * batch_size))`.
+    pub fn steps_per_rank(&self) -> u64 {
+        self.steps
+    }
+
+    /// The sample at position `position` of the epoch's order.
+    pub fn sample_at(&self, position: u64) -> Result<u64, PlanError> {
+        self.perm.get(position).ok_or(PlanError::PositionOutOfRange { position, num_samples: self.num_samples() })
+    }
+
+    /// The position of `sample` in the epoch's order (the inverse of [`EpochPlan::sample_at`]).
+    pub fn position_of(&self, sample: u64) -> Result<u64, PlanError> {
+        self.perm.index_of(sample).ok_or(PlanError::SampleOutOfRange { sample, num_samples: self.num_samples() })
+    }
+
+    /// Where `sample` is trained this epoch: (rank, step, index within the rank's batch).
+    pub fn locate(&self, sample: u64) -> Result<(u32, u64, u32), PlanError> {
+        let position = self.position_of(sample)?;
+        let (step, within) = (position / self.global_batch(), position % self.global_batch());
+        let b = u64::from(self.batch_size);
+        // `within < world_size * batch_size`, so both quotients fit their u32 inputs' ranges.
+        Ok(((within / b) as u32, step, (within % b) as u32))
+    }
+
+    fn check_rank(&self, rank: u32) -> Result<(), PlanError> {
+        if rank >= self.world_size {
+            return Err(PlanError::RankOutOfRange { rank, world_size: self.world_size });
+        }
+        Ok(())
+    }
+
+    fn check_step(&self, step: u64) -> Result<(), PlanError> {
+        if step >= self.steps {
+            return Err(PlanError::StepOutOfRange { step, steps: self.steps });
+        }
+        Ok(())
+    }
+
+    /// First position of `rank`'s batch at `step`; callers have checked both.
+    fn batch_start(&self, rank: u32, step: u64) -> u64 {
+        step * self.global_batch() + u64::from(rank) * u64::from(self.batch_size)
+    }
+
+    fn slot(&self, position: u64) -> Slot {
+        match self.perm.get(position) {
+            Some(sample) => Slot::Sample(sample),
+            None => Slot::Pad,
+        }
+    }
+
+    /// `rank`'s batch at `step`: `batch_size` slots, real samples first, then pads if the epoch ran
+    /// out.
+    pub fn rank_batch(&self, rank: u32, step: u64) -> Result<Vec<Slot>, PlanError> {
+        self.check_rank(rank)?;
+        self.check_step(step)?;
+        let start = self.batch_start(rank, step);
+        Ok((start..start + u64::from(self.batch_size)).map(|p| self.slot(p)).collect())
+    }
+
+    /// Real samples in `rank`'s batch at `step` (the rest are pads).
+    pub fn rank_real_count(&self, rank: u32, step: u64) -> Result<u32, PlanError> {
+        self.check_rank(rank)?;
+        self.check_step(step)?;
+        let start = self.batch_start(rank, step);
+        // At most batch_size, so it fits u32.
+        Ok(self.num_samples().saturating_sub(start).min(u64::from(self.batch_size)) as u32)
+    }
+
+    /// Real samples in the global batch of `step`, over all ranks: the divisor of a summed loss
+    /// that makes `W` workers with batch `B` match one worker with batch `W·B`.
+    pub fn step_real_count(&self, step: u64) -> Result<u64, PlanError> {
+        self.check_step(step)?;
+        Ok(self.num_samples().saturating_sub(step * self.global_batch()).min(self.global_batch()))
+    }
+
+    /// Real samples done by all ranks together after `steps_done` global steps (pads excluded).
+    pub fn samples_done_after(&self, steps_done: u64) -> u64 {
+        steps_done.saturating_mul(self.global_batch()).min(self.num_samples())
+    }
+
+    /// Real samples `rank` trains on over the whole epoch.
+    pub fn rank_sample_count(&self, rank: u32) -> Result<u64, PlanError> {
+        self.check_rank(rank)?;
+        let (n, g, b) = (self.num_samples(), self.global_batch(), u64::from(self.batch_size));
+        let full_steps = n / g;
+        let tail = n % g;
+        let in_tail = tail.saturating_sub(u64::from(rank) * b).min(b);
+        Ok(full_steps * b + in_tail)
+    }
+
+    /// Every slot of `rank`'s epoch, step by step: `steps_per_rank() * batch_size()` items, without
+    /// allocating.
+    pub fn rank_slots(&self, rank: u32) -> Result<RankSlots, PlanError> {
+        self.check_rank(rank)?;
+        Ok(RankSlots { plan: *self, rank, step: 0, index: 0 })
+    }
+
+    /// The real samples of `rank`'s epoch in training order (pads skipped).
+    pub fn rank_samples(&self, rank: u32) -> Result<impl Iterator<Item = u64>, PlanError> {
+        Ok(self.rank_slots(rank)?.filter_map(Slot::sample))
+    }
+
+    /// `rank`'s batches of the whole epoch, one `Vec<Slot>` per step.
+    pub fn rank_batches(&self, rank: u32) -> Result<RankBatches, PlanError> {
+        self.resume(rank, 0)
+    }
+
+    /// The remaining work of `rank` when `steps_done` steps of the epoch are done (the cursor of a
+    /// checkpoint): its batches from step `steps_done` on. `steps_done == steps_per_rank()` is an
+    /// epoch already finished and yields nothing.
+    pub fn resume(&self, rank: u32, steps_done: u64) -> Result<RankBatches, PlanError> {
+        self.check_rank(rank)?;
+        if steps_done > self.steps {
+            return Err(PlanError::StepOutOfRange { step: steps_done, steps: self.steps });
+        }
+        Ok(RankBatches { plan: *self, rank, step: steps_done })
+    }
+}
+
+/// Iterator over every slot of one rank's epoch; see [`EpochPlan::rank_slots`].
+#[derive(Clone, Debug)]
+pub struct RankSlots {
+    plan: EpochPlan,
+    rank: u32,
+    step: u64,
+    index: u32,
+}
+
+impl Iterator for RankSlots {
+    type Item = Slot;
+
+    fn next(&mut self) -> Option<Slot> {
+        if self.step >= self.plan.steps {
+            return None;
+        }
+        let slot = self.plan.slot(self.plan.batch_start(self.rank, self.step) + u64::from(self.index));
+        self.index += 1;
+        if self.index == self.plan.batch_size {
+            self.index = 0;
+            self.step += 1;
+        }
+        Some(slot)
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let left = (self.plan.steps - self.step) * u64::from(self.plan.batch_size) - u64::from(self.index);
+        let left = usize::try_from(left).unwrap_or(usize::MAX);
+        (left, Some(left))
+    }
+}
+
+impl ExactSizeIterator for RankSlots {}
+impl FusedIterator for RankSlots {}
+
+/// Iterator over one rank's batches from a given step; see [`EpochPlan::resume`].
+#[derive(Clone, Debug)]
+pub struct RankBatches {
+    plan: EpochPlan,
+    rank: u32,
+    step: u64,
+}
+
+impl RankBatches {
+    /// The step of the next batch this iterator yields.
+    pub fn next_step(&self) -> u64 {
+        self.step
+    }
+}
+
+impl Iterator for RankBatches {
+    type Item = Vec<Slot>;
+
+    fn next(&mut self) -> Option<Vec<Slot>> {
+        let batch = self.plan.rank_batch(self.rank, self.step).ok()?;
+        self.step += 1;
+        Some(batch)
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let left = usize::try_from(self.plan.steps - self.step).unwrap_or(usize::MAX);
+        (left, Some(left))
+    }
+}
+
+impl ExactSizeIterator for RankBatches {}
+impl FusedIterator for RankBatches {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(n: u64, w: u32, b: u32) -> EpochPlan {
+        EpochPlan::new(42, 3, n, w, b).unwrap()
+    }
+
+    /// Every slot of every rank, indexed [rank][step] -> batch.
+    fn all_batches(p: &EpochPlan) -> Vec<Vec<Vec<Slot>>> {
+        (0..p.world_size()).map(|r| p.rank_batches(r).unwrap().collect()).collect()
+    }
+
+    #[test]
+    fn permutation_is_a_bijection() {
+        for n in (1..=70).chain([127, 128, 129, 1000, 1023, 1024, 1025, 4097, 65_536, 99_991, 100_000]) {
+            let perm = Permutation::new(n, 9, 1);
+            let mut seen = vec![false; n as usize];
+            for i in 0..n {
+                let x = perm.get(i).unwrap();
+                assert!(!seen[x as usize], "n={n}: {x} appears twice");
+                seen[x as usize] = true;
+                assert_eq!(perm.index_of(x), Some(i), "n={n}: inverse of {x}");
+            }
+            assert_eq!(perm.get(n), None);
+            assert_eq!(perm.index_of(n), None);
+        }
+    }
+
+    #[test]
+    fn permutation_looks_random() {
+        let n = 10_000u64;
+        let perm = Permutation::new(n, 1, 0);
+        let xs: Vec<u64> = (0..n).map(|i| perm.get(i).unwrap()).collect();
+        // For a uniform random permutation E|p(i) - i| = (n² - 1) / 3n ≈ n / 3.
+        let mean_disp = xs.iter().enumerate().map(|(i, &x)| x.abs_diff(i as u64)).sum::<u64>() as f64 / n as f64;
+        assert!((mean_disp / (n as f64 / 3.0) - 1.0).abs() < 0.05, "mean displacement {mean_disp}");
+        // Ascents of a random permutation: (n - 1) / 2 on average.
+        let ascents = xs.windows(2).filter(|w| w[0] < w[1]).count() as f64;
+        assert!((ascents / ((n - 1) as f64 / 2.0) - 1.0).abs() < 0.05, "ascents {ascents}");
+        let fixed = xs.iter().enumerate().filter(|&(i, &x)| i as u64 == x).count();
+        assert!(fixed < 10, "{fixed} fixed points");
+    }
+
+    #[test]
+    fn every_sample_exactly_once_with_equal_steps() {
+        let cases = [
+            (1u64, 1u32, 1u32),
+            (1, 4, 3),
+            (10, 1, 1),
+            (10, 3, 1),
+            (10, 20, 2),
+            (100, 7, 5),
+            (101, 4, 25),
+            (1000, 8, 32),
+            (1000, 1, 1000),
+            (1000, 1, 1001),
+            (4096, 16, 16),
+            (4097, 16, 16),
+            (12_345, 13, 7),
+        ];
+        for (n, w, b) in cases {
+            let p = plan(n, w, b);
+            let expected_steps = n.div_ceil(u64::from(w) * u64::from(b));
+            assert_eq!(p.steps_per_rank(), expected_steps, "(n, w, b) = {:?}", (n, w, b));
+            let mut seen = vec![0u32; n as usize];
+            let mut pads = 0u64;
+            for (r, batches) in all_batches(&p).into_iter().enumerate() {
+                assert_eq!(batches.len() as u64, expected_steps, "rank {r} of {:?}", (n, w, b));
+                let mut real = 0;
+                for (step, batch) in batches.iter().enumerate() {
+                    assert_eq!(batch.len(), b as usize);
+                    // Real samples first, pads after.
+                    let k = batch.iter().take_while(|s| !s.is_pad()).count();
+                    assert!(batch[k..].iter().all(|s| s.is_pad()));
+                    assert_eq!(p.rank_real_count(r as u32, step as u64).unwrap() as usize, k);
+                    real += k as u64;
+                    for slot in batch {
+                        match slot {
+                            Slot::Sample(i) => seen[*i as usize] += 1,
+                            Slot::Pad => pads += 1,
+                        }
+                    }
+                }
+                assert_eq!(p.rank_sample_count(r as u32).unwrap(), real);
+                let flat: Vec<Slot> = batches.concat();
+                assert_eq!(p.rank_slots(r as u32).unwrap().collect::<Vec<_>>(), flat);
+                assert_eq!(p.rank_slots(r as u32).unwrap().len(), flat.len());
+            }
+            assert!(seen.iter().all(|&c| c == 1), "{:?}: a sample is missing or repeated", (n, w, b));
+            assert_eq!(pads, expected_steps * u64::from(w) * u64::from(b) - n);
+        }
+    }
+
+    #[test]
+    fn more_ranks_than_samples_pads_the_extra_ranks() {
+        let p = plan(3, 5, 1);
+        assert_eq!(p.steps_per_rank(), 1);
+        let batches = all_batches(&p);
+        let real: Vec<usize> = batches.iter().map(|b| b[0].iter().filter(|s| !s.is_pad()).count()).collect();
+        assert_eq!(real, vec![1, 1, 1, 0, 0]);
+        assert_eq!(p.rank_samples(4).unwrap().count(), 0);
+        assert_eq!(p.rank_batch(4, 0).unwrap(), vec![Slot::Pad]);
+    }
+
+    #[test]
+    fn same_seed_and_epoch_same_plan_other_epoch_other_order() {
+        let a: Vec<u64> = plan(5000, 4, 8).rank_samples(2).unwrap().collect();
+        let b: Vec<u64> = plan(5000, 4, 8).rank_samples(2).unwrap().collect();
+        assert_eq!(a, b);
+        let order = |seed, epoch| -> Vec<u64> {
+            let p = EpochPlan::new(seed, epoch, 5000, 1, 5000).unwrap();
+            p.rank_samples(0).unwrap().collect()
+        };
+        let e3 = order(42, 3);
+        for other in [order(42, 4), order(42, 0), order(43, 3)] {
+            let same_place = e3.iter().zip(&other).filter(|(x, y)| x == y).count();
+            assert!(same_place < 20, "{same_place} of 5000 samples at the same position");
+        }
+    }
+
+    #[test]
+    fn two_ranks_batch_b_match_one_rank_batch_2b() {
+        for (n, b) in [(1u64, 1u32), (7, 1), (10, 3), (64, 8), (1001, 16), (999, 50)] {
+            let two = EpochPlan::new(5, 1, n, 2, b).unwrap();
+            let one = EpochPlan::new(5, 1, n, 1, 2 * b).unwrap();
+            assert_eq!(two.steps_per_rank(), one.steps_per_rank());
+            for step in 0..one.steps_per_rank() {
+                let mut union = two.rank_batch(0, step).unwrap();
+                union.extend(two.rank_batch(1, step).unwrap());
+                assert_eq!(union, one.rank_batch(0, step).unwrap(), "n={n} b={b} step {step}");
+                assert_eq!(two.step_real_count(step), one.step_real_count(step));
+            }
+        }
+        // The same holds for any split of the global batch W·B.
+        let four = EpochPlan::new(5, 1, 1001, 4, 6).unwrap();
+        let three = EpochPlan::new(5, 1, 1001, 3, 8).unwrap();
+        for step in 0..four.steps_per_rank() {
+            let global = |p: &EpochPlan| -> Vec<Slot> {
+                (0..p.world_size()).flat_map(|r| p.rank_batch(r, step).unwrap()).collect()
+            };
+            assert_eq!(global(&four), global(&three));
+        }
+    }
+
+    #[test]
+    fn resume_continues_where_the_epoch_stopped() {
+        let p = plan(1000, 3, 16);
+        let whole: Vec<Vec<Slot>> = p.rank_batches(1).unwrap().collect();
+        for done in 0..=p.steps_per_rank() {
+            let rest = p.resume(1, done).unwrap();
+            assert_eq!(rest.next_step(), done);
+            assert_eq!(rest.len() as u64, p.steps_per_rank() - done);
+            assert_eq!(rest.collect::<Vec<_>>(), whole[done as usize..].to_vec());
+        }
+        let steps = p.steps_per_rank();
+        assert_eq!(p.resume(1, steps + 1).unwrap_err(), PlanError::StepOutOfRange { step: steps + 1, steps });
+    }
+
+    #[test]
+    fn counts_and_locate_agree_with_batches() {
+        let p = plan(1000, 3, 16);
+        let mut done = 0;
+        for step in 0..p.steps_per_rank() {
+            let real: u64 = (0..3).map(|r| u64::from(p.rank_real_count(r, step).unwrap())).sum();
+            assert_eq!(p.step_real_count(step).unwrap(), real);
+            done += real;
+            assert_eq!(p.samples_done_after(step + 1), done);
+        }
+        assert_eq!(done, 1000);
+        assert_eq!(p.samples_done_after(u64::MAX), 1000);
+        for sample in [0, 1, 500, 999] {
+            let (rank, step, index) = p.locate(sample).unwrap();
+            assert_eq!(p.rank_batch(rank, step).unwrap()[index as usize], Slot::Sample(sample));
+            assert_eq!(p.sample_at(p.position_of(sample).unwrap()).unwrap(), sample);
+        }
+    }
+
+    #[test]
+    fn invalid_plans_and_requests_are_named() {
+        let err = |n, w, b| EpochPlan::new(1, 0, n, w, b).unwrap_err().to_string();
+        assert_eq!(err(0, 1, 1), "invalid epoch plan: `num_samples` = 0: an epoch needs at least 1 sample");
+        assert_eq!(err(10, 0, 1), "invalid epoch plan: `world_size` = 0: must be at least 1 rank");
+        assert_eq!(err(10, 1, 0), "invalid epoch plan: `batch_size` = 0: must be at least 1 sample per rank");
+        assert!(err(u64::MAX - 3, 3, 7).contains("overflow u64"));
+        let p = plan(100, 4, 8);
+        assert_eq!(
+            p.rank_batch(4, 0).unwrap_err().to_string(),
+            "rank 4 out of range for world_size 4 (ranks are 0..4)"
+        );
+        assert_eq!(
+            p.rank_batch(0, 4).unwrap_err().to_string(),
+            "step 4 out of range: the epoch has 4 steps per rank (0..4)"
+        );
+        assert!(p.rank_slots(9).is_err());
+        assert!(p.rank_samples(9).is_err());
+        assert_eq!(p.sample_at(100).unwrap_err().to_string(), "position 100 out of range: the epoch has 100 samples");
+        assert_eq!(p.position_of(100).unwrap_err().to_string(), "sample 100 out of range: the dataset has 100 samples");
+    }
+
+    #[test]
+    fn huge_datasets_need_no_memory() {
+        // Two billion samples: nothing proportional to the dataset is ever allocated.
+        let p = EpochPlan::new(7, 2, 2_000_000_000, 1024, 32).unwrap();
+        assert_eq!(p.steps_per_rank(), 2_000_000_000u64.div_ceil(32_768));
+        let last = p.steps_per_rank() - 1;
+        let batch = p.rank_batch(1023, last).unwrap();
+        assert_eq!(batch.len(), 32);
+        for slot in p.rank_batch(0, 12_345).unwrap() {
+            let sample = slot.sample().unwrap();
+            assert!(sample < 2_000_000_000);
+            assert_eq!(p.locate(sample).unwrap().1, 12_345);
+        }
+        assert!(std::mem::size_of::<EpochPlan>() <= 128);
+    }
+}

@@ -1,0 +1,346 @@
+//! The gRPC services: thin adapters over [`Coordinator`]. Each handler takes the lock, calls one
+//! core method, converts the result; the only logic here is waiting (a worker long-polling the
+//! rendezvous, a client watching a job) and the one mapping of error kinds to `tonic::Code`.
+//!
+//! No tonic or proto type crosses into the core; the server takes an already-bound listener and
+//! a shutdown future, so tests bind 127.0.0.1:0 and never sleep to wait for it.
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use thaw_proto::v1 as pb;
+use thaw_proto::v1::jobs_server::{Jobs, JobsServer};
+use thaw_proto::v1::workers_server::{Workers, WorkersServer};
+use tokio::sync::{broadcast, Notify};
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use crate::core::{Command, Coordinator, CoreError, EpochSummary, ErrorKind, JobView, JoinPoll};
+use crate::job::JobState;
+
+/// The one mapping from core errors to gRPC status codes.
+pub fn status(e: CoreError) -> Status {
+    let msg = e.to_string();
+    match e.kind() {
+        ErrorKind::InvalidArgument => Status::invalid_argument(msg),
+        ErrorKind::AlreadyExists => Status::already_exists(msg),
+        ErrorKind::NotFound => Status::not_found(msg),
+        ErrorKind::FailedPrecondition => Status::failed_precondition(msg),
+        ErrorKind::DeadlineExceeded => Status::deadline_exceeded(msg),
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// Shared state of both services.
+pub struct State {
+    core: Mutex<Coordinator>,
+    /// Woken on every membership change, so long-polling joins re-check at once.
+    changed: Notify,
+    /// Job ids whose status changed, for watchers.
+    events: broadcast::Sender<String>,
+    heartbeat_timeout: Duration,
+}
+
+impl State {
+    pub fn new(heartbeat_timeout: Duration) -> Arc<State> {
+        let (events, _) = broadcast::channel(1024);
+        Arc::new(State { core: Mutex::new(Coordinator::new()), changed: Notify::new(), events, heartbeat_timeout })
+    }
+
+    fn core(&self) -> MutexGuard<'_, Coordinator> {
+        // A panic while holding the lock leaves plain data behind; keep serving.
+        self.core.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn touched(&self, job_id: &str) {
+        self.changed.notify_waiters();
+        let _ = self.events.send(job_id.to_string());
+    }
+
+    /// Fails jobs whose workers went silent; run periodically.
+    pub fn sweep(&self) {
+        let failed = self.core().check_liveness(Instant::now(), self.heartbeat_timeout, now_ms());
+        for id in failed {
+            tracing::warn!(job = %id, "a worker stopped sending heartbeats; job failed");
+            self.touched(&id);
+        }
+    }
+}
+
+fn state_pb(s: JobState) -> pb::JobState {
+    match s {
+        JobState::Pending => pb::JobState::Pending,
+        JobState::Rendezvous => pb::JobState::Rendezvous,
+        JobState::Running => pb::JobState::Running,
+        JobState::Succeeded => pb::JobState::Succeeded,
+        JobState::Failed => pb::JobState::Failed,
+        JobState::Cancelled => pb::JobState::Cancelled,
+    }
+}
+
+fn metrics_pb(m: &EpochSummary) -> pb::EpochMetrics {
+    pb::EpochMetrics {
+        epoch: m.epoch,
+        train_loss: m.train_loss,
+        train_acc: m.train_acc,
+        val_loss: m.val_loss,
+        val_acc: m.val_acc,
+        images: m.images,
+        skipped: m.skipped,
+        seconds: m.seconds,
+        data_wait: m.data_wait,
+    }
+}
+
+fn job_pb(v: &JobView) -> pb::Job {
+    let p = v.record.progress();
+    pb::Job {
+        id: v.record.job_id().to_string(),
+        name: v.name.clone(),
+        state: state_pb(v.record.state()) as i32,
+        transitions: v
+            .record
+            .history()
+            .iter()
+            .map(|t| pb::Transition {
+                from: t.from.map_or(pb::JobState::Unspecified, state_pb) as i32,
+                to: state_pb(t.to) as i32,
+                reason: t.reason.clone(),
+                at_unix_ms: t.at_ms,
+            })
+            .collect(),
+        progress: Some(pb::Progress {
+            epoch: p.epoch,
+            step: p.step,
+            steps_per_epoch: v.steps_per_epoch,
+            samples_done: p.samples_done,
+            workers: v.workers,
+        }),
+        metrics: v.metrics.iter().map(metrics_pb).collect(),
+        spec_toml: v.spec_toml.clone(),
+    }
+}
+
+#[derive(Clone)]
+pub struct JobsService(pub Arc<State>);
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::JobEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Jobs for JobsService {
+    async fn submit(&self, req: Request<pb::SubmitRequest>) -> Result<Response<pb::SubmitResponse>, Status> {
+        let id = self.0.core().submit(&req.into_inner().spec_toml, Instant::now(), now_ms()).map_err(status)?;
+        tracing::info!(job = %id, "job submitted");
+        self.0.touched(&id);
+        Ok(Response::new(pb::SubmitResponse { job_id: id }))
+    }
+
+    async fn get(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
+        let v = self.0.core().get(&req.into_inner().job_id).map_err(status)?;
+        Ok(Response::new(job_pb(&v)))
+    }
+
+    async fn list(&self, _req: Request<pb::ListJobsRequest>) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let jobs = self.0.core().list().iter().map(job_pb).collect();
+        Ok(Response::new(pb::ListJobsResponse { jobs }))
+    }
+
+    async fn cancel(&self, req: Request<pb::CancelRequest>) -> Result<Response<pb::Job>, Status> {
+        let r = req.into_inner();
+        let v = self.0.core().cancel(&r.job_id, &r.reason, now_ms()).map_err(status)?;
+        tracing::info!(job = %r.job_id, "job cancelled");
+        self.0.touched(&r.job_id);
+        Ok(Response::new(job_pb(&v)))
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<WatchStream>, Status> {
+        let id = req.into_inner().job_id;
+        let state = self.0.clone();
+        let mut rx = state.events.subscribe();
+        let first = state.core().get(&id).map_err(status)?;
+        let stream = async_stream(move |tx| async move {
+            let mut seen_metrics = first.metrics.len();
+            let mut done = first.record.state().is_terminal();
+            if tx.send(Ok(pb::JobEvent { event: Some(pb::job_event::Event::Status(job_pb(&first))) })).await.is_err() {
+                return;
+            }
+            while !done {
+                match rx.recv().await {
+                    Ok(changed) if changed != id => continue,
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+                let Ok(v) = state.core().get(&id) else { return };
+                for m in &v.metrics[seen_metrics.min(v.metrics.len())..] {
+                    let ev = pb::JobEvent { event: Some(pb::job_event::Event::Metrics(metrics_pb(m))) };
+                    if tx.send(Ok(ev)).await.is_err() {
+                        return;
+                    }
+                }
+                seen_metrics = v.metrics.len();
+                done = v.record.state().is_terminal();
+                if tx.send(Ok(pb::JobEvent { event: Some(pb::job_event::Event::Status(job_pb(&v))) })).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(stream))
+    }
+}
+
+/// A stream fed by a task through a small channel.
+fn async_stream<F, Fut>(f: F) -> WatchStream
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<pb::JobEvent, Status>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(f(tx));
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
+#[derive(Clone)]
+pub struct WorkersService(pub Arc<State>);
+
+#[tonic::async_trait]
+impl Workers for WorkersService {
+    async fn join(&self, req: Request<pb::JoinRequest>) -> Result<Response<pb::JoinResponse>, Status> {
+        let r = req.into_inner();
+        self.0
+            .core()
+            .join(
+                &r.job_id,
+                &r.worker_id,
+                &r.collective_addr,
+                r.num_train_samples,
+                &r.nccl_unique_id,
+                Instant::now(),
+                now_ms(),
+            )
+            .map_err(status)?;
+        tracing::info!(job = %r.job_id, worker = %r.worker_id, addr = %r.collective_addr, "worker joined");
+        self.0.touched(&r.job_id);
+        loop {
+            // Register interest before checking, so a change between the check and the wait is seen.
+            let notified = self.0.changed.notified();
+            let poll = self.0.core().poll_join(&r.job_id, &r.worker_id, Instant::now(), now_ms());
+            match poll {
+                Ok(JoinPoll::Ready(a)) => {
+                    self.0.touched(&r.job_id);
+                    return Ok(Response::new(pb::JoinResponse {
+                        rank: a.rank,
+                        world_size: a.world_size,
+                        peer_addrs: a.peers,
+                        collective: a.collective,
+                        nccl_unique_id: a.nccl_unique_id,
+                        spec_toml: a.spec_toml,
+                        start_epoch: 0,
+                        start_step: 0,
+                    }));
+                }
+                Ok(JoinPoll::Waiting { until }) => {
+                    let wait = until.map_or(Duration::from_secs(1), |u| u.saturating_duration_since(Instant::now()));
+                    let _ = tokio::time::timeout(wait.min(Duration::from_secs(1)), notified).await;
+                }
+                Err(e) => {
+                    self.0.touched(&r.job_id);
+                    return Err(status(e));
+                }
+            }
+        }
+    }
+
+    async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let r = req.into_inner();
+        let cmd = self.0.core().heartbeat(&r.job_id, &r.worker_id, Instant::now()).map_err(status)?;
+        Ok(Response::new(match cmd {
+            Command::Continue => {
+                pb::HeartbeatResponse { command: pb::WorkerCommand::Continue as i32, reason: String::new() }
+            }
+            Command::Stop { reason } => pb::HeartbeatResponse { command: pb::WorkerCommand::Stop as i32, reason },
+        }))
+    }
+
+    async fn get_epoch_plan(&self, req: Request<pb::EpochPlanRequest>) -> Result<Response<pb::EpochPlan>, Status> {
+        let r = req.into_inner();
+        let p = self.0.core().epoch_plan(&r.job_id, r.epoch).map_err(status)?;
+        Ok(Response::new(pb::EpochPlan {
+            epoch: p.epoch,
+            seed: p.seed,
+            num_samples: p.num_samples,
+            world_size: p.world_size,
+            batch_size: p.batch_size,
+            steps: p.steps,
+            stage: None,
+        }))
+    }
+
+    async fn report_progress(&self, req: Request<pb::ProgressReport>) -> Result<Response<pb::ProgressAck>, Status> {
+        let r = req.into_inner();
+        let p = r.progress.unwrap_or_default();
+        let m = r.metrics.map(|m| EpochSummary {
+            epoch: m.epoch,
+            train_loss: m.train_loss,
+            train_acc: m.train_acc,
+            val_loss: m.val_loss,
+            val_acc: m.val_acc,
+            images: m.images,
+            skipped: m.skipped,
+            seconds: m.seconds,
+            data_wait: m.data_wait,
+        });
+        self.0
+            .core()
+            .report_progress(&r.job_id, r.rank, p.epoch, p.step, p.samples_done, m, now_ms())
+            .map_err(status)?;
+        self.0.touched(&r.job_id);
+        Ok(Response::new(pb::ProgressAck {}))
+    }
+
+    async fn leave(&self, req: Request<pb::LeaveRequest>) -> Result<Response<pb::LeaveResponse>, Status> {
+        let r = req.into_inner();
+        self.0
+            .core()
+            .leave(&r.job_id, &r.worker_id, r.succeeded, &r.error, Instant::now(), now_ms())
+            .map_err(status)?;
+        tracing::info!(job = %r.job_id, worker = %r.worker_id, succeeded = r.succeeded, "worker left");
+        self.0.touched(&r.job_id);
+        Ok(Response::new(pb::LeaveResponse {}))
+    }
+}
+
+/// Serves both services on `listener` until `shutdown` resolves; sweeps liveness every second.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<State>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    let sweeper = {
+        let state = state.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                state.sweep();
+            }
+        })
+    };
+    let max = thaw_proto::MAX_MESSAGE_BYTES;
+    let result = tonic::transport::Server::builder()
+        .add_service(
+            JobsServer::new(JobsService(state.clone())).max_decoding_message_size(max).max_encoding_message_size(max),
+        )
+        .add_service(
+            WorkersServer::new(WorkersService(state)).max_decoding_message_size(max).max_encoding_message_size(max),
+        )
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+        .await;
+    sweeper.abort();
+    result
+}

@@ -1,0 +1,385 @@
+//! The cluster commands: `coordinator`, `worker`, `submit`, `status`, `watch`, `cancel`, and
+//! `launch` (an in-process coordinator plus N local worker processes, like `torchrun --standalone`).
+//! Thin: they parse, call the coordinator over gRPC or the worker agent, and print.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use thaw_coordinator::service::{self, State};
+use thaw_coordinator::spec::JobSpec;
+use thaw_proto::v1 as pb;
+use thaw_proto::v1::jobs_client::JobsClient;
+use tonic::transport::Channel;
+
+pub const DEFAULT_COORDINATOR: &str = "http://127.0.0.1:7070";
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?)
+}
+
+async fn jobs_client(url: &str) -> Result<JobsClient<Channel>> {
+    let ch = Channel::from_shared(url.to_string())
+        .with_context(|| format!("bad coordinator url `{url}`"))?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach the coordinator at {url}"))?;
+    Ok(JobsClient::new(ch).max_decoding_message_size(thaw_proto::MAX_MESSAGE_BYTES))
+}
+
+fn state_name(s: i32) -> &'static str {
+    match pb::JobState::try_from(s).unwrap_or(pb::JobState::Unspecified) {
+        pb::JobState::Pending => "pending",
+        pb::JobState::Rendezvous => "rendezvous",
+        pb::JobState::Running => "running",
+        pb::JobState::Succeeded => "succeeded",
+        pb::JobState::Failed => "failed",
+        pb::JobState::Cancelled => "cancelled",
+        pb::JobState::Unspecified => "unknown",
+    }
+}
+
+fn is_terminal(s: i32) -> bool {
+    matches!(state_name(s), "succeeded" | "failed" | "cancelled")
+}
+
+/// Exit status for a finished job: 0 succeeded, 1 failed, 130 cancelled.
+fn exit_code(s: i32) -> i32 {
+    match state_name(s) {
+        "succeeded" => 0,
+        "cancelled" => 130,
+        _ => 1,
+    }
+}
+
+fn job_json(j: &pb::Job) -> serde_json::Value {
+    let p = j.progress.unwrap_or_default();
+    serde_json::json!({
+        "id": j.id,
+        "state": state_name(j.state),
+        "progress": {"epoch": p.epoch, "step": p.step, "steps_per_epoch": p.steps_per_epoch, "samples_done": p.samples_done, "workers": p.workers},
+        "transitions": j.transitions.iter().map(|t| serde_json::json!({"to": state_name(t.to), "reason": t.reason, "at_unix_ms": t.at_unix_ms})).collect::<Vec<_>>(),
+        "metrics": j.metrics.iter().map(|m| serde_json::json!({"epoch": m.epoch, "train_loss": m.train_loss, "train_acc": m.train_acc, "val_loss": m.val_loss, "val_acc": m.val_acc, "images": m.images, "seconds": m.seconds})).collect::<Vec<_>>(),
+    })
+}
+
+fn print_job(j: &pb::Job) {
+    let p = j.progress.unwrap_or_default();
+    let why = j.transitions.last().map(|t| t.reason.as_str()).unwrap_or("");
+    println!(
+        "{:<24} {:<10} workers {:>3}  epoch {:>3}  step {:>6}/{:<6} {}",
+        j.id,
+        state_name(j.state),
+        p.workers,
+        p.epoch + 1,
+        p.step,
+        p.steps_per_epoch,
+        why
+    );
+}
+
+/// `thaw coordinator`: serves until Ctrl-C / SIGTERM.
+pub fn coordinator(listen: &str) -> Result<()> {
+    let rt = runtime()?;
+    rt.block_on(async {
+        let listener =
+            tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
+        let addr = listener.local_addr()?;
+        tracing::info!(%addr, "coordinator listening");
+        println!("coordinator listening on http://{addr}");
+        let state = State::new(Duration::from_secs(30));
+        service::serve(listener, state, shutdown_signal()).await?;
+        tracing::info!("coordinator stopped");
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(t) => t,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+/// Reads and validates a spec file; the coordinator gets it with absolute paths.
+fn resolved_spec(path: &Path) -> Result<JobSpec> {
+    Ok(JobSpec::from_file(path)?)
+}
+
+/// `thaw submit`.
+pub fn submit(spec: &Path, url: &str) -> Result<()> {
+    let spec = resolved_spec(spec)?;
+    let rt = runtime()?;
+    rt.block_on(async {
+        let mut c = jobs_client(url).await?;
+        let r = c
+            .submit(pb::SubmitRequest { spec_toml: spec.to_toml() })
+            .await
+            .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+        println!("{}", r.into_inner().job_id);
+        Ok(())
+    })
+}
+
+/// `thaw status [JOB]`.
+pub fn status(job: Option<&str>, url: &str, json: bool) -> Result<()> {
+    let rt = runtime()?;
+    rt.block_on(async {
+        let mut c = jobs_client(url).await?;
+        let jobs = match job {
+            Some(id) => vec![c
+                .get(pb::GetJobRequest { job_id: id.into() })
+                .await
+                .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+                .into_inner()],
+            None => {
+                c.list(pb::ListJobsRequest {}).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?.into_inner().jobs
+            }
+        };
+        if json {
+            println!("{}", serde_json::to_string_pretty(&jobs.iter().map(job_json).collect::<Vec<_>>())?);
+        } else {
+            for j in &jobs {
+                print_job(j);
+            }
+        }
+        Ok(())
+    })
+}
+
+/// `thaw cancel JOB`.
+pub fn cancel(job: &str, url: &str) -> Result<()> {
+    let rt = runtime()?;
+    rt.block_on(async {
+        let mut c = jobs_client(url).await?;
+        let j = c
+            .cancel(pb::CancelRequest { job_id: job.into(), reason: "cancelled with thaw cancel".into() })
+            .await
+            .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+            .into_inner();
+        print_job(&j);
+        Ok(())
+    })
+}
+
+/// Follows a job's events until it ends, with a progress bar (or periodic lines) and a metrics
+/// line per epoch; returns the final job.
+async fn follow(c: &mut JobsClient<Channel>, job: &str, json: bool) -> Result<pb::Job> {
+    let mut stream = c
+        .watch(pb::WatchRequest { job_id: job.into() })
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+        .into_inner();
+    let term = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let bar = ProgressBar::with_draw_target(
+        None,
+        if term { ProgressDrawTarget::stderr_with_hz(4) } else { ProgressDrawTarget::hidden() },
+    );
+    bar.set_style(
+        ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} steps {per_sec} ETA {eta} {msg}")
+            .expect("template")
+            .progress_chars("=> "),
+    );
+    let mut last = None;
+    let mut last_line = Instant::now();
+    let mut epoch_seen = u32::MAX;
+    while let Some(ev) = stream.message().await.map_err(|s| anyhow::anyhow!("watch: {}", s.message()))? {
+        match ev.event {
+            Some(pb::job_event::Event::Metrics(m)) => {
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::json!({"epoch": m.epoch, "train_loss": m.train_loss, "train_acc": m.train_acc, "val_loss": m.val_loss, "val_acc": m.val_acc, "images": m.images, "seconds": m.seconds})
+                    );
+                } else {
+                    bar.suspend(|| {
+                        println!(
+                            "epoch {:>3}  train_loss {:.4}  train_acc {:.4}  val_loss {:.4}  val_acc {:.4}  images {}  {:.1}s",
+                            m.epoch, m.train_loss, m.train_acc, m.val_loss, m.val_acc, m.images, m.seconds
+                        )
+                    });
+                }
+            }
+            Some(pb::job_event::Event::Status(j)) => {
+                let p = j.progress.unwrap_or_default();
+                if p.epoch != epoch_seen && p.steps_per_epoch > 0 {
+                    epoch_seen = p.epoch;
+                    bar.reset();
+                    bar.set_length(p.steps_per_epoch);
+                    bar.set_prefix(format!("epoch {}", p.epoch + 1));
+                }
+                bar.set_position(p.step);
+                bar.set_message(format!("{} ({} workers)", state_name(j.state), p.workers));
+                if !term && !json && last_line.elapsed() >= Duration::from_secs(10) {
+                    last_line = Instant::now();
+                    eprintln!(
+                        "{}: {} epoch {} step {}/{}",
+                        j.id,
+                        state_name(j.state),
+                        p.epoch + 1,
+                        p.step,
+                        p.steps_per_epoch
+                    );
+                }
+                let done = is_terminal(j.state);
+                last = Some(j);
+                if done {
+                    break;
+                }
+            }
+            None => {}
+        }
+    }
+    bar.finish_and_clear();
+    last.context("the coordinator closed the watch without a status")
+}
+
+/// `thaw watch JOB`: exit status follows the job's end state.
+pub fn watch(job: &str, url: &str, json: bool) -> Result<i32> {
+    let rt = runtime()?;
+    rt.block_on(async {
+        let mut c = jobs_client(url).await?;
+        let j = follow(&mut c, job, json).await?;
+        print_job(&j);
+        Ok(exit_code(j.state))
+    })
+}
+
+/// `thaw worker`: one worker process of a job.
+pub fn worker(url: &str, job: &str, worker_id: Option<String>, bind_host: &str, device: tch::Device) -> Result<()> {
+    let worker_id = worker_id.unwrap_or_else(|| {
+        format!("{}:{}", std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into()), std::process::id())
+    });
+    let out = thaw_worker::agent::run(thaw_worker::agent::AgentOptions {
+        coordinator: url.to_string(),
+        job: job.to_string(),
+        worker_id,
+        bind_host: bind_host.to_string(),
+        device,
+        connect_attempts: 5,
+    })?;
+    match out.outcome.stopped {
+        Some(why) => bail!("rank {} of {} stopped: {why}", out.rank, out.world_size),
+        None => {
+            if out.rank == 0 {
+                if let Some(m) = out.outcome.history.last() {
+                    println!("final validation accuracy: {:.4}", m.val_acc);
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+/// `thaw launch --nproc N JOB.toml`: an in-process coordinator on 127.0.0.1 and N worker
+/// processes; one combined progress display; exits with the job's status. Ctrl-C cancels the job
+/// (rank 0 checkpoints), waits for the workers, and kills any that outlive the grace period.
+pub fn launch(spec_path: &Path, nproc: u32, device: &str) -> Result<i32> {
+    if nproc == 0 {
+        bail!("--nproc 0: a job needs at least 1 worker");
+    }
+    let mut spec = resolved_spec(spec_path)?;
+    spec.distributed.min_workers = nproc;
+    spec.distributed.max_workers = nproc;
+    let logs: PathBuf = spec.output.dir.join("logs");
+    std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
+    let rt = runtime()?;
+    let exe = std::env::current_exe().context("locating the thaw binary")?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let state = State::new(Duration::from_secs(30));
+        let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(service::serve(listener, state, async {
+            let _ = server_stopped.await;
+        }));
+        let mut c = jobs_client(&url).await?;
+        let id = c
+            .submit(pb::SubmitRequest { spec_toml: spec.to_toml() })
+            .await
+            .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+            .into_inner()
+            .job_id;
+        eprintln!("job {id}: coordinator {url}, {nproc} workers, logs in {}", logs.display());
+        let mut children: Vec<Child> = Vec::new();
+        for i in 0..nproc {
+            let log = std::fs::File::create(logs.join(format!("worker-{i}.log")))?;
+            let child = Command::new(&exe)
+                .args([
+                    "worker",
+                    "--coordinator",
+                    &url,
+                    "--job",
+                    &id,
+                    "--worker-id",
+                    &format!("local-{i}"),
+                    "--device",
+                    device,
+                ])
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .spawn()
+                .context("starting a worker process")?;
+            children.push(child);
+        }
+        let mut follower = c.clone();
+        let follow_job = id.clone();
+        let mut followed = tokio::spawn(async move { follow(&mut follower, &follow_job, false).await });
+        let final_job = tokio::select! {
+            r = &mut followed => r??,
+            _ = shutdown_signal() => {
+                eprintln!("interrupted: cancelling job {id} (rank 0 checkpoints), waiting for the workers");
+                let _ = c.cancel(pb::CancelRequest { job_id: id.clone(), reason: "interrupted (Ctrl-C)".into() }).await;
+                followed.await??
+            }
+        };
+        // Workers leave on their own once the job ends; give them a grace period, then kill.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for (i, ch) in children.iter_mut().enumerate() {
+            loop {
+                match ch.try_wait()? {
+                    Some(s) => {
+                        if !s.success() && exit_code(final_job.state) == 0 {
+                            eprintln!(
+                                "worker {i} exited with {s}; see {}",
+                                logs.join(format!("worker-{i}.log")).display()
+                            );
+                        }
+                        break;
+                    }
+                    None if Instant::now() > deadline => {
+                        eprintln!("worker {i} did not exit in time; killing it");
+                        let _ = ch.kill();
+                        let _ = ch.wait();
+                        break;
+                    }
+                    None => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        }
+        let _ = stop_server.send(());
+        let _ = server.await;
+        print_job(&final_job);
+        if let Some(m) = final_job.metrics.last() {
+            println!("final validation accuracy: {:.4}", m.val_acc);
+        }
+        if exit_code(final_job.state) == 1 {
+            eprintln!("worker logs: {}", logs.display());
+        }
+        Ok(exit_code(final_job.state))
+    })
+}

@@ -1,0 +1,268 @@
+//! Distributed training end to end: real worker processes, a real coordinator and the TCP ring on
+//! 127.0.0.1, real Fashion-MNIST.
+
+mod common;
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use thaw_coordinator::plan::EpochPlan;
+use thaw_coordinator::spec::JobSpec;
+use thaw_worker::collective::RingCollective;
+use thaw_worker::train::{Control, TrainError, Trainer};
+
+fn lenet_job(name: &str, out: &Path, extra_train: &str, limit: usize, epochs: usize) -> String {
+    format!(
+        "name = \"{name}\"\nseed = 11\n[model]\narch = \"lenet5\"\nweights = \"none\"\n[data]\nformat = \"idx\"\nroot = \"{}\"\n\
+         train_limit = {limit}\nval_limit = 200\n[train]\nepochs = {epochs}\nlr = 0.05\n{extra_train}\n[output]\ndir = \"{}\"\n",
+        fashion_mnist().display(),
+        out.display()
+    )
+}
+
+/// A coordinator stand-in for in-process ranks: plans from the spec, records what each rank trained.
+struct Recorder {
+    seed: u64,
+    n: u64,
+    world: u32,
+    batch: u32,
+    seen: Arc<Mutex<Vec<(u32, u64, Vec<usize>)>>>,
+}
+
+impl Control for Recorder {
+    fn epoch_plan(&mut self, epoch: u32) -> Result<EpochPlan, TrainError> {
+        EpochPlan::new(self.seed, epoch, self.n, self.world, self.batch).map_err(|e| TrainError::Invalid(e.to_string()))
+    }
+    fn progress(&mut self, _: u32, _: u64, _: u64, _: Option<&thaw_worker::checkpoint::EpochMetrics>) {}
+    fn stop_requested(&self) -> Option<String> {
+        None
+    }
+    fn trained(&mut self, epoch: u32, step: u64, samples: &[usize]) {
+        self.seen.lock().unwrap().push((epoch, step, samples.to_vec()));
+    }
+}
+
+#[test]
+fn every_sample_exactly_once_per_epoch_and_equal_steps() {
+    // 1000 samples over 2 ranks x batch 64 (global 128): 8 steps each, the last one padded.
+    let dir = tempfile::tempdir().unwrap();
+    let world = 2;
+    let listeners: Vec<TcpListener> = (0..world).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+    let peers: Vec<_> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+    let mut handles = Vec::new();
+    for (rank, listener) in listeners.into_iter().enumerate() {
+        let out = dir.path().join(format!("rank{rank}"));
+        let text = lenet_job("cover", &out, "batch_size = 64", 1000, 2);
+        let peers = peers.clone();
+        handles.push(std::thread::spawn(move || {
+            let spec = JobSpec::from_toml(&text, Path::new("/")).unwrap();
+            let mut t = Trainer::prepare(spec, tch::Device::Cpu).unwrap();
+            let seen = Arc::new(Mutex::new(Vec::new()));
+            let mut ctl =
+                Recorder { seed: 11, n: t.splits.train.len() as u64, world: 2, batch: 64, seen: seen.clone() };
+            let mut ring = RingCollective::connect(rank, world, listener, &peers, Duration::from_secs(60)).unwrap();
+            t.run_distributed(rank as u32, &mut ring, &mut ctl, 1 << 20).unwrap();
+            let seen = seen.lock().unwrap().clone();
+            seen
+        }));
+    }
+    let per_rank: Vec<Vec<(u32, u64, Vec<usize>)>> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    for epoch in 0..2u32 {
+        let mut count: HashMap<usize, u32> = HashMap::new();
+        for rank in &per_rank {
+            let steps: Vec<u64> = rank.iter().filter(|r| r.0 == epoch).map(|r| r.1).collect();
+            assert_eq!(steps, (0..8).collect::<Vec<_>>(), "epoch {epoch}: every rank takes the same 8 steps");
+            for (_, _, s) in rank.iter().filter(|r| r.0 == epoch) {
+                for &i in s {
+                    *count.entry(i).or_default() += 1;
+                }
+            }
+        }
+        assert_eq!(count.len(), 1000, "epoch {epoch}: every sample trained");
+        assert!(count.values().all(|&c| c == 1), "epoch {epoch}: no sample twice");
+    }
+    let order = |e: u32| per_rank[0].iter().filter(|r| r.0 == e).flat_map(|r| r.2.clone()).collect::<Vec<_>>();
+    assert_ne!(order(0), order(1), "a new order every epoch");
+}
+
+fn launch(spec: &Path, nproc: u32) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_thaw"))
+        .args(["launch", "--nproc", &nproc.to_string()])
+        .arg(spec)
+        .env("THAW_HOME", thaw_home())
+        .env("THAW_OFFLINE", "1")
+        .output()
+        .unwrap()
+}
+
+fn f32s(path: &Path) -> HashMap<String, Vec<f32>> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .filter(|(n, v)| n.starts_with("model.") && v.dtype() == safetensors::Dtype::F32)
+        .map(|(n, v)| (n, v.data().chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()))
+        .collect()
+}
+
+#[test]
+fn two_workers_with_batch_b_match_one_worker_with_batch_2b() {
+    // LeNet-5 has no BatchNorm, so replicas see no per-replica statistics: the averaged gradient of
+    // 2 x 16 must equal the gradient of 1 x 32. 500 samples: 16 steps, the last one padded.
+    let dir = tempfile::tempdir().unwrap();
+    let mut cks = Vec::new();
+    for (nproc, batch) in [(2u32, 16), (1, 32)] {
+        let out = dir.path().join(format!("w{nproc}"));
+        let spec = write_spec(
+            dir.path(),
+            &format!("w{nproc}"),
+            &lenet_job(&format!("eq{nproc}"), &out, &format!("batch_size = {batch}\nmomentum = 0.9"), 500, 1),
+        );
+        let o = ok(launch(&spec, nproc));
+        assert!(stdout(&o).contains("succeeded"), "{}", stdout(&o));
+        cks.push(f32s(&out.join("checkpoint.safetensors")));
+    }
+    let (two, one) = (&cks[0], &cks[1]);
+    assert_eq!(two.len(), one.len());
+    let mut worst = 0f32;
+    let mut moved = 0f32;
+    for (name, a) in two {
+        let b = &one[name];
+        for (x, y) in a.iter().zip(b) {
+            worst = worst.max((x - y).abs());
+            moved = moved.max(x.abs());
+        }
+    }
+    assert!(worst < 1e-4, "parameters differ by up to {worst}");
+    assert!(moved > 0.0);
+}
+
+/// Starts `thaw coordinator` on a free port; returns the process and its URL.
+fn coordinator() -> (std::process::Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_thaw"))
+        .args(["coordinator", "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let url = line.trim().rsplit(' ').next().unwrap().to_string();
+    assert!(url.starts_with("http://127.0.0.1:"), "{line}");
+    (child, url)
+}
+
+fn thaw_url(args: &[&str], url: &str) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_thaw"))
+        .args(args)
+        .env("THAW_COORDINATOR", url)
+        .env("THAW_HOME", thaw_home())
+        .env("THAW_OFFLINE", "1")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn bad_input_to_the_cluster_gets_clear_errors() {
+    // A worker pointed at an address where nothing listens: bounded retries, then a clear error.
+    let started = Instant::now();
+    let err = fails(thaw_url(&["worker", "--job", "x", "--coordinator", "http://127.0.0.1:9"], "http://127.0.0.1:9"));
+    assert!(err.contains("cannot reach the coordinator at http://127.0.0.1:9 after 5 attempts"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(60));
+
+    let (mut coord, url) = coordinator();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let spec = write_spec(dir.path(), "solo", &lenet_job("solo", &out, "batch_size = 32", 4000, 3));
+    let o = ok(thaw_url(&["submit", spec.to_str().unwrap()], &url));
+    assert_eq!(stdout(&o).trim(), "solo");
+    let err = fails(thaw_url(&["submit", spec.to_str().unwrap()], &url));
+    assert!(err.contains("a job named `solo` already exists"), "{err}");
+
+    // A malformed spec sent straight over gRPC (bypassing the CLI's own check).
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let status = rt.block_on(async {
+        let mut c = thaw_proto::v1::jobs_client::JobsClient::connect(url.clone()).await.unwrap();
+        c.submit(thaw_proto::v1::SubmitRequest {
+            spec_toml: "name = \"m\"\n[model]\narch = \"lenet5\"\nepochz = 1".into(),
+        })
+        .await
+        .unwrap_err()
+    });
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(status.message().contains("model") || status.message().contains("epochz"), "{}", status.message());
+
+    // One worker forms the 1-worker group; a second one arrives after the rendezvous closed.
+    let mut first = Command::new(env!("CARGO_BIN_EXE_thaw"))
+        .args(["worker", "--job", "solo", "--worker-id", "first", "--coordinator", &url])
+        .env("THAW_HOME", thaw_home())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = stdout(&thaw_url(&["status", "solo", "--json"], &url));
+        if s.contains("\"running\"") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "job never started: {s}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let err = fails(thaw_url(&["worker", "--job", "solo", "--worker-id", "late", "--coordinator", &url], &url));
+    assert!(err.contains("worker `late` cannot join") || err.contains("closed"), "{err}");
+    ok(thaw_url(&["cancel", "solo"], &url));
+    let status = first.wait().unwrap();
+    assert!(!status.success(), "a cancelled worker exits non-zero");
+    let _ = coord.kill();
+    let _ = coord.wait();
+}
+
+#[test]
+fn interrupting_launch_cancels_keeps_a_checkpoint_and_leaves_no_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let spec = write_spec(dir.path(), "long", &lenet_job("long", &out, "batch_size = 16", 20000, 5));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_thaw"))
+        .args(["launch", "--nproc", "2"])
+        .arg(&spec)
+        .env("THAW_HOME", thaw_home())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("coordinator http://") {
+        line.clear();
+        assert!(err.read_line(&mut line).unwrap() > 0, "launch ended before printing its coordinator");
+    }
+    let url = line.split_whitespace().find(|w| w.starts_with("http://")).unwrap().trim_end_matches(',').to_string();
+    // Keep draining stderr so the launcher never blocks on a full pipe.
+    std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let s = stdout(&thaw_url(&["status", "long", "--json"], &url));
+        if s.contains("\"running\"") && !s.contains("\"step\": 0,") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "job never got going: {s}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "a cancelled launch exits 130");
+    assert!(out.join("checkpoint.safetensors").is_file(), "rank 0 checkpointed on the way out");
+    let left = Command::new("pgrep").args(["-f", &format!("coordinator {url}")]).output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&left.stdout).trim().is_empty(),
+        "orphan workers: {}",
+        String::from_utf8_lossy(&left.stdout)
+    );
+    let _: PathBuf = out;
+}

@@ -1,0 +1,241 @@
+//! The worker agent: one process of a data-parallel job. It asks the coordinator for the job,
+//! prepares it (every check before joining), joins the rendezvous, forms the collective with its
+//! peers, heartbeats on the control plane, and trains its share with
+//! [`Trainer::run_distributed`].
+//!
+//! gRPC runs on a small tokio runtime owned by the agent; training runs on the calling thread,
+//! which only ever `block_on`s short control calls between steps, never the other way round.
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rand::Rng;
+use thaw_coordinator::plan::EpochPlan;
+use thaw_coordinator::spec::{CollectiveKind, JobSpec};
+use thaw_proto::v1 as pb;
+use thaw_proto::v1::jobs_client::JobsClient;
+use thaw_proto::v1::workers_client::WorkersClient;
+use tonic::transport::Channel;
+
+use crate::checkpoint::EpochMetrics;
+use crate::collective::RingCollective;
+use crate::train::{Control, DistOutcome, TrainError, Trainer};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("cannot reach the coordinator at {url} after {attempts} attempts: {last}")]
+    Unreachable { url: String, attempts: u32, last: String },
+    #[error("coordinator refused {what}: {message}")]
+    Rpc { what: &'static str, message: String },
+    #[error(transparent)]
+    Train(#[from] TrainError),
+    #[error("{0}")]
+    Setup(String),
+}
+
+fn rpc(what: &'static str) -> impl Fn(tonic::Status) -> AgentError {
+    move |s| AgentError::Rpc { what, message: s.message().to_string() }
+}
+
+pub struct AgentOptions {
+    /// The coordinator, e.g. `http://127.0.0.1:7070`.
+    pub coordinator: String,
+    pub job: String,
+    /// Unique per worker process.
+    pub worker_id: String,
+    /// Host this worker's collective listens on (a port is chosen).
+    pub bind_host: String,
+    pub device: tch::Device,
+    /// Attempts to reach the coordinator before giving up (with backoff and jitter).
+    pub connect_attempts: u32,
+}
+
+/// What the run amounted to, for the exit status.
+pub struct AgentOutcome {
+    pub rank: u32,
+    pub world_size: u32,
+    pub outcome: DistOutcome,
+}
+
+struct Clients {
+    jobs: JobsClient<Channel>,
+    workers: WorkersClient<Channel>,
+}
+
+async fn connect(url: &str, attempts: u32) -> Result<Clients, AgentError> {
+    let attempts = attempts.max(1);
+    let mut last = String::new();
+    for i in 0..attempts {
+        match Channel::from_shared(url.to_string()) {
+            Err(e) => return Err(AgentError::Setup(format!("bad coordinator url `{url}`: {e}"))),
+            Ok(ep) => match ep.connect_timeout(Duration::from_secs(5)).connect().await {
+                Ok(ch) => {
+                    let max = thaw_proto::MAX_MESSAGE_BYTES;
+                    return Ok(Clients {
+                        jobs: JobsClient::new(ch.clone()).max_decoding_message_size(max),
+                        workers: WorkersClient::new(ch).max_decoding_message_size(max),
+                    });
+                }
+                Err(e) => {
+                    last = format!("{e}: {}", std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default());
+                    tracing::warn!(url, attempt = i + 1, attempts, error = %last, "coordinator not reachable yet");
+                }
+            },
+        }
+        if i + 1 < attempts {
+            // Exponential backoff with jitter, capped at 5 s.
+            let base = (200u64 << i.min(5)).min(5_000);
+            let jitter = rand::rng().random_range(0..=base / 2);
+            tokio::time::sleep(Duration::from_millis(base + jitter)).await;
+        }
+    }
+    Err(AgentError::Unreachable { url: url.to_string(), attempts, last })
+}
+
+struct GrpcControl {
+    rt: Arc<tokio::runtime::Runtime>,
+    workers: WorkersClient<Channel>,
+    job: String,
+    rank: u32,
+    stop: Arc<Mutex<Option<String>>>,
+}
+
+impl Control for GrpcControl {
+    fn epoch_plan(&mut self, epoch: u32) -> Result<EpochPlan, TrainError> {
+        let req = pb::EpochPlanRequest { job_id: self.job.clone(), rank: self.rank, epoch };
+        let mut w = self.workers.clone();
+        let p = self
+            .rt
+            .block_on(w.get_epoch_plan(req))
+            .map_err(|s| TrainError::Invalid(format!("epoch plan {epoch}: {}", s.message())))?
+            .into_inner();
+        EpochPlan::new(p.seed, p.epoch, p.num_samples, p.world_size, p.batch_size)
+            .map_err(|e| TrainError::Invalid(e.to_string()))
+    }
+
+    fn progress(&mut self, epoch: u32, step: u64, samples_done: u64, metrics: Option<&EpochMetrics>) {
+        let req = pb::ProgressReport {
+            job_id: self.job.clone(),
+            rank: self.rank,
+            progress: Some(pb::Progress { epoch, step, steps_per_epoch: 0, samples_done, workers: 0 }),
+            metrics: metrics.map(|m| pb::EpochMetrics {
+                epoch: m.epoch as u32,
+                train_loss: m.train_loss,
+                train_acc: m.train_acc,
+                val_loss: m.val_loss,
+                val_acc: m.val_acc,
+                images: m.images,
+                skipped: m.skipped,
+                seconds: m.seconds,
+                data_wait: m.data_wait,
+            }),
+        };
+        let mut w = self.workers.clone();
+        if let Err(e) = self.rt.block_on(w.report_progress(req)) {
+            tracing::warn!(error = %e.message(), "progress report failed");
+        }
+    }
+
+    fn stop_requested(&self) -> Option<String> {
+        self.stop.lock().map(|s| s.clone()).unwrap_or(None)
+    }
+}
+
+/// Runs one worker of `opts.job` to the end.
+pub fn run(opts: AgentOptions) -> Result<AgentOutcome, AgentError> {
+    let rt = Arc::new(
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("thaw-control")
+            .enable_all()
+            .build()
+            .map_err(|e| AgentError::Setup(format!("cannot start the control runtime: {e}")))?,
+    );
+    let mut clients = rt.block_on(connect(&opts.coordinator, opts.connect_attempts))?;
+    let job = rt
+        .block_on(clients.jobs.get(pb::GetJobRequest { job_id: opts.job.clone() }))
+        .map_err(rpc("the job lookup"))?
+        .into_inner();
+    let spec = JobSpec::from_toml(&job.spec_toml, std::path::Path::new("/")).map_err(TrainError::from)?;
+    if spec.distributed.collective == CollectiveKind::Nccl {
+        return Err(AgentError::Setup(
+            "collective \"nccl\" is not available in this build; use collective = \"ring\"".into(),
+        ));
+    }
+    let timeout = Duration::from_secs_f64(spec.distributed.collective_timeout_secs);
+    let bucket_bytes = (spec.distributed.bucket_mb * 1024.0 * 1024.0) as usize;
+    // Every check (data, weights, groups) happens before joining, so a bad worker never holds up
+    // the group.
+    let mut trainer = Trainer::prepare(spec, opts.device)?;
+    let listener = TcpListener::bind((opts.bind_host.as_str(), 0))
+        .map_err(|e| AgentError::Setup(format!("cannot listen on {}: {e}", opts.bind_host)))?;
+    let addr = listener.local_addr().map_err(|e| AgentError::Setup(e.to_string()))?;
+    let join = pb::JoinRequest {
+        job_id: opts.job.clone(),
+        worker_id: opts.worker_id.clone(),
+        collective_addr: addr.to_string(),
+        nccl_unique_id: Vec::new(),
+        num_train_samples: trainer.splits.train.len() as u64,
+    };
+    let a = rt.block_on(clients.workers.join(join)).map_err(rpc("the join"))?.into_inner();
+    tracing::info!(rank = a.rank, world_size = a.world_size, peers = ?a.peer_addrs, "joined");
+    let peers: Vec<SocketAddr> = a
+        .peer_addrs
+        .iter()
+        .map(|p| p.parse().map_err(|e| AgentError::Setup(format!("bad peer address `{p}`: {e}"))))
+        .collect::<Result<_, _>>()?;
+    let mut ring = RingCollective::connect(a.rank as usize, a.world_size as usize, listener, &peers, timeout)
+        .map_err(TrainError::from)?;
+
+    // Heartbeats on the control runtime; a stop command or a lost coordinator sets the flag that
+    // the training loop agrees on at the next step.
+    let stop = Arc::new(Mutex::new(None::<String>));
+    let hb = {
+        let (stop, mut w, job, worker, rank) =
+            (stop.clone(), clients.workers.clone(), opts.job.clone(), opts.worker_id.clone(), a.rank);
+        rt.spawn(async move {
+            let mut failures = 0;
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let req = pb::HeartbeatRequest { job_id: job.clone(), worker_id: worker.clone(), rank };
+                let why = match w.heartbeat(req).await {
+                    Ok(r) if r.get_ref().command == pb::WorkerCommand::Stop as i32 => Some(r.into_inner().reason),
+                    Ok(_) => {
+                        failures = 0;
+                        None
+                    }
+                    Err(e) => {
+                        failures += 1;
+                        (failures >= 10).then(|| format!("lost the coordinator: {}", e.message()))
+                    }
+                };
+                if let Some(why) = why {
+                    if let Ok(mut s) = stop.lock() {
+                        *s = Some(why);
+                    }
+                }
+            }
+        })
+    };
+    let mut ctl =
+        GrpcControl { rt: rt.clone(), workers: clients.workers.clone(), job: opts.job.clone(), rank: a.rank, stop };
+    let result = trainer.run_distributed(a.rank, &mut ring, &mut ctl, bucket_bytes);
+    hb.abort();
+    drop(ring);
+    let (succeeded, error) = match &result {
+        Ok(o) => (o.stopped.is_none(), o.stopped.clone().unwrap_or_default()),
+        Err(e) => (false, e.to_string()),
+    };
+    let leave = pb::LeaveRequest {
+        job_id: opts.job.clone(),
+        worker_id: opts.worker_id.clone(),
+        rank: a.rank,
+        succeeded,
+        error,
+    };
+    if let Err(e) = rt.block_on(clients.workers.leave(leave)) {
+        tracing::warn!(error = %e.message(), "could not tell the coordinator we left");
+    }
+    Ok(AgentOutcome { rank: a.rank, world_size: a.world_size, outcome: result? })
+}

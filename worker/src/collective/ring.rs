@@ -1,0 +1,1497 @@
+//! The CPU engine: a ring of TCP connections and the bandwidth-optimal ring all-reduce.
+//!
+//! Rank `r` of `n` holds two connections: one it dialed to rank `r+1` ("next", it only writes
+//! there) and one it accepted from rank `r-1` ("prev", it only reads there). All-reduce cuts the
+//! buffer into `n` chunks: `n-1` reduce-scatter steps (send a chunk, receive another and add it)
+//! leave rank `r` with the complete sum of chunk `r+1`, then `n-1` all-gather steps pass the
+//! finished chunks around. Every rank sends and receives `2(n-1)/n` of the buffer whatever `n` is,
+//! which is optimal. Chunks are cut into segments ([`RingOptions::segment_bytes`]) and a segment is
+//! forwarded as soon as it has been received and reduced, so consecutive steps overlap; a helper
+//! thread writes while the calling thread reads and adds, so both directions of every link are busy
+//! at once and no buffer size can deadlock. Reduced data is read in cache-sized pieces into a
+//! scratch buffer and added at once; all-gather and broadcast data are read straight into the
+//! caller's buffer, and everything is sent straight from it: no copies besides the kernel's. The
+//! mean's division happens once, by the rank that completes a chunk, so every rank receives the
+//! same bits.
+//!
+//! Wire format, little-endian: when the ring forms, a 32-byte handshake each way (magic, rank, world
+//! size, segment size), so a wrong peer is rejected; then per operation a START frame (operation,
+//! length, root, call number) that the receiver checks against its own call, DATA frames (segment
+//! number and byte length, then the raw `f32` bytes) and, when a rank fails, an ABORT frame (which
+//! rank failed, who saw it, why) that every rank forwards, so that ranks far from a failure name the
+//! culprit too.
+//!
+//! Never: runs on an async runtime; blocks past its deadline (every read and write carries a socket
+//! timeout derived from it); returns `Ok` with partial data; runs an operation on a ring that failed
+//! an earlier one.
+
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use super::{AbortReason, Collective, CollectiveError, Operation};
+
+// The wire format is little-endian `f32`, read and written in place; a big-endian build would need
+// byte swaps on both paths.
+const _: () = assert!(cfg!(target_endian = "little"), "the ring's wire format is little-endian f32");
+
+/// Default bytes per pipelined segment.
+pub const DEFAULT_SEGMENT_BYTES: usize = 1 << 20;
+
+/// Elements per read when adding received data: small enough to stay in L2 between the read and
+/// the addition.
+const SCRATCH_ELEMS: usize = 64 << 10;
+
+/// A socket timeout is refreshed at most this often (a system call per read would cost more than
+/// the read); a blocking call may therefore outlive the deadline by at most this much.
+const REARM_EVERY: Duration = Duration::from_millis(2);
+
+const MAX_DIAL_BACKOFF: Duration = Duration::from_millis(250);
+const MAX_ACCEPT_PAUSE: Duration = Duration::from_millis(20);
+
+const MAGIC: [u8; 8] = *b"THAWRNG1";
+const HELLO_BYTES: usize = 32;
+const FRAME_BYTES: usize = 32;
+const KIND_START: u32 = u32::from_le_bytes(*b"STRT");
+const KIND_DATA: u32 = u32::from_le_bytes(*b"DATA");
+const KIND_ABORT: u32 = u32::from_le_bytes(*b"ABRT");
+
+/// Settings of a ring; every rank must use the same ones (checked by the handshake).
+#[derive(Debug, Clone)]
+pub struct RingOptions {
+    /// Deadline of forming the ring, and of each operation.
+    pub timeout: Duration,
+    /// Bytes per pipelined segment: a positive multiple of 4.
+    pub segment_bytes: usize,
+}
+
+impl RingOptions {
+    pub fn new(timeout: Duration) -> Self {
+        RingOptions { timeout, segment_bytes: DEFAULT_SEGMENT_BYTES }
+    }
+}
+
+/// A [`Collective`] over TCP between CPU processes; see the module documentation.
+pub struct RingCollective {
+    ring: Ring,
+    /// `None` for a world of one.
+    links: Option<Links>,
+    /// Number of the last operation; both ends of a link must agree on it.
+    seq: u64,
+    /// The error that broke the ring, if one did.
+    broken: Option<String>,
+    scratch: Vec<f32>,
+}
+
+/// Who this rank is and whom it talks to; shared by both threads of an operation.
+struct Ring {
+    rank: usize,
+    world: usize,
+    peers: Vec<SocketAddr>,
+    timeout: Duration,
+    segment_bytes: usize,
+}
+
+struct Links {
+    next: TcpStream,
+    prev: TcpStream,
+}
+
+impl fmt::Debug for RingCollective {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RingCollective")
+            .field("rank", &self.ring.rank)
+            .field("world_size", &self.ring.world)
+            .field("peers", &self.ring.peers)
+            .field("timeout", &self.ring.timeout)
+            .field("segment_bytes", &self.ring.segment_bytes)
+            .field("calls", &self.seq)
+            .field("broken", &self.broken)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RingCollective {
+    /// Forms the ring with default options: see [`RingCollective::connect_with`].
+    pub fn connect(
+        rank: usize,
+        world_size: usize,
+        listener: TcpListener,
+        peers: &[SocketAddr],
+        timeout: Duration,
+    ) -> Result<Self, CollectiveError> {
+        Self::connect_with(rank, world_size, listener, peers, RingOptions::new(timeout))
+    }
+
+    /// Forms the ring: dials rank `rank+1` at `peers[rank+1]` (retrying with backoff while it is not
+    /// listening yet, since processes start at different times) and accepts one connection, from rank
+    /// `rank-1`, on `listener` (bound by the caller to `peers[rank]`; closed when this returns). Both
+    /// connections are checked by a handshake. Fails after `options.timeout` naming the missing rank.
+    pub fn connect_with(
+        rank: usize,
+        world_size: usize,
+        listener: TcpListener,
+        peers: &[SocketAddr],
+        options: RingOptions,
+    ) -> Result<Self, CollectiveError> {
+        let invalid = |reason: String| Err(CollectiveError::InvalidArgument { rank, reason });
+        if world_size == 0 || u32::try_from(world_size).is_err() {
+            return invalid(format!("world size {world_size} is out of range"));
+        }
+        if rank >= world_size {
+            return invalid(format!("rank {rank} is out of range for a world of {world_size}"));
+        }
+        if peers.len() != world_size {
+            return invalid(format!("{} peer addresses for a world of {world_size}; need one per rank", peers.len()));
+        }
+        if options.segment_bytes == 0 || options.segment_bytes % 4 != 0 {
+            return invalid(format!("segment size {} bytes is not a positive multiple of 4", options.segment_bytes));
+        }
+        if options.timeout.is_zero() {
+            return invalid("the timeout must be positive".into());
+        }
+        let ring = Ring {
+            rank,
+            world: world_size,
+            peers: peers.to_vec(),
+            timeout: options.timeout,
+            segment_bytes: options.segment_bytes,
+        };
+        let links = if world_size == 1 { None } else { Some(establish(&ring, listener)?) };
+        let scratch = vec![0.0; (options.segment_bytes / 4).min(SCRATCH_ELEMS)];
+        Ok(RingCollective { ring, links, seq: 0, broken: None, scratch })
+    }
+
+    fn run(&mut self, buf: &mut [f32], call: Call) -> Result<(), CollectiveError> {
+        let op = call.op();
+        if let Some(first) = &self.broken {
+            return Err(CollectiveError::Broken { rank: self.ring.rank, op, first: first.clone() });
+        }
+        if let Call::Broadcast(root) = call {
+            if root >= self.ring.world {
+                return Err(CollectiveError::InvalidArgument {
+                    rank: self.ring.rank,
+                    reason: format!("broadcast root {root} is out of range for a world of {}", self.ring.world),
+                });
+            }
+        }
+        let Some(links) = &self.links else { return Ok(()) };
+        self.seq += 1;
+        let seg = self.ring.segment_bytes / 4;
+        let (n, rank) = (self.ring.world, self.ring.rank);
+        let plan = match call {
+            Call::Broadcast(root) => Plan::broadcast(buf.len(), n, rank, root, seg),
+            Call::Sum | Call::Barrier => Plan::all_reduce(buf.len(), n, rank, seg, false),
+            Call::Mean => Plan::all_reduce(buf.len(), n, rank, seg, true),
+        };
+        let start = Frame::start(self.seq, call, buf.len());
+        let result = run_pipeline(&self.ring, links, op, start, &plan, buf, &mut self.scratch);
+        if let Err(e) = &result {
+            self.broken = Some(e.to_string());
+        }
+        result
+    }
+}
+
+impl Collective for RingCollective {
+    fn rank(&self) -> usize {
+        self.ring.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.ring.world
+    }
+
+    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
+        self.run(buf, Call::Sum)
+    }
+
+    fn all_reduce_mean(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
+        self.run(buf, Call::Mean)
+    }
+
+    fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<(), CollectiveError> {
+        self.run(buf, Call::Broadcast(root))
+    }
+
+    fn barrier(&mut self) -> Result<(), CollectiveError> {
+        // An all-reduce of nothing still passes a frame at each of its 2(n-1) steps, and the last
+        // one a rank receives depends on every rank having entered.
+        self.run(&mut [], Call::Barrier)
+    }
+}
+
+impl Ring {
+    fn next(&self) -> usize {
+        (self.rank + 1) % self.world
+    }
+
+    fn prev(&self) -> usize {
+        (self.rank + self.world - 1) % self.world
+    }
+
+    fn link_error(&self, e: LinkError, op: Operation, peer: usize) -> CollectiveError {
+        let (rank, addr) = (self.rank, self.peers[peer]);
+        match e {
+            LinkError::Closed => CollectiveError::PeerClosed { rank, op, peer, addr },
+            LinkError::TimedOut => CollectiveError::Timeout { rank, op, peer, addr, timeout: self.timeout },
+            LinkError::Io(source) => CollectiveError::Io { rank, op, peer, addr, source },
+        }
+    }
+
+    fn protocol(&self, op: Operation, detail: String) -> CollectiveError {
+        let peer = self.prev();
+        CollectiveError::Protocol { rank: self.rank, op, peer, addr: self.peers[peer], detail }
+    }
+
+    /// The error for an ABORT frame received from prev.
+    fn aborted(&self, op: Operation, frame: &Frame) -> CollectiveError {
+        let reason = match frame.a {
+            1 => AbortReason::Closed,
+            2 => AbortReason::Timeout,
+            3 => AbortReason::Mismatch,
+            4 => AbortReason::Protocol,
+            5 => AbortReason::Io,
+            other => return self.protocol(op, format!("abort with unknown reason {other}")),
+        };
+        let (culprit, observer) = (frame.b as usize, frame.c as usize);
+        if culprit >= self.world || observer >= self.world {
+            return self.protocol(op, format!("abort blaming rank {culprit} seen by rank {observer}"));
+        }
+        CollectiveError::Aborted { rank: self.rank, op, observer, reason, culprit, culprit_addr: self.peers[culprit] }
+    }
+
+    /// What is wrong with a peer's handshake, if anything, when `expected` should be speaking.
+    fn compare(&self, hello: &Hello, expected: usize) -> Option<String> {
+        if hello.world != self.world {
+            Some(format!(
+                "the peer is rank {} of world size {}, this rank ({}) has world size {}",
+                hello.rank, hello.world, self.rank, self.world
+            ))
+        } else if hello.rank != expected {
+            Some(format!("the peer is rank {}, expected rank {expected}", hello.rank))
+        } else if hello.segment_bytes != self.segment_bytes {
+            Some(format!(
+                "the peer uses {}-byte segments, this rank {}-byte segments",
+                hello.segment_bytes, self.segment_bytes
+            ))
+        } else {
+            None
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forming the ring
+
+/// The handshake message, the same both ways: the dialer introduces itself, the acceptor answers
+/// with itself and whether it accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Hello {
+    rank: usize,
+    world: usize,
+    segment_bytes: usize,
+    accepted: bool,
+    /// The rank the sender accepts connections from.
+    expects: usize,
+}
+
+impl Hello {
+    fn encode(&self) -> [u8; HELLO_BYTES] {
+        let mut out = [0u8; HELLO_BYTES];
+        out[..8].copy_from_slice(&MAGIC);
+        out[8..12].copy_from_slice(&(self.rank as u32).to_le_bytes());
+        out[12..16].copy_from_slice(&(self.world as u32).to_le_bytes());
+        out[16..24].copy_from_slice(&(self.segment_bytes as u64).to_le_bytes());
+        out[24..28].copy_from_slice(&u32::from(!self.accepted).to_le_bytes());
+        out[28..32].copy_from_slice(&(self.expects as u32).to_le_bytes());
+        out
+    }
+
+    /// `None` when the bytes are not a thaw ring handshake.
+    fn decode(bytes: &[u8; HELLO_BYTES]) -> Option<Hello> {
+        if bytes[..8] != MAGIC {
+            return None;
+        }
+        let u32_at = |i: usize| u32::from_le_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]) as usize;
+        let mut seg = [0u8; 8];
+        seg.copy_from_slice(&bytes[16..24]);
+        Some(Hello {
+            rank: u32_at(8),
+            world: u32_at(12),
+            segment_bytes: usize::try_from(u64::from_le_bytes(seg)).unwrap_or(usize::MAX),
+            accepted: u32_at(24) == 0,
+            expects: u32_at(28),
+        })
+    }
+}
+
+fn establish(ring: &Ring, listener: TcpListener) -> Result<Links, CollectiveError> {
+    let deadline = Instant::now() + ring.timeout;
+    let give_up = GiveUp::default();
+    // Dialing and accepting run at once: every rank dials before it accepts, and a dialer waits for
+    // its peer's answer, so doing them one after the other would deadlock.
+    let (dialed, accepted) = std::thread::scope(|s| {
+        let dialer = s.spawn(|| {
+            let r = dial(ring, deadline, &give_up);
+            if let Err(e) = &r {
+                give_up.other_side_failed(e.as_ref());
+            }
+            r
+        });
+        let accepted = accept(ring, &listener, deadline, &give_up);
+        if let Err(e) = &accepted {
+            give_up.other_side_failed(e.as_ref());
+        }
+        let dialed = dialer.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        (dialed, accepted)
+    });
+    match (dialed, accepted) {
+        (Ok(next), Ok(prev)) => Ok(Links { next, prev }),
+        (dialed, accepted) => {
+            let errors = [dialed.err().flatten(), accepted.err().flatten()];
+            // A configuration error (a rejected handshake) explains more than a peer that hung up
+            // because of its own; otherwise the dialer's: a refused connection names the address.
+            let [d, a] = errors;
+            let pick = match (d, a) {
+                (Some(d), Some(a)) if d.is_retryable() && !a.is_retryable() => Some(a),
+                (Some(d), _) => Some(d),
+                (None, a) => a,
+            };
+            // Only a failure of the other side makes one side give up, so one of them failed.
+            Err(pick.unwrap_or_else(|| ring.link_error(LinkError::TimedOut, Operation::Connect, ring.next())))
+        }
+    }
+}
+
+/// When the dialing or the accepting side of `establish` should stop because the other failed: at
+/// once after a configuration error; after a grace period after a peer hung up or timed out, which
+/// may be the consequence of the peer's own configuration error, still to be seen on this side.
+#[derive(Default)]
+struct GiveUp(Mutex<Option<Instant>>);
+
+impl GiveUp {
+    const GRACE: Duration = Duration::from_millis(500);
+
+    fn other_side_failed(&self, e: Option<&CollectiveError>) {
+        let at = match e {
+            Some(e) if e.is_retryable() => Instant::now() + Self::GRACE,
+            _ => Instant::now(),
+        };
+        let mut slot = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        *slot = Some(slot.map_or(at, |t| t.min(at)));
+    }
+
+    fn now(&self) -> bool {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).is_some_and(|t| Instant::now() >= t)
+    }
+}
+
+fn dial(ring: &Ring, deadline: Instant, give_up: &GiveUp) -> Result<TcpStream, Option<CollectiveError>> {
+    let peer = ring.next();
+    let addr = ring.peers[peer];
+    let mut backoff = Duration::from_millis(2);
+    let mut last: Option<io::Error> = None;
+    let stream = loop {
+        if give_up.now() {
+            return Err(None);
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            let (rank, timeout) = (ring.rank, ring.timeout);
+            return Err(Some(match last {
+                Some(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                    CollectiveError::ConnectionRefused { rank, peer, addr, timeout }
+                }
+                Some(e) if !matches!(e.kind(), io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock) => {
+                    CollectiveError::Io { rank, op: Operation::Connect, peer, addr, source: e }
+                }
+                _ => CollectiveError::Timeout { rank, op: Operation::Connect, peer, addr, timeout },
+            }));
+        }
+        match TcpStream::connect_timeout(&addr, left) {
+            Ok(s) => break s,
+            // An address that cannot be dialed at all stays so.
+            Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
+                return Err(Some(ring.link_error(LinkError::Io(e), Operation::Connect, peer)));
+            }
+            // Anything else may be a peer that is not listening yet: retry until the deadline.
+            Err(e) => {
+                last = Some(e);
+                std::thread::sleep(backoff.mul_f64(rand::random_range(0.5..1.0)).min(left));
+                backoff = (backoff * 2).min(MAX_DIAL_BACKOFF);
+            }
+        }
+    };
+    handshake_dial(ring, &stream, deadline).map_err(Some)?;
+    Ok(stream)
+}
+
+fn handshake_dial(ring: &Ring, stream: &TcpStream, deadline: Instant) -> Result<(), CollectiveError> {
+    let peer = ring.next();
+    let addr = ring.peers[peer];
+    let link = |e| ring.link_error(e, Operation::Connect, peer);
+    stream.set_nodelay(true).map_err(|e| link(LinkError::Io(e)))?;
+    let hello = Hello {
+        rank: ring.rank,
+        world: ring.world,
+        segment_bytes: ring.segment_bytes,
+        accepted: true,
+        expects: ring.prev(),
+    };
+    write_all_timed(stream, &hello.encode(), &mut Timer::new(deadline, Direction::Write)).map_err(link)?;
+    let mut bytes = [0u8; HELLO_BYTES];
+    read_exact_timed(stream, &mut bytes, &mut Timer::new(deadline, Direction::Read)).map_err(link)?;
+    let reject = |reason: String| Err(CollectiveError::Handshake { rank: ring.rank, addr, reason });
+    let Some(reply) = Hello::decode(&bytes) else {
+        return reject(format!("the process at {addr} is not a thaw ring peer (bad magic)"));
+    };
+    if let Some(reason) = ring.compare(&reply, peer) {
+        return reject(reason);
+    }
+    if !reply.accepted {
+        return reject(format!(
+            "rank {} expects rank {} to connect to it, not rank {}",
+            reply.rank, reply.expects, ring.rank
+        ));
+    }
+    Ok(())
+}
+
+fn accept(
+    ring: &Ring,
+    listener: &TcpListener,
+    deadline: Instant,
+    give_up: &GiveUp,
+) -> Result<TcpStream, Option<CollectiveError>> {
+    let peer = ring.prev();
+    let addr = ring.peers[peer];
+    let io_error = |e| Some(ring.link_error(LinkError::Io(e), Operation::Connect, peer));
+    // std has no accept with a timeout: poll a non-blocking listener.
+    listener.set_nonblocking(true).map_err(io_error)?;
+    let mut pause = Duration::from_millis(1);
+    loop {
+        if give_up.now() {
+            return Err(None);
+        }
+        match listener.accept() {
+            Ok((stream, from)) => {
+                handshake_accept(ring, &stream, from, deadline).map_err(Some)?;
+                return Ok(stream);
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::Interrupted
+                        | io::ErrorKind::ConnectionAborted
+                        | io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(Some(CollectiveError::NotConnected {
+                        rank: ring.rank,
+                        peer,
+                        addr,
+                        timeout: ring.timeout,
+                    }));
+                }
+                std::thread::sleep(pause.min(left));
+                pause = (pause * 2).min(MAX_ACCEPT_PAUSE);
+            }
+            Err(e) => return Err(io_error(e)),
+        }
+    }
+}
+
+fn handshake_accept(
+    ring: &Ring,
+    stream: &TcpStream,
+    from: SocketAddr,
+    deadline: Instant,
+) -> Result<(), CollectiveError> {
+    let peer = ring.prev();
+    let link = |e| ring.link_error(e, Operation::Connect, peer);
+    // Accepted sockets inherit non-blocking mode on some platforms.
+    stream.set_nonblocking(false).map_err(|e| link(LinkError::Io(e)))?;
+    stream.set_nodelay(true).map_err(|e| link(LinkError::Io(e)))?;
+    let mut bytes = [0u8; HELLO_BYTES];
+    read_exact_timed(stream, &mut bytes, &mut Timer::new(deadline, Direction::Read)).map_err(link)?;
+    let problem = match Hello::decode(&bytes) {
+        None => Some(format!("the connection from {from} is not a thaw ring peer (bad magic)")),
+        Some(hello) => ring.compare(&hello, peer),
+    };
+    let reply = Hello {
+        rank: ring.rank,
+        world: ring.world,
+        segment_bytes: ring.segment_bytes,
+        accepted: problem.is_none(),
+        expects: peer,
+    };
+    let sent = write_all_timed(stream, &reply.encode(), &mut Timer::new(deadline, Direction::Write));
+    if let Some(reason) = problem {
+        return Err(CollectiveError::Handshake { rank: ring.rank, addr: from, reason });
+    }
+    sent.map_err(link)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Operations
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Call {
+    Sum,
+    Mean,
+    Broadcast(usize),
+    Barrier,
+}
+
+impl Call {
+    fn op(self) -> Operation {
+        match self {
+            Call::Sum | Call::Mean => Operation::AllReduce,
+            Call::Broadcast(_) => Operation::Broadcast,
+            Call::Barrier => Operation::Barrier,
+        }
+    }
+
+    fn code(self) -> u32 {
+        match self {
+            Call::Sum => 1,
+            Call::Mean => 2,
+            Call::Broadcast(_) => 3,
+            Call::Barrier => 4,
+        }
+    }
+}
+
+/// A call as a message names it, from a START frame.
+fn describe_call(start: &Frame) -> String {
+    let what = match start.a {
+        1 => "all_reduce (sum)".to_string(),
+        2 => "all_reduce (mean)".to_string(),
+        3 => format!("broadcast from rank {}", start.c),
+        4 => return format!("barrier as call #{}", start.seq),
+        other => format!("unknown operation {other}"),
+    };
+    format!("{what} of {} values as call #{}", start.b, start.seq)
+}
+
+/// The 32-byte frame header: `kind`, then fields whose meaning depends on it.
+/// START: `a` operation, `b` length in elements, `c` root. DATA: `a` segment, `b` payload bytes.
+/// ABORT: `a` reason, `b` culprit rank, `c` observing rank.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Frame {
+    kind: u32,
+    a: u32,
+    seq: u64,
+    b: u64,
+    c: u32,
+}
+
+impl Frame {
+    fn start(seq: u64, call: Call, len: usize) -> Frame {
+        let root = if let Call::Broadcast(root) = call { root as u32 } else { 0 };
+        Frame { kind: KIND_START, a: call.code(), seq, b: len as u64, c: root }
+    }
+
+    fn data(seq: u64, segment: usize, bytes: usize) -> Frame {
+        Frame { kind: KIND_DATA, a: segment as u32, seq, b: bytes as u64, c: 0 }
+    }
+
+    fn encode(&self) -> [u8; FRAME_BYTES] {
+        let mut out = [0u8; FRAME_BYTES];
+        out[0..4].copy_from_slice(&self.kind.to_le_bytes());
+        out[4..8].copy_from_slice(&self.a.to_le_bytes());
+        out[8..16].copy_from_slice(&self.seq.to_le_bytes());
+        out[16..24].copy_from_slice(&self.b.to_le_bytes());
+        out[24..28].copy_from_slice(&self.c.to_le_bytes());
+        out
+    }
+
+    fn decode(bytes: &[u8; FRAME_BYTES]) -> Frame {
+        let u32_at = |i: usize| u32::from_le_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
+        let u64_at = |i: usize| u64::from(u32_at(i)) | (u64::from(u32_at(i + 4)) << 32);
+        Frame { kind: u32_at(0), a: u32_at(4), seq: u64_at(8), b: u64_at(16), c: u32_at(24) }
+    }
+
+    fn describe(&self) -> String {
+        match self.kind {
+            KIND_START => format!("the start of {}", describe_call(self)),
+            KIND_DATA => format!("segment {} of call #{} ({} bytes)", self.a, self.seq, self.b),
+            KIND_ABORT => format!("an abort of call #{}", self.seq),
+            other => format!("a frame of unknown kind {other:#010x}"),
+        }
+    }
+}
+
+/// What to do with a received segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// `dst += received`
+    Add,
+    /// `dst = (dst + received) / n`: the last reduce-scatter step of a mean.
+    AddMean,
+    /// `dst = received`
+    Copy,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Recv {
+    seg: usize,
+    mode: Mode,
+    /// Whether the segment is sent on to the next rank once received.
+    forward: bool,
+}
+
+/// One rank's part of an operation: the buffer cut into segments (in buffer order), the segments it
+/// sends before receiving anything, and the segments it receives, in the order they arrive. Every
+/// segment sent after the first ones is a received one with `forward`, sent in the order received,
+/// which is the order the next rank expects.
+#[derive(Debug)]
+struct Plan {
+    ranges: Vec<Range<usize>>,
+    first_sends: Vec<usize>,
+    recvs: Vec<Recv>,
+}
+
+/// `j * len / k` without overflow.
+fn split_point(len: usize, k: usize, j: usize) -> usize {
+    (j as u128 * len as u128 / k as u128) as usize
+}
+
+/// Cuts `lo..hi` into at least one segment (possibly empty: an empty chunk still sends a frame,
+/// which keeps every step a synchronisation point) of at most `seg` elements each.
+fn push_segments(ranges: &mut Vec<Range<usize>>, lo: usize, hi: usize, seg: usize) -> Range<usize> {
+    let len = hi - lo;
+    let k = len.div_ceil(seg).max(1);
+    let first = ranges.len();
+    ranges.extend((0..k).map(|j| lo + split_point(len, k, j)..lo + split_point(len, k, j + 1)));
+    first..ranges.len()
+}
+
+impl Plan {
+    fn all_reduce(len: usize, n: usize, rank: usize, seg: usize, mean: bool) -> Plan {
+        let mut ranges = Vec::new();
+        let chunks: Vec<Range<usize>> = (0..n)
+            .map(|c| push_segments(&mut ranges, split_point(len, n, c), split_point(len, n, c + 1), seg))
+            .collect();
+        let steps = 2 * (n - 1);
+        let mut recvs = Vec::new();
+        for s in 0..steps {
+            // Reduce-scatter step s receives chunk r-s-1 (and sends r-s, received at step s-1); after
+            // step n-2, rank r holds the whole of chunk r+1. All-gather step t receives chunk r-t.
+            let (chunk, mode) = if s < n - 1 {
+                let last = s == n - 2;
+                ((rank + 2 * n - s - 1) % n, if last && mean { Mode::AddMean } else { Mode::Add })
+            } else {
+                ((rank + 2 * n - (s - (n - 1))) % n, Mode::Copy)
+            };
+            let forward = s + 1 < steps;
+            recvs.extend(chunks[chunk].clone().map(|seg| Recv { seg, mode, forward }));
+        }
+        Plan { ranges, first_sends: chunks[rank].clone().collect(), recvs }
+    }
+
+    fn broadcast(len: usize, n: usize, rank: usize, root: usize, seg: usize) -> Plan {
+        let mut ranges = Vec::new();
+        let all = push_segments(&mut ranges, 0, len, seg);
+        // Data flows root -> root+1 -> ... -> root-1, which forwards nothing.
+        let distance = (rank + n - root) % n;
+        if distance == 0 {
+            Plan { ranges, first_sends: all.collect(), recvs: Vec::new() }
+        } else {
+            let forward = distance < n - 1;
+            let recvs = all.map(|seg| Recv { seg, mode: Mode::Copy, forward }).collect();
+            Plan { ranges, first_sends: Vec::new(), recvs }
+        }
+    }
+}
+
+/// State shared by the two threads of an operation.
+#[derive(Default)]
+struct Shared {
+    /// Set by the reading thread when the operation fails: the writer stops at the next frame
+    /// boundary and sends an ABORT frame instead.
+    abort: AtomicBool,
+    /// Set by the writing thread when writing to next failed: the reader stops storing data and only
+    /// drains what prev still sends, so prev is not left blocked (and can pass on an abort).
+    send_failed: AtomicBool,
+    /// The first error of the operation, which is the one reported.
+    first_error: Mutex<Option<CollectiveError>>,
+}
+
+impl Shared {
+    fn record(&self, e: CollectiveError) {
+        let mut slot = self.first_error.lock().unwrap_or_else(PoisonError::into_inner);
+        if slot.is_none() {
+            *slot = Some(e);
+        }
+    }
+
+    /// The ABORT frame passing on the first error: an abort received is forwarded as it is.
+    fn abort_frame(&self, ring: &Ring, seq: u64) -> Frame {
+        let slot = self.first_error.lock().unwrap_or_else(PoisonError::into_inner);
+        let (reason, culprit, observer) = match &*slot {
+            Some(CollectiveError::Aborted { observer, reason, culprit, .. }) => (*reason, *culprit, *observer),
+            Some(CollectiveError::PeerClosed { peer, .. }) => (AbortReason::Closed, *peer, ring.rank),
+            Some(CollectiveError::Timeout { peer, .. }) => (AbortReason::Timeout, *peer, ring.rank),
+            Some(CollectiveError::Mismatch { peer, .. }) => (AbortReason::Mismatch, *peer, ring.rank),
+            Some(CollectiveError::Protocol { peer, .. }) => (AbortReason::Protocol, *peer, ring.rank),
+            _ => (AbortReason::Io, ring.prev(), ring.rank),
+        };
+        let code = match reason {
+            AbortReason::Closed => 1,
+            AbortReason::Timeout => 2,
+            AbortReason::Mismatch => 3,
+            AbortReason::Protocol => 4,
+            AbortReason::Io => 5,
+        };
+        Frame { kind: KIND_ABORT, a: code, seq, b: culprit as u64, c: observer as u32 }
+    }
+}
+
+/// Cuts `buf` into the plan's segments, which are contiguous and in order.
+fn split_segments<'a>(mut buf: &'a mut [f32], ranges: &[Range<usize>]) -> Vec<Option<&'a mut [f32]>> {
+    let mut out = Vec::with_capacity(ranges.len());
+    for r in ranges {
+        let (head, tail) = std::mem::take(&mut buf).split_at_mut(r.len());
+        out.push(Some(head));
+        buf = tail;
+    }
+    out
+}
+
+/// After the reader fails: whether to keep reading (and discarding) what prev sends.
+enum AfterError {
+    /// The stream from prev is over (closed, aborted or timed out).
+    Stop,
+    /// prev is alive but out of step: read until its abort arrives, so that it is not left blocked
+    /// writing to this rank and can pass the abort on.
+    Drain,
+}
+
+/// Runs one operation: a writer thread sends the plan's segments to next as they become ready while
+/// this thread receives from prev, reduces and hands segments over. Segments are passed between the
+/// threads as `&mut` slices through channels, so each is owned by exactly one thread at a time.
+fn run_pipeline(
+    ring: &Ring,
+    links: &Links,
+    op: Operation,
+    start: Frame,
+    plan: &Plan,
+    buf: &mut [f32],
+    scratch: &mut [f32],
+) -> Result<(), CollectiveError> {
+    let deadline = Instant::now() + ring.timeout;
+    let shared = Shared::default();
+    let mut segs = split_segments(buf, &plan.ranges);
+    let (to_send, queue) = mpsc::channel();
+    let (give_back, returned) = mpsc::channel();
+    std::thread::scope(|s| {
+        let shared = &shared;
+        let writer = s.spawn(move || send_all(ring, op, &links.next, deadline, start, queue, give_back, shared));
+        let mut to_send = Some(to_send);
+        for &id in &plan.first_sends {
+            if let (Some(tx), Some(seg)) = (&to_send, segs[id].take()) {
+                if tx.send((id, seg)).is_err() {
+                    to_send = None;
+                }
+            }
+        }
+        let mut timer = Timer::new(deadline, Direction::Read);
+        let received = receive_all(
+            ring,
+            op,
+            &links.prev,
+            &mut timer,
+            &start,
+            plan,
+            &mut segs,
+            &mut to_send,
+            &returned,
+            shared,
+            scratch,
+        );
+        if let Err((e, after)) = received {
+            shared.record(e);
+            shared.abort.store(true, Ordering::Release);
+            // Closing the queue wakes the writer if it is idle, so it sends the abort now.
+            drop(to_send.take());
+            if let AfterError::Drain = after {
+                drain(&links.prev, &mut timer, scratch);
+            }
+        }
+        drop(to_send);
+        writer.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+    });
+    match shared.first_error.into_inner().unwrap_or_else(PoisonError::into_inner) {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+type Segment<'a> = (usize, &'a mut [f32]);
+
+/// The writer thread: START, then each segment handed over, then returns it; an ABORT instead of
+/// the rest once the reader failed.
+#[allow(clippy::too_many_arguments)]
+fn send_all<'a>(
+    ring: &Ring,
+    op: Operation,
+    stream: &TcpStream,
+    deadline: Instant,
+    start: Frame,
+    queue: mpsc::Receiver<Segment<'a>>,
+    give_back: mpsc::Sender<Segment<'a>>,
+    shared: &Shared,
+) {
+    let next = ring.next();
+    let mut timer = Timer::new(deadline, Direction::Write);
+    let fail = |e| {
+        shared.record(ring.link_error(e, op, next));
+        shared.send_failed.store(true, Ordering::Release);
+    };
+    if let Err(e) = write_all_timed(stream, &start.encode(), &mut timer) {
+        return fail(e);
+    }
+    loop {
+        let message = queue.recv();
+        if shared.abort.load(Ordering::Acquire) {
+            // Best effort: next may be the rank that failed.
+            let _ = write_all_timed(stream, &shared.abort_frame(ring, start.seq).encode(), &mut timer);
+            return;
+        }
+        let Ok((id, seg)) = message else { return };
+        let header = Frame::data(start.seq, id, seg.len() * 4).encode();
+        let sent = write_all_timed(stream, &header, &mut timer)
+            .and_then(|()| write_all_timed(stream, bytemuck::cast_slice::<f32, u8>(&*seg), &mut timer));
+        if let Err(e) = sent {
+            return fail(e);
+        }
+        // The reader may have finished and no longer want it.
+        let _ = give_back.send((id, seg));
+    }
+}
+
+/// The reading side of an operation, on the calling thread.
+#[allow(clippy::too_many_arguments)]
+fn receive_all<'a>(
+    ring: &Ring,
+    op: Operation,
+    stream: &TcpStream,
+    timer: &mut Timer,
+    start: &Frame,
+    plan: &Plan,
+    segs: &mut [Option<&'a mut [f32]>],
+    to_send: &mut Option<mpsc::Sender<Segment<'a>>>,
+    returned: &mpsc::Receiver<Segment<'a>>,
+    shared: &Shared,
+    scratch: &mut [f32],
+) -> Result<(), (CollectiveError, AfterError)> {
+    let prev = ring.prev();
+    let link = |e| (ring.link_error(e, op, prev), AfterError::Stop);
+    let first = read_frame(stream, timer).map_err(link)?;
+    match first.kind {
+        KIND_START if first == *start => {}
+        KIND_START => {
+            let detail =
+                format!("this rank called {}, rank {prev} called {}", describe_call(start), describe_call(&first));
+            let e = CollectiveError::Mismatch { rank: ring.rank, op, peer: prev, addr: ring.peers[prev], detail };
+            return Err((e, AfterError::Drain));
+        }
+        KIND_ABORT => return Err((ring.aborted(op, &first), AfterError::Stop)),
+        _ => {
+            let detail = format!("expected the start of call #{}, got {}", start.seq, first.describe());
+            return Err((ring.protocol(op, detail), AfterError::Drain));
+        }
+    }
+    let n = ring.world as f32;
+    for r in &plan.recvs {
+        if to_send.is_some() && shared.send_failed.load(Ordering::Acquire) {
+            // The operation has failed; keep prev unblocked until it is done or aborts.
+            *to_send = None;
+        }
+        let frame = read_frame(stream, timer).map_err(link)?;
+        let bytes = plan.ranges[r.seg].len() * 4;
+        if frame.kind == KIND_ABORT {
+            return Err((ring.aborted(op, &frame), AfterError::Stop));
+        }
+        if frame != Frame::data(start.seq, r.seg, bytes) {
+            let detail =
+                format!("expected segment {} of call #{} ({bytes} bytes), got {}", r.seg, start.seq, frame.describe());
+            return Err((ring.protocol(op, detail), AfterError::Drain));
+        }
+        // In all-gather, the segment may still be with the writer from reduce-scatter.
+        let dst = if to_send.is_some() { take_back(segs, r.seg, returned) } else { None };
+        let Some(dst) = dst else {
+            *to_send = None;
+            skip(stream, timer, bytes as u64, scratch).map_err(link)?;
+            continue;
+        };
+        let received = match r.mode {
+            Mode::Copy => read_exact_timed(stream, bytemuck::cast_slice_mut::<f32, u8>(&mut *dst), timer),
+            Mode::Add => recv_reduce(stream, timer, &mut *dst, scratch, add_into),
+            Mode::AddMean => recv_reduce(stream, timer, &mut *dst, scratch, |d, s| add_div_into(d, s, n)),
+        };
+        received.map_err(link)?;
+        if r.forward {
+            if let Some(tx) = to_send.as_ref() {
+                if tx.send((r.seg, dst)).is_err() {
+                    *to_send = None;
+                }
+            }
+        } else {
+            segs[r.seg] = Some(dst);
+        }
+    }
+    Ok(())
+}
+
+/// Segment `id`, waiting for the writer to give it back if it has it; `None` if the writer is gone.
+fn take_back<'a>(
+    segs: &mut [Option<&'a mut [f32]>],
+    id: usize,
+    returned: &mpsc::Receiver<Segment<'a>>,
+) -> Option<&'a mut [f32]> {
+    loop {
+        if let Some(seg) = segs[id].take() {
+            return Some(seg);
+        }
+        let (i, seg) = returned.recv().ok()?;
+        segs[i] = Some(seg);
+    }
+}
+
+/// Reads `dst.len()` values in scratch-sized pieces, combining each into `dst` while the next is
+/// still arriving.
+fn recv_reduce(
+    stream: &TcpStream,
+    timer: &mut Timer,
+    dst: &mut [f32],
+    scratch: &mut [f32],
+    combine: impl Fn(&mut [f32], &[f32]),
+) -> Result<(), LinkError> {
+    for d in dst.chunks_mut(scratch.len()) {
+        let s = &mut scratch[..d.len()];
+        read_exact_timed(stream, bytemuck::cast_slice_mut(s), timer)?;
+        combine(d, s);
+    }
+    Ok(())
+}
+
+fn add_into(dst: &mut [f32], src: &[f32]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d += *s;
+    }
+}
+
+fn add_div_into(dst: &mut [f32], src: &[f32], n: f32) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = (*d + *s) / n;
+    }
+}
+
+/// Reads and drops `bytes` bytes.
+fn skip(stream: &TcpStream, timer: &mut Timer, mut bytes: u64, scratch: &mut [f32]) -> Result<(), LinkError> {
+    let space: &mut [u8] = bytemuck::cast_slice_mut(scratch);
+    while bytes > 0 {
+        let k = usize::try_from(bytes).unwrap_or(usize::MAX).min(space.len());
+        read_exact_timed(stream, &mut space[..k], timer)?;
+        bytes -= k as u64;
+    }
+    Ok(())
+}
+
+/// Reads and drops data frames until an abort, anything else, an error or the deadline.
+fn drain(stream: &TcpStream, timer: &mut Timer, scratch: &mut [f32]) {
+    while let Ok(frame) = read_frame(stream, timer) {
+        if frame.kind != KIND_DATA || skip(stream, timer, frame.b, scratch).is_err() {
+            return;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reads and writes bounded by a deadline
+
+#[derive(Debug)]
+enum LinkError {
+    /// The peer closed or reset the connection.
+    Closed,
+    TimedOut,
+    Io(io::Error),
+}
+
+impl From<io::Error> for LinkError {
+    fn from(e: io::Error) -> Self {
+        match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => LinkError::TimedOut,
+            io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::UnexpectedEof
+            | io::ErrorKind::NotConnected
+            | io::ErrorKind::WriteZero => LinkError::Closed,
+            _ => LinkError::Io(e),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Direction {
+    Read,
+    Write,
+}
+
+/// Keeps one direction of a socket's timeout at the time left before a deadline.
+struct Timer {
+    deadline: Instant,
+    direction: Direction,
+    armed_at: Option<Instant>,
+}
+
+impl Timer {
+    fn new(deadline: Instant, direction: Direction) -> Self {
+        Timer { deadline, direction, armed_at: None }
+    }
+
+    /// Bounds the next blocking call on `stream` by the deadline (up to [`REARM_EVERY`] late).
+    fn arm(&mut self, stream: &TcpStream) -> Result<(), LinkError> {
+        let now = Instant::now();
+        let left = self.deadline.saturating_duration_since(now);
+        if left.is_zero() {
+            return Err(LinkError::TimedOut);
+        }
+        if self.armed_at.is_none_or(|t| now.duration_since(t) >= REARM_EVERY) {
+            let set = match self.direction {
+                Direction::Read => stream.set_read_timeout(Some(left)),
+                Direction::Write => stream.set_write_timeout(Some(left)),
+            };
+            set.map_err(LinkError::Io)?;
+            self.armed_at = Some(now);
+        }
+        Ok(())
+    }
+
+    /// Whether a failed call may be retried: interrupted, or timed out before the deadline.
+    fn retry(&mut self, e: io::Error) -> Result<(), LinkError> {
+        match e.kind() {
+            io::ErrorKind::Interrupted => Ok(()),
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut if Instant::now() < self.deadline => {
+                self.armed_at = None;
+                Ok(())
+            }
+            _ => Err(e.into()),
+        }
+    }
+}
+
+fn read_exact_timed(mut stream: &TcpStream, mut buf: &mut [u8], timer: &mut Timer) -> Result<(), LinkError> {
+    while !buf.is_empty() {
+        timer.arm(stream)?;
+        match stream.read(buf) {
+            Ok(0) => return Err(LinkError::Closed),
+            Ok(k) => buf = &mut std::mem::take(&mut buf)[k..],
+            Err(e) => timer.retry(e)?,
+        }
+    }
+    Ok(())
+}
+
+fn write_all_timed(mut stream: &TcpStream, mut buf: &[u8], timer: &mut Timer) -> Result<(), LinkError> {
+    while !buf.is_empty() {
+        timer.arm(stream)?;
+        match stream.write(buf) {
+            Ok(0) => return Err(LinkError::Closed),
+            Ok(k) => buf = &buf[k..],
+            Err(e) => timer.retry(e)?,
+        }
+    }
+    Ok(())
+}
+
+fn read_frame(stream: &TcpStream, timer: &mut Timer) -> Result<Frame, LinkError> {
+    let mut bytes = [0u8; FRAME_BYTES];
+    read_exact_timed(stream, &mut bytes, timer)?;
+    Ok(Frame::decode(&bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+
+    fn listeners(n: usize) -> (Vec<TcpListener>, Vec<SocketAddr>) {
+        let listeners: Vec<TcpListener> = (0..n).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+        let addrs = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+        (listeners, addrs)
+    }
+
+    /// An address nothing listens on.
+    fn closed_port() -> SocketAddr {
+        TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+    }
+
+    /// Forms a ring of `n` ranks on loopback, one thread each, and runs `body` on every rank.
+    fn with_ring<T: Send>(n: usize, options: RingOptions, body: impl Fn(&mut RingCollective) -> T + Sync) -> Vec<T> {
+        let (listeners, addrs) = listeners(n);
+        std::thread::scope(|s| {
+            let handles: Vec<_> = listeners
+                .into_iter()
+                .enumerate()
+                .map(|(rank, listener)| {
+                    let (addrs, body, options) = (&addrs, &body, options.clone());
+                    s.spawn(move || {
+                        let mut ring = RingCollective::connect_with(rank, n, listener, addrs, options).unwrap();
+                        assert_eq!((ring.rank(), ring.world_size()), (rank, n));
+                        body(&mut ring)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
+    /// Small integers, so that every partial sum is exact and the expected mean is one rounding.
+    fn value(i: usize, rank: usize) -> f32 {
+        ((i * 31 + rank * 7) % 23) as f32 - 11.0
+    }
+
+    fn expected_mean(len: usize, n: usize) -> Vec<f32> {
+        (0..len).map(|i| (0..n).map(|r| value(i, r)).sum::<f32>() / n as f32).collect()
+    }
+
+    fn check_all_reduce_mean(n: usize, sizes: &[usize], segment_bytes: usize) {
+        let expected: Vec<Vec<f32>> = sizes.iter().map(|&len| expected_mean(len, n)).collect();
+        let options = RingOptions { timeout: Duration::from_secs(10), segment_bytes };
+        with_ring(n, options, |ring| {
+            for (&len, want) in sizes.iter().zip(&expected) {
+                let mut buf: Vec<f32> = (0..len).map(|i| value(i, ring.rank())).collect();
+                ring.all_reduce_mean(&mut buf).unwrap();
+                assert!(buf == *want, "rank {} of {n}: wrong mean of {len} values", ring.rank());
+            }
+        });
+    }
+
+    fn small_sizes(n: usize) -> Vec<usize> {
+        vec![0, 1, n - 1, n + 1, 7, 13, 1001, 10_007]
+    }
+
+    #[test]
+    fn all_reduce_mean_is_exact_on_2_3_4_ranks() {
+        for n in 2..=4 {
+            check_all_reduce_mean(n, &small_sizes(n), DEFAULT_SEGMENT_BYTES);
+        }
+    }
+
+    #[test]
+    fn all_reduce_mean_is_exact_with_many_small_segments() {
+        // 12-byte segments: many frames per step, segments forwarded while the step is still
+        // arriving, and all-gather overwriting segments the writer may still hold.
+        for n in 2..=4 {
+            check_all_reduce_mean(n, &small_sizes(n), 12);
+        }
+    }
+
+    #[test]
+    fn all_reduce_mean_of_10_mb_is_exact_on_2_ranks() {
+        check_all_reduce_mean(2, &[2_621_447], DEFAULT_SEGMENT_BYTES);
+    }
+
+    #[test]
+    fn all_reduce_mean_of_10_mb_is_exact_on_3_ranks() {
+        check_all_reduce_mean(3, &[2_621_447], DEFAULT_SEGMENT_BYTES);
+    }
+
+    #[test]
+    fn all_reduce_mean_of_10_mb_is_exact_on_4_ranks() {
+        check_all_reduce_mean(4, &[2_621_447], 256 << 10);
+    }
+
+    #[test]
+    fn all_reduce_sum_adds_and_repeated_calls_stay_in_step() {
+        let sums = with_ring(3, RingOptions::new(Duration::from_secs(10)), |ring| {
+            let r = ring.rank() as f32;
+            let mut out = Vec::new();
+            for len in [5usize, 0, 3, 5] {
+                let mut buf: Vec<f32> = (0..len).map(|i| i as f32 + 10.0 * r).collect();
+                ring.all_reduce_sum(&mut buf).unwrap();
+                out.push(buf);
+            }
+            out
+        });
+        for per_rank in &sums {
+            assert_eq!(per_rank[0], [30.0, 33.0, 36.0, 39.0, 42.0]);
+            assert!(per_rank[1].is_empty());
+            assert_eq!(per_rank[2], [30.0, 33.0, 36.0]);
+            assert_eq!(per_rank[3], per_rank[0]);
+        }
+    }
+
+    #[test]
+    fn broadcast_from_a_non_zero_root_reaches_every_rank() {
+        for (n, root, segment_bytes) in [(3, 2, DEFAULT_SEGMENT_BYTES), (4, 1, 20), (2, 1, 4096)] {
+            with_ring(n, RingOptions { timeout: Duration::from_secs(10), segment_bytes }, |ring| {
+                for len in [0, 1, 5, 100_003] {
+                    let data: Vec<f32> = (0..len).map(|i| value(i, root)).collect();
+                    let mut buf = if ring.rank() == root { data.clone() } else { vec![-99.0; len] };
+                    ring.broadcast(&mut buf, root).unwrap();
+                    assert!(buf == data, "rank {} of {n}: wrong broadcast of {len} values from {root}", ring.rank());
+                }
+            });
+        }
+    }
+
+    #[test]
+    fn barrier_waits_for_every_rank() {
+        let n = 3;
+        let arrived = AtomicUsize::new(0);
+        with_ring(n, RingOptions::new(Duration::from_secs(10)), |ring| {
+            for round in 1..=3 {
+                if ring.rank() == 0 {
+                    // Rank 0 comes late: the others must wait for it.
+                    std::thread::sleep(Duration::from_millis(30));
+                }
+                arrived.fetch_add(1, Ordering::SeqCst);
+                ring.barrier().unwrap();
+                assert!(arrived.load(Ordering::SeqCst) >= n * round, "rank {} left barrier {round} early", ring.rank());
+            }
+        });
+    }
+
+    #[test]
+    fn a_world_of_one_is_a_working_no_op() {
+        let (mut listeners, addrs) = listeners(1);
+        let mut ring = RingCollective::connect(0, 1, listeners.pop().unwrap(), &addrs, Duration::from_secs(1)).unwrap();
+        let mut buf = vec![1.0, 2.5];
+        ring.all_reduce_mean(&mut buf).unwrap();
+        ring.all_reduce_sum(&mut buf).unwrap();
+        ring.broadcast(&mut buf, 0).unwrap();
+        ring.barrier().unwrap();
+        assert_eq!(buf, [1.0, 2.5]);
+        let err = ring.broadcast(&mut buf, 1).unwrap_err();
+        assert!(matches!(err, CollectiveError::InvalidArgument { .. }), "{err}");
+        // An invalid call does not break the ring.
+        ring.barrier().unwrap();
+    }
+
+    #[test]
+    fn invalid_setups_are_rejected_with_the_reason() {
+        let (mut ls, addrs) = listeners(2);
+        let err = RingCollective::connect(2, 2, ls.pop().unwrap(), &addrs, Duration::from_secs(1)).unwrap_err();
+        assert!(err.to_string().contains("rank 2 is out of range for a world of 2"), "{err}");
+        let err = RingCollective::connect(0, 3, ls.pop().unwrap(), &addrs, Duration::from_secs(1)).unwrap_err();
+        assert!(err.to_string().contains("2 peer addresses for a world of 3"), "{err}");
+        let (mut ls, addrs) = listeners(1);
+        let options = RingOptions { timeout: Duration::from_secs(1), segment_bytes: 6 };
+        let err = RingCollective::connect_with(0, 1, ls.pop().unwrap(), &addrs, options).unwrap_err();
+        assert!(err.to_string().contains("segment size 6 bytes"), "{err}");
+        assert!(!err.is_retryable());
+    }
+
+    #[test]
+    fn a_rank_that_never_answers_is_named_after_the_timeout() {
+        // Rank 1's port is open (connections queue) but nobody accepts or answers.
+        let (mut ls, addrs) = listeners(2);
+        let _silent = ls.pop().unwrap();
+        let timeout = Duration::from_millis(300);
+        let t = Instant::now();
+        let err = RingCollective::connect(0, 2, ls.pop().unwrap(), &addrs, timeout).unwrap_err();
+        let elapsed = t.elapsed();
+        assert!(elapsed >= timeout && elapsed < timeout + Duration::from_secs(1), "{elapsed:?}");
+        assert_eq!(err.culprit(), Some(1), "{err}");
+        assert!(err.to_string().contains(&format!("rank 1 ({})", addrs[1])), "{err}");
+        assert!(err.is_retryable());
+    }
+
+    #[test]
+    fn a_rank_that_never_starts_is_named_with_its_address() {
+        let (ls, mut addrs) = listeners(2);
+        addrs.push(closed_port());
+        let timeout = Duration::from_millis(300);
+        let errs: Vec<CollectiveError> = std::thread::scope(|s| {
+            let handles: Vec<_> = ls
+                .into_iter()
+                .enumerate()
+                .map(|(rank, l)| {
+                    let addrs = &addrs;
+                    s.spawn(move || RingCollective::connect(rank, 3, l, addrs, timeout).unwrap_err())
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        // Rank 0 waits for rank 2 to connect; rank 1 cannot connect to it.
+        assert_eq!(errs[0].to_string(), format!("rank 0: rank 2 ({}) did not connect within 300ms", addrs[2]));
+        assert_eq!(
+            errs[1].to_string(),
+            format!("rank 1: could not connect to rank 2 at {} within 300ms: connection refused", addrs[2])
+        );
+        assert!(errs.iter().all(|e| e.culprit() == Some(2) && e.is_retryable()));
+    }
+
+    #[test]
+    fn a_wrong_world_size_is_rejected_by_the_handshake() {
+        // Rank 0 thinks the world has 2 ranks; rank 1 thinks 3, and that rank 2 is at rank 0's port.
+        let (mut ls, addrs) = listeners(2);
+        let l1 = ls.pop().unwrap();
+        let l0 = ls.pop().unwrap();
+        let addrs3 = [addrs[0], addrs[1], addrs[0]];
+        let timeout = Duration::from_secs(5);
+        let t = Instant::now();
+        let (e0, e1) = std::thread::scope(|s| {
+            let r1 = s.spawn(|| RingCollective::connect(1, 3, l1, &addrs3, timeout).unwrap_err());
+            let e0 = RingCollective::connect(0, 2, l0, &addrs, timeout).unwrap_err();
+            (e0, r1.join().unwrap())
+        });
+        assert!(t.elapsed() < Duration::from_secs(2), "rejection took {:?}", t.elapsed());
+        for e in [&e0, &e1] {
+            assert!(matches!(e, CollectiveError::Handshake { .. }), "{e}");
+            assert!(e.to_string().contains("world size"), "{e}");
+            assert!(!e.is_retryable());
+        }
+    }
+
+    #[test]
+    fn a_timeout_names_the_operation_and_the_silent_rank() {
+        let (ls, addrs) = listeners(2);
+        let timeout = Duration::from_millis(300);
+        let (done_tx, done_rx) = mpsc::channel::<()>();
+        std::thread::scope(|s| {
+            let mut ls = ls.into_iter();
+            let (l0, l1) = (ls.next().unwrap(), ls.next().unwrap());
+            let addrs = &addrs;
+            // Rank 1 forms the ring, then never calls all_reduce (until rank 0 is done).
+            s.spawn(move || {
+                let _ring = RingCollective::connect(1, 2, l1, addrs, timeout).unwrap();
+                let _ = done_rx.recv();
+            });
+            let mut ring = RingCollective::connect(0, 2, l0, addrs, timeout).unwrap();
+            let mut buf = vec![1.0; 10];
+            let t = Instant::now();
+            let err = ring.all_reduce_mean(&mut buf).unwrap_err();
+            assert!(t.elapsed() >= timeout && t.elapsed() < timeout + Duration::from_secs(1), "{:?}", t.elapsed());
+            assert_eq!(
+                err.to_string(),
+                format!("rank 0: all_reduce timed out after 300ms waiting for rank 1 ({})", addrs[1])
+            );
+            assert!(err.is_retryable());
+            // The ring is not reused after a failure.
+            let again = ring.barrier().unwrap_err();
+            assert!(matches!(again, CollectiveError::Broken { .. }), "{again}");
+            assert!(again.to_string().contains("timed out"), "{again}");
+            done_tx.send(()).unwrap();
+        });
+    }
+
+    #[test]
+    fn a_rank_that_dies_mid_all_reduce_is_named_by_every_other_rank() {
+        let n = 3;
+        let (ls, addrs) = listeners(n);
+        let timeout = Duration::from_secs(10);
+        let len = 2_621_447;
+        let t = Instant::now();
+        let errs: Vec<Option<CollectiveError>> = std::thread::scope(|s| {
+            let handles: Vec<_> = ls
+                .into_iter()
+                .enumerate()
+                .map(|(rank, l)| {
+                    let addrs = &addrs;
+                    s.spawn(move || {
+                        let ring = RingCollective::connect(rank, n, l, addrs, timeout).unwrap();
+                        if rank == 2 {
+                            // Take part in the first megabyte of the all-reduce, then die.
+                            let prev = &ring.links.as_ref().unwrap().prev;
+                            let mut got = vec![0u8; 1 << 20];
+                            read_exact_timed(
+                                prev,
+                                &mut got,
+                                &mut Timer::new(Instant::now() + timeout, Direction::Read),
+                            )
+                            .unwrap();
+                            drop(ring);
+                            return None;
+                        }
+                        let mut ring = ring;
+                        let mut buf: Vec<f32> = (0..len).map(|i| value(i, rank)).collect();
+                        Some(ring.all_reduce_mean(&mut buf).unwrap_err())
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        // Failures are seen when they happen, not when the deadline passes.
+        assert!(t.elapsed() < Duration::from_secs(5), "took {:?}", t.elapsed());
+        for (rank, err) in errs.iter().enumerate().take(2) {
+            let err = err.as_ref().unwrap();
+            assert_eq!(err.culprit(), Some(2), "rank {rank}: {err}");
+            assert!(err.to_string().contains(&format!("rank 2 ({})", addrs[2])), "rank {rank}: {err}");
+            assert!(err.is_retryable(), "rank {rank}: {err}");
+        }
+    }
+
+    #[test]
+    fn mismatched_calls_fail_on_both_sides_without_waiting_for_the_deadline() {
+        let t = Instant::now();
+        let errs = with_ring(2, RingOptions::new(Duration::from_secs(10)), |ring| {
+            // Large enough that neither side's data fits in the socket buffers.
+            let mut buf = vec![1.0; if ring.rank() == 0 { 3_000_000 } else { 3_000_001 }];
+            ring.all_reduce_mean(&mut buf).unwrap_err()
+        });
+        assert!(t.elapsed() < Duration::from_secs(5), "took {:?}", t.elapsed());
+        for e in &errs {
+            assert!(matches!(e, CollectiveError::Mismatch { .. }), "{e}");
+            let text = e.to_string();
+            assert!(text.contains("3000000 values") && text.contains("3000001 values"), "{text}");
+            assert!(!e.is_retryable());
+        }
+    }
+
+    #[test]
+    fn plans_send_every_segment_once_per_step_in_the_order_it_is_received() {
+        // Simulates the ring: what rank r sends (first sends, then forwarded receives in order) must
+        // be exactly what rank r+1 expects to receive, segment by segment.
+        for n in 2..=5 {
+            for (len, seg) in [(0, 4), (1, 4), (10, 3), (1000, 7)] {
+                let plans: Vec<Plan> = (0..n).map(|r| Plan::all_reduce(len, n, r, seg, true)).collect();
+                for r in 0..n {
+                    let sent: Vec<usize> = plans[r]
+                        .first_sends
+                        .iter()
+                        .copied()
+                        .chain(plans[r].recvs.iter().filter(|x| x.forward).map(|x| x.seg))
+                        .collect();
+                    let expected: Vec<usize> = plans[(r + 1) % n].recvs.iter().map(|x| x.seg).collect();
+                    assert_eq!(sent, expected, "n {n}, len {len}, seg {seg}, rank {r}");
+                    // Every value of the buffer is received in all-gather except the rank's own chunk.
+                    let copied: usize = plans[r]
+                        .recvs
+                        .iter()
+                        .filter(|x| x.mode == Mode::Copy)
+                        .map(|x| plans[r].ranges[x.seg].len())
+                        .sum();
+                    let own = (r + 1) % n;
+                    assert_eq!(copied, len - (split_point(len, n, own + 1) - split_point(len, n, own)));
+                }
+                let broadcasts: Vec<Plan> = (0..n).map(|r| Plan::broadcast(len, n, r, n - 1, seg)).collect();
+                for r in 0..n {
+                    let sent: Vec<usize> = broadcasts[r]
+                        .first_sends
+                        .iter()
+                        .copied()
+                        .chain(broadcasts[r].recvs.iter().filter(|x| x.forward).map(|x| x.seg))
+                        .collect();
+                    let next = (r + 1) % n;
+                    let expected: Vec<usize> = broadcasts[next].recvs.iter().map(|x| x.seg).collect();
+                    assert_eq!(sent, expected, "broadcast: n {n}, len {len}, seg {seg}, rank {r}");
+                }
+            }
+        }
+    }
+}
