@@ -7,7 +7,6 @@ use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -31,7 +30,9 @@ struct Recorder {
     n: u64,
     world: u32,
     batch: u32,
-    seen: Arc<Mutex<Vec<(u32, u64, Vec<usize>)>>>,
+    /// Frozen mask per epoch, when the test changes the freeze stage.
+    stages: Vec<Vec<bool>>,
+    seen: Vec<(u32, u64, Vec<usize>)>,
 }
 
 impl Control for Recorder {
@@ -43,35 +44,72 @@ impl Control for Recorder {
         None
     }
     fn trained(&mut self, epoch: u32, step: u64, samples: &[usize]) {
-        self.seen.lock().unwrap().push((epoch, step, samples.to_vec()));
+        self.seen.push((epoch, step, samples.to_vec()));
     }
+    fn stage(&mut self, epoch: u32) -> Option<Vec<bool>> {
+        self.stages.get(epoch as usize).cloned()
+    }
+}
+
+/// What one in-process rank ends with: its variables and the samples it trained on.
+struct RankRun {
+    vars: HashMap<String, Vec<f32>>,
+    seen: Vec<(u32, u64, Vec<usize>)>,
+}
+
+fn vars_of(t: &Trainer) -> HashMap<String, Vec<f32>> {
+    t.net.vs.variables().into_iter().map(|(n, v)| (n, Vec::<f32>::try_from(v.flatten(0, -1)).unwrap())).collect()
+}
+
+/// Trains `world` ranks as threads of this process over a real TCP ring on 127.0.0.1.
+fn run_ranks(world: usize, batch: u32, limit: usize, epochs: usize, stages: Vec<Vec<bool>>) -> Vec<RankRun> {
+    let dir = tempfile::tempdir().unwrap();
+    let listeners: Vec<TcpListener> = (0..world).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+    let peers: Vec<_> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+    // Prepare one after another: random init draws from libtorch's one global RNG, which threads
+    // preparing at once would interleave (separate processes, as `thaw launch` uses, do not).
+    let trainers: Vec<Trainer> = (0..world)
+        .map(|rank| {
+            let out = dir.path().join(format!("rank{rank}"));
+            let text = lenet_job("inproc", &out, &format!("batch_size = {batch}\nmomentum = 0.9"), limit, epochs);
+            let mut t = Trainer::prepare(JobSpec::from_toml(&text, Path::new("/")).unwrap(), tch::Device::Cpu).unwrap();
+            // The first stage applies from the start, so the initial buckets hold its trainable set.
+            if let Some(first) = stages.first() {
+                t.set_frozen(first).unwrap();
+            }
+            t
+        })
+        .collect();
+    let handles: Vec<_> = listeners
+        .into_iter()
+        .zip(trainers)
+        .enumerate()
+        .map(|(rank, (listener, mut t))| {
+            let (peers, stages) = (peers.clone(), stages.clone());
+            std::thread::spawn(move || {
+                let n = t.splits.train.len() as u64;
+                let mut ctl = Recorder { seed: 11, n, world: world as u32, batch, stages, seen: Vec::new() };
+                let mut ring = RingCollective::connect(rank, world, listener, &peers, Duration::from_secs(60)).unwrap();
+                t.run_distributed(rank as u32, &mut ring, &mut ctl, 1 << 20).unwrap();
+                RankRun { vars: vars_of(&t), seen: ctl.seen }
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+fn max_diff(a: &HashMap<String, Vec<f32>>, b: &HashMap<String, Vec<f32>>, prefix: &str) -> f32 {
+    a.iter()
+        .filter(|(n, _)| n.starts_with(prefix))
+        .flat_map(|(n, x)| x.iter().zip(&b[n]).map(|(x, y)| (x - y).abs()))
+        .fold(0.0, f32::max)
 }
 
 #[test]
 fn every_sample_exactly_once_per_epoch_and_equal_steps() {
     // 1000 samples over 2 ranks x batch 64 (global 128): 8 steps each, the last one padded.
-    let dir = tempfile::tempdir().unwrap();
-    let world = 2;
-    let listeners: Vec<TcpListener> = (0..world).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
-    let peers: Vec<_> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
-    let mut handles = Vec::new();
-    for (rank, listener) in listeners.into_iter().enumerate() {
-        let out = dir.path().join(format!("rank{rank}"));
-        let text = lenet_job("cover", &out, "batch_size = 64", 1000, 2);
-        let peers = peers.clone();
-        handles.push(std::thread::spawn(move || {
-            let spec = JobSpec::from_toml(&text, Path::new("/")).unwrap();
-            let mut t = Trainer::prepare(spec, tch::Device::Cpu).unwrap();
-            let seen = Arc::new(Mutex::new(Vec::new()));
-            let mut ctl =
-                Recorder { seed: 11, n: t.splits.train.len() as u64, world: 2, batch: 64, seen: seen.clone() };
-            let mut ring = RingCollective::connect(rank, world, listener, &peers, Duration::from_secs(60)).unwrap();
-            t.run_distributed(rank as u32, &mut ring, &mut ctl, 1 << 20).unwrap();
-            let seen = seen.lock().unwrap().clone();
-            seen
-        }));
-    }
-    let per_rank: Vec<Vec<(u32, u64, Vec<usize>)>> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let runs = run_ranks(2, 64, 1000, 2, Vec::new());
+    let per_rank: Vec<Vec<(u32, u64, Vec<usize>)>> = runs.into_iter().map(|r| r.seen).collect();
     for epoch in 0..2u32 {
         let mut count: HashMap<usize, u32> = HashMap::new();
         for rank in &per_rank {
@@ -88,6 +126,28 @@ fn every_sample_exactly_once_per_epoch_and_equal_steps() {
     }
     let order = |e: u32| per_rank[0].iter().filter(|r| r.0 == e).flat_map(|r| r.2.clone()).collect::<Vec<_>>();
     assert_ne!(order(0), order(1), "a new order every epoch");
+}
+
+#[test]
+fn a_group_unfrozen_mid_run_is_averaged_like_one_process() {
+    // Epoch 1: LeNet-5's `conv` group frozen; epoch 2: everything trains. After the change the
+    // rebuilt buckets must carry `conv`'s gradients: 2 ranks x 16 end where 1 rank x 32 ends.
+    let stages = vec![vec![true, false, false], vec![false, false, false]];
+    let two = run_ranks(2, 16, 300, 2, stages.clone());
+    let one = run_ranks(1, 32, 300, 2, stages.clone());
+    assert!(max_diff(&two[0].vars, &two[1].vars, "") == 0.0, "replicas are identical");
+    let d = max_diff(&two[0].vars, &one[0].vars, "");
+    assert!(d < 1e-4, "2 x 16 and 1 x 32 differ by {d} after the unfreeze");
+
+    // The conv group really was frozen in epoch 1 and really trained in epoch 2.
+    let first_epoch = run_ranks(1, 32, 300, 1, stages);
+    let init = {
+        let spec = JobSpec::from_toml(&lenet_job("init", Path::new("/tmp/unused"), "batch_size = 32", 300, 1), Path::new("/")).unwrap();
+        vars_of(&Trainer::prepare(spec, tch::Device::Cpu).unwrap())
+    };
+    assert_eq!(max_diff(&first_epoch[0].vars, &init, "conv"), 0.0, "conv stays bit-identical while frozen");
+    assert!(max_diff(&first_epoch[0].vars, &init, "fc") > 0.0, "the rest trains in epoch 1");
+    assert!(max_diff(&one[0].vars, &first_epoch[0].vars, "conv") > 1e-4, "conv trains after the unfreeze");
 }
 
 fn launch(spec: &Path, nproc: u32) -> std::process::Output {

@@ -36,6 +36,15 @@ impl Optimizer {
         &self.params
     }
 
+    /// Replaces the parameter list (a freeze-stage boundary): state of parameters that stay
+    /// trainable is kept, state of parameters that leave is dropped.
+    pub fn set_params(&mut self, params: Vec<Param>) {
+        let keep: std::collections::HashSet<&str> = params.iter().map(|p| p.name.as_str()).collect();
+        self.state.retain(|n, _| keep.contains(n.as_str()));
+        self.steps.retain(|n, _| keep.contains(n.as_str()));
+        self.params = params;
+    }
+
     /// Clears the gradients of every parameter.
     pub fn zero_grad(&mut self) {
         for p in &mut self.params {

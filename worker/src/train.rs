@@ -347,6 +347,14 @@ impl Trainer {
     }
 }
 
+/// The parameters of the groups that train under `modes`, input to output.
+fn trainable_params(net: &Network, modes: &[GroupMode]) -> Vec<Param> {
+    (0..modes.len())
+        .filter(|&g| modes[g] == GroupMode::Train)
+        .flat_map(|g| net.group_parameters(g).into_iter().map(move |(name, tensor)| Param { name, tensor, group: g }))
+        .collect()
+}
+
 /// The libtorch seed for one training step.
 fn step_seed(seed: u64, epoch: usize, step: usize) -> i64 {
     let mut h = seed ^ 0x5EED_u64.wrapping_mul(epoch as u64 + 1);
@@ -398,6 +406,11 @@ pub trait Control {
     fn progress(&mut self, epoch: u32, step: u64, samples_done: u64, metrics: Option<&EpochMetrics>);
     /// Set when the coordinator asked this worker to stop (job cancelled or failed).
     fn stop_requested(&self) -> Option<String>;
+    /// The frozen mask (one entry per layer group) of `epoch`'s freeze stage, when the schedule
+    /// changes it; `None` keeps the current one.
+    fn stage(&mut self, _epoch: u32) -> Option<Vec<bool>> {
+        None
+    }
     /// The dataset indices this rank trained on at `step` of `epoch` (for audits and tests).
     fn trained(&mut self, _epoch: u32, _step: u64, _samples: &[usize]) {}
 }
@@ -414,6 +427,28 @@ fn to_vec(t: &Tensor) -> Vec<f32> {
 }
 
 impl Trainer {
+    /// Applies a freeze stage in place: frozen groups stop training, the optimizer keeps the state
+    /// of parameters that stay trainable. Callers rebuild their gradient buckets after this.
+    pub fn set_frozen(&mut self, frozen: &[bool]) -> Result<(), TrainError> {
+        if frozen.len() != self.modes.len() {
+            return Err(TrainError::Invalid(format!(
+                "a freeze stage names {} groups, the model has {} ({})",
+                frozen.len(),
+                self.modes.len(),
+                self.net.group_names().join(", ")
+            )));
+        }
+        self.modes = frozen.iter().map(|&f| if f { GroupMode::Frozen } else { GroupMode::Train }).collect();
+        self.net.set_modes(&self.modes);
+        self.optimizer.set_params(trainable_params(&self.net, &self.modes));
+        Ok(())
+    }
+
+    /// The trainable parameters (handles onto the optimizer's), for bucketing.
+    fn bucket_params(&self) -> Vec<Param> {
+        self.optimizer.params().iter().map(|p| Param { name: p.name.clone(), tensor: p.tensor.shallow_clone(), group: p.group }).collect()
+    }
+
     /// Variables (parameters and buffers) in a fixed order, the same on every rank.
     fn ordered_variables(&self) -> Vec<(String, Tensor)> {
         let mut v: Vec<(String, Tensor)> = self.net.vs.variables().into_iter().collect();
@@ -458,19 +493,25 @@ impl Trainer {
             self.write_resolved_spec()?;
         }
         self.sync_from_rank0(c)?;
-        let params: Vec<Param> = self
-            .optimizer
-            .params()
-            .iter()
-            .map(|p| Param { name: p.name.clone(), tensor: p.tensor.shallow_clone(), group: p.group })
-            .collect();
+        let mut params = self.bucket_params();
         Buckets::ensure_grads(&params);
-        let buckets = Buckets::new(&params, bucket_bytes);
+        let mut buckets = Buckets::new(&params, bucket_bytes);
         let device = self.net.vs.device();
         let policy = CheckpointPolicy { every_steps: self.spec.output.checkpoint_every_steps };
         let mut stopped = None;
         while self.cursor.epoch < self.spec.train.epochs && stopped.is_none() {
             let epoch = self.cursor.epoch;
+            if let Some(frozen) = ctl.stage(epoch as u32) {
+                let now: Vec<bool> = self.modes.iter().map(|m| *m == GroupMode::Frozen).collect();
+                if frozen != now {
+                    // A stage boundary: optimizer groups and buckets follow the trainable set.
+                    self.set_frozen(&frozen)?;
+                    params = self.bucket_params();
+                    Buckets::ensure_grads(&params);
+                    buckets = Buckets::new(&params, bucket_bytes);
+                    tracing::info!(epoch = epoch + 1, trainable = params.len(), buckets = buckets.buckets.len(), "freeze stage changed");
+                }
+            }
             let plan = ctl.epoch_plan(epoch as u32)?;
             let steps = plan.steps_per_rank() as usize;
             let batches: Vec<Vec<usize>> = (0..plan.steps_per_rank())
