@@ -11,7 +11,8 @@
 //!
 //! The baseline's torch is installed on demand into `.thaw/bench-venv` (see `common`).
 //! `THAW_BENCH_NO_BASELINE=1` runs thaw's side alone; `THAW_BENCH_WARMUP` and `THAW_BENCH_ITERS` set
-//! the iterations; `THAW_RING_SEGMENT_BYTES` the ring's segment size.
+//! the iterations; `THAW_BENCH_SIZES_MIB` (comma-separated) the sizes; `THAW_RING_SEGMENT_BYTES` the
+//! ring's segment size.
 
 mod common;
 
@@ -24,6 +25,14 @@ use std::time::{Duration, Instant};
 use thaw_worker::collective::{Collective, RingCollective, RingOptions, DEFAULT_SEGMENT_BYTES};
 
 const SIZES_MIB: [usize; 3] = [4, 44, 100];
+
+/// The sizes to run: `SIZES_MIB`, or `THAW_BENCH_SIZES_MIB` (comma-separated).
+fn sizes_mib() -> Vec<usize> {
+    match std::env::var("THAW_BENCH_SIZES_MIB") {
+        Ok(list) => list.split(',').filter_map(|s| s.trim().parse().ok()).filter(|&s| s > 0).collect(),
+        Err(_) => SIZES_MIB.to_vec(),
+    }
+}
 const PEER_ENV: &str = "THAW_RING_BENCH_PEER";
 const TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -43,7 +52,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// The same schedule on both ranks; the median ms of each size.
 fn schedule(ring: &mut RingCollective, warmup: usize, iters: usize) -> Result<Vec<f64>, String> {
     let mut medians = Vec::new();
-    for mib in SIZES_MIB {
+    for mib in sizes_mib() {
         let len = (mib << 20) / 4;
         let offset = 2.0 * ring.rank() as f32;
         let mut buf: Vec<f32> = (0..len).map(|i| (i % 1000) as f32 + offset).collect();
@@ -110,14 +119,14 @@ fn thaw_side(warmup: usize, iters: usize) -> Result<Vec<f64>, String> {
 
 fn gloo_side(py: &Path, warmup: usize, iters: usize) -> Option<Vec<f64>> {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches/ring_allreduce_gloo.py");
-    let sizes = SIZES_MIB.map(|s| s.to_string()).join(",");
+    let sizes = sizes_mib().iter().map(|s| s.to_string()).collect::<Vec<_>>().join(",");
     let out = Command::new(py).arg(script).args([sizes, warmup.to_string(), iters.to_string()]).output().ok()?;
     if !out.status.success() {
         eprintln!("baseline failed: {}", String::from_utf8_lossy(&out.stderr));
         return None;
     }
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-    SIZES_MIB.iter().map(|mib| json.get(mib.to_string())?.as_f64()).collect()
+    sizes_mib().iter().map(|mib| json.get(mib.to_string())?.as_f64()).collect()
 }
 
 fn gb_per_s(mib: usize, ms: f64) -> f64 {
@@ -155,7 +164,7 @@ fn main() {
         "{:>8} {:>10} {:>10} {:>10} {:>10} {:>10}",
         "size_MiB", "thaw_ms", "thaw_GB/s", "gloo_ms", "gloo_GB/s", "gloo/thaw"
     );
-    for (i, mib) in SIZES_MIB.into_iter().enumerate() {
+    for (i, mib) in sizes_mib().into_iter().enumerate() {
         let ms = ours[i];
         match &theirs {
             Some(t) => println!(

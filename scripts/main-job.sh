@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The main job: set-up (idempotent), then fine-tune ImageNet-pretrained MobileNetV2 on
-# Fashion-MNIST on this machine. Prints progress, the epoch table and the final test accuracy,
-# and leaves a checkpoint and the resolved spec under runs/fashion-mnist-mobilenet/.
+# Fashion-MNIST with 2 data-parallel worker processes on this machine (an in-process coordinator,
+# gRPC on 127.0.0.1, a TCP ring all-reduce). Prints progress, a line per epoch and the final test
+# accuracy, and leaves a checkpoint, the resolved spec and the worker logs under
+# runs/fashion-mnist-mobilenet/.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -13,4 +15,4 @@ thaw=target/release/thaw
 if ! "$thaw" weights path --arch mobilenet_v2 | grep -q present; then
   "$thaw" weights import .thaw/weights/mobilenet_v2-b0353104.pth --arch mobilenet_v2
 fi
-"$thaw" train examples/fashion-mnist-mobilenet.toml "$@"
+"$thaw" launch --nproc 2 examples/fashion-mnist-mobilenet.toml "$@"

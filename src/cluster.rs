@@ -10,6 +10,7 @@ use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use thaw_coordinator::service::{self, State};
 use thaw_coordinator::spec::JobSpec;
+use thaw_coordinator::store::FileStore;
 use thaw_proto::v1 as pb;
 use thaw_proto::v1::jobs_client::JobsClient;
 use tonic::transport::Channel;
@@ -81,8 +82,14 @@ fn print_job(j: &pb::Job) {
     );
 }
 
-/// `thaw coordinator`: serves until Ctrl-C / SIGTERM.
-pub fn coordinator(listen: &str) -> Result<()> {
+/// `thaw coordinator`: restores the jobs of `state_dir` (a `FileStore`; jobs that were running
+/// are failed), then serves until Ctrl-C / SIGTERM.
+pub fn coordinator(listen: &str, state_dir: &Path) -> Result<()> {
+    let store = FileStore::open(state_dir)
+        .with_context(|| format!("cannot open the coordinator's state directory {}", state_dir.display()))?;
+    let state = State::with_store(Box::new(store), Duration::from_secs(30))
+        .with_context(|| format!("cannot restore the jobs of {}", state_dir.display()))?;
+    tracing::info!(dir = %state_dir.display(), "coordinator state");
     let rt = runtime()?;
     rt.block_on(async {
         let listener =
@@ -90,7 +97,6 @@ pub fn coordinator(listen: &str) -> Result<()> {
         let addr = listener.local_addr()?;
         tracing::info!(%addr, "coordinator listening");
         println!("coordinator listening on http://{addr}");
-        let state = State::new(Duration::from_secs(30));
         service::serve(listener, state, shutdown_signal()).await?;
         tracing::info!("coordinator stopped");
         Ok(())
@@ -260,6 +266,9 @@ pub fn watch(job: &str, url: &str, json: bool) -> Result<i32> {
 
 /// `thaw worker`: one worker process of a job.
 pub fn worker(url: &str, job: &str, worker_id: Option<String>, bind_host: &str, device: tch::Device) -> Result<()> {
+    if let Some(n) = std::env::var("THAW_TORCH_THREADS").ok().and_then(|s| s.parse::<i32>().ok()) {
+        tch::set_num_threads(n.max(1));
+    }
     let worker_id = worker_id.unwrap_or_else(|| {
         format!("{}:{}", std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into()), std::process::id())
     });
@@ -301,6 +310,7 @@ pub fn launch(spec_path: &Path, nproc: u32, device: &str) -> Result<i32> {
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}", listener.local_addr()?);
+        // The job lives and dies with this process: an in-memory store, nothing under THAW_HOME.
         let state = State::new(Duration::from_secs(30));
         let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(service::serve(listener, state, async {
@@ -314,6 +324,9 @@ pub fn launch(spec_path: &Path, nproc: u32, device: &str) -> Result<i32> {
             .into_inner()
             .job_id;
         eprintln!("job {id}: coordinator {url}, {nproc} workers, logs in {}", logs.display());
+        // Share the cores: each worker's libtorch gets its part instead of all of them.
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+        let threads = (cores / nproc).max(1).to_string();
         let mut children: Vec<Child> = Vec::new();
         for i in 0..nproc {
             let log = std::fs::File::create(logs.join(format!("worker-{i}.log")))?;
@@ -329,6 +342,7 @@ pub fn launch(spec_path: &Path, nproc: u32, device: &str) -> Result<i32> {
                     "--device",
                     device,
                 ])
+                .env("THAW_TORCH_THREADS", &threads)
                 .stdin(Stdio::null())
                 .stdout(log.try_clone()?)
                 .stderr(log)

@@ -139,6 +139,10 @@ enum Command {
     Coordinator {
         #[arg(long, default_value = "127.0.0.1:7070")]
         listen: String,
+        /// Where the jobs are kept across restarts (default: $THAW_HOME/coordinator); one
+        /// coordinator at a time.
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
     },
     /// Run one worker of a job.
     Worker {
@@ -275,7 +279,9 @@ fn run(cli: Cli) -> Result<()> {
             };
             exit_with(cluster::launch(&spec, nproc, dev)?)
         }
-        Command::Coordinator { listen } => cluster::coordinator(&listen),
+        Command::Coordinator { listen, state_dir } => {
+            cluster::coordinator(&listen, &state_dir.unwrap_or_else(|| weights::thaw_home().join("coordinator")))
+        }
         Command::Worker { coordinator, job, worker_id, bind_host, device } => {
             cluster::worker(&coordinator, &job, worker_id, &bind_host, device.device()?)
         }

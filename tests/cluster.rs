@@ -142,7 +142,9 @@ fn a_group_unfrozen_mid_run_is_averaged_like_one_process() {
     // The conv group really was frozen in epoch 1 and really trained in epoch 2.
     let first_epoch = run_ranks(1, 32, 300, 1, stages);
     let init = {
-        let spec = JobSpec::from_toml(&lenet_job("init", Path::new("/tmp/unused"), "batch_size = 32", 300, 1), Path::new("/")).unwrap();
+        let spec =
+            JobSpec::from_toml(&lenet_job("init", Path::new("/tmp/unused"), "batch_size = 32", 300, 1), Path::new("/"))
+                .unwrap();
         vars_of(&Trainer::prepare(spec, tch::Device::Cpu).unwrap())
     };
     assert_eq!(max_diff(&first_epoch[0].vars, &init, "conv"), 0.0, "conv stays bit-identical while frozen");
@@ -202,10 +204,12 @@ fn two_workers_with_batch_b_match_one_worker_with_batch_2b() {
     assert!(moved > 0.0);
 }
 
-/// Starts `thaw coordinator` on a free port; returns the process and its URL.
-fn coordinator() -> (std::process::Child, String) {
+/// Starts `thaw coordinator` on a free port with its state in `state_dir`; returns the process and
+/// its URL.
+fn coordinator(state_dir: &Path) -> (std::process::Child, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_thaw"))
-        .args(["coordinator", "--listen", "127.0.0.1:0"])
+        .args(["coordinator", "--listen", "127.0.0.1:0", "--state-dir"])
+        .arg(state_dir)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -235,8 +239,8 @@ fn bad_input_to_the_cluster_gets_clear_errors() {
     assert!(err.contains("cannot reach the coordinator at http://127.0.0.1:9 after 5 attempts"), "{err}");
     assert!(started.elapsed() < Duration::from_secs(60));
 
-    let (mut coord, url) = coordinator();
     let dir = tempfile::tempdir().unwrap();
+    let (mut coord, url) = coordinator(&dir.path().join("state"));
     let out = dir.path().join("out");
     let spec = write_spec(dir.path(), "solo", &lenet_job("solo", &out, "batch_size = 32", 4000, 3));
     let o = ok(thaw_url(&["submit", spec.to_str().unwrap()], &url));

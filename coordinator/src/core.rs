@@ -3,9 +3,18 @@
 //!
 //! The gRPC services are thin adapters over [`Coordinator`]: they take the lock, call one method,
 //! and convert the result. Time is passed in (`now` for deadlines, `now_ms` for the record), so
-//! every path is tested without a clock or a network. This module never blocks, never sleeps and
-//! never touches the network; waiting (a worker long-polling the rendezvous) is the service's job,
-//! guided by [`JoinPoll::Waiting`]'s deadline.
+//! every path is tested without a clock or a network. This module never sleeps and never touches
+//! the network; waiting (a worker long-polling the rendezvous) is the service's job, guided by
+//! [`JoinPoll::Waiting`]'s deadline.
+//!
+//! Persistence: every change to a job's record, metrics or settled facts is written through the
+//! [`StateStore`] before the method returns (one small file write with the `FileStore`), so a
+//! coordinator restarted with [`Coordinator::restore`] knows every job again. Progress alone is
+//! written at most once per second per job ([`PROGRESS_SAVE_INTERVAL_MS`]) to keep the hot path
+//! cheap; the latest progress is written by the next [`Coordinator::flush`] (the service runs it
+//! every second and on shutdown). Once a job is accepted, a write that fails does not undo the
+//! change: the job stays dirty, the failure is logged, and `flush` tries again. The store is the
+//! only I/O here.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -15,6 +24,11 @@ use crate::job::{JobError, JobRecord, JobState};
 use crate::plan::{EpochPlan, PlanError};
 use crate::rendezvous::{Member, Rendezvous, RendezvousConfig, RendezvousError, RendezvousState};
 use crate::spec::{JobSpec, SpecError};
+use crate::store::{MemoryStore, StateStore, StoreError, StoredJob, StoredMetrics};
+
+/// Progress alone (no state change, no finished epoch) is written to the store at most this often
+/// per job; [`Coordinator::flush`] writes what was held back.
+pub const PROGRESS_SAVE_INTERVAL_MS: u64 = 1_000;
 
 /// What kind of failure, for the one place that maps errors to transport status codes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -24,6 +38,9 @@ pub enum ErrorKind {
     NotFound,
     FailedPrecondition,
     DeadlineExceeded,
+    /// The state store could not write; retrying may succeed.
+    Unavailable,
+    Internal,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +66,8 @@ pub enum CoreError {
          every worker must read the same data"
     )]
     DataMismatch { job: String, worker: String, expected: u64, found: u64 },
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 impl CoreError {
@@ -65,6 +84,9 @@ impl CoreError {
             CoreError::Rendezvous(_) | CoreError::Job(_) | CoreError::WrongState { .. } => {
                 ErrorKind::FailedPrecondition
             }
+            CoreError::Store(StoreError::InvalidId { .. }) => ErrorKind::InvalidArgument,
+            CoreError::Store(e) if e.is_retryable() => ErrorKind::Unavailable,
+            CoreError::Store(_) => ErrorKind::Internal,
         }
     }
 }
@@ -145,6 +167,12 @@ struct Job {
     nccl_unique_id: Vec<u8>,
     metrics: Vec<EpochSummary>,
     last_seen: HashMap<String, Instant>,
+    /// Size of the group the rendezvous formed (kept when the members are not, after a restore).
+    world_size: u32,
+    /// `now_ms` of the last successful write to the store.
+    saved_ms: Option<u64>,
+    /// Changed since the last successful write.
+    dirty: bool,
 }
 
 impl Job {
@@ -153,17 +181,55 @@ impl Job {
     }
 
     fn steps_per_epoch(&self) -> u64 {
-        match (self.num_samples, self.members.len()) {
+        match (self.num_samples, self.world_size) {
             (Some(n), w) if w > 0 => n.div_ceil(w as u64 * self.spec.train.batch_size as u64),
             _ => 0,
         }
     }
+
+    fn stored(&self) -> StoredJob {
+        StoredJob {
+            record: self.record.clone(),
+            spec_toml: self.spec_toml.clone(),
+            metrics: self.metrics.iter().map(StoredMetrics::from).collect(),
+            num_samples: self.num_samples,
+            workers: self.world_size,
+        }
+    }
+
+    /// Writes the job to `store` now; on failure it stays dirty for the next flush.
+    fn save(&mut self, store: &dyn StateStore, now_ms: u64) -> Result<(), StoreError> {
+        match store.put_job(&self.stored()) {
+            Ok(()) => {
+                self.dirty = false;
+                self.saved_ms = Some(now_ms);
+                Ok(())
+            }
+            Err(e) => {
+                self.dirty = true;
+                Err(e)
+            }
+        }
+    }
+
+    /// [`Job::save`] for a change already made: a failure is logged, not returned.
+    fn save_or_defer(&mut self, store: &dyn StateStore, now_ms: u64) {
+        if let Err(e) = self.save(store, now_ms) {
+            tracing::warn!(job = %self.record.job_id(), error = %e, "cannot persist the job; will retry");
+        }
+    }
 }
 
-/// Every job of one coordinator.
-#[derive(Default)]
+/// Every job of one coordinator, and the store that keeps them across restarts.
 pub struct Coordinator {
     jobs: BTreeMap<String, Job>,
+    store: Box<dyn StateStore>,
+}
+
+impl Default for Coordinator {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 fn secs(s: f64) -> Duration {
@@ -171,23 +237,106 @@ fn secs(s: f64) -> Duration {
 }
 
 impl Coordinator {
+    /// A coordinator whose jobs live in memory only (a [`MemoryStore`]): nothing outlives it.
     pub fn new() -> Self {
-        Self::default()
+        Self::with_store(Box::new(MemoryStore::new()))
+    }
+
+    /// An empty coordinator that writes its jobs to `store`. To pick up the jobs already in a
+    /// store, use [`Coordinator::restore`].
+    pub fn with_store(store: Box<dyn StateStore>) -> Self {
+        Coordinator { jobs: BTreeMap::new(), store }
+    }
+
+    /// A coordinator with every job of `store`, as a restarted coordinator sees them.
+    ///
+    /// Terminal jobs come back as they were: history, progress, metrics. A job that was not
+    /// terminal cannot go on: its workers' rendezvous or ring was with the coordinator that died,
+    /// and their membership is not stored. It is failed with a reason that says so (and written
+    /// back), and its workers, if still alive, are told to stop at their next heartbeat. A stored
+    /// job whose spec no longer validates is skipped with a warning; its stored value stays until a
+    /// job of that name is submitted.
+    pub fn restore(store: Box<dyn StateStore>, now: Instant, now_ms: u64) -> Result<Self, CoreError> {
+        let mut c = Self::with_store(store);
+        let mut interrupted = 0;
+        for stored in c.store.load_all()? {
+            let id = stored.record.job_id().to_string();
+            let spec = match JobSpec::from_toml(&stored.spec_toml, Path::new("/")) {
+                Ok(spec) if spec.name == id => spec,
+                Ok(spec) => {
+                    tracing::warn!(job = %id, name = %spec.name, "skipping a stored job whose spec has another name");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(job = %id, error = %e, "skipping a stored job whose spec is no longer valid");
+                    continue;
+                }
+            };
+            let d = &spec.distributed;
+            let config = match RendezvousConfig::new(
+                id.clone(),
+                d.min_workers,
+                d.max_workers,
+                secs(d.join_timeout_secs),
+                secs(d.last_call_secs),
+            ) {
+                Ok(config) => config,
+                Err(e) => {
+                    tracing::warn!(job = %id, error = %e, "skipping a stored job whose rendezvous is no longer valid");
+                    continue;
+                }
+            };
+            let mut record = stored.record;
+            let was = record.state();
+            let lost = !was.is_terminal();
+            if lost {
+                record.fail(
+                    format!("coordinator restarted while the job was {was}; resubmit or resume from its checkpoint"),
+                    now_ms,
+                )?;
+                interrupted += 1;
+                tracing::warn!(job = %id, state = %was, "the job was interrupted by the coordinator's restart; failed");
+            }
+            let mut job = Job {
+                record,
+                spec_toml: stored.spec_toml,
+                spec,
+                rendezvous: Rendezvous::new(config, now),
+                members: Vec::new(),
+                num_samples: stored.num_samples,
+                nccl_unique_id: Vec::new(),
+                metrics: stored.metrics.iter().map(EpochSummary::from).collect(),
+                last_seen: HashMap::new(),
+                world_size: stored.workers,
+                saved_ms: Some(now_ms),
+                dirty: false,
+            };
+            if lost {
+                job.save(&*c.store, now_ms)?;
+            }
+            c.jobs.insert(id, job);
+        }
+        tracing::info!(jobs = c.jobs.len(), interrupted, "restored the jobs of the state store");
+        Ok(c)
     }
 
     fn job(&self, id: &str) -> Result<&Job, CoreError> {
         self.jobs.get(id).ok_or_else(|| CoreError::UnknownJob(id.to_string()))
     }
 
-    fn job_mut(&mut self, id: &str) -> Result<&mut Job, CoreError> {
-        self.jobs.get_mut(id).ok_or_else(|| CoreError::UnknownJob(id.to_string()))
+    /// The job and the store, borrowed together so that a method can change and save a job.
+    fn job_mut(&mut self, id: &str) -> Result<(&mut Job, &dyn StateStore), CoreError> {
+        let job = self.jobs.get_mut(id).ok_or_else(|| CoreError::UnknownJob(id.to_string()))?;
+        Ok((job, &*self.store))
     }
 
     /// Validates a spec (absolute paths; as `thaw submit` resolves it) and opens its rendezvous.
-    /// The job id is the spec's name, unique among the coordinator's jobs.
+    /// The job id is the spec's name, unique among the coordinator's live jobs: a finished,
+    /// failed or cancelled job of the same name is replaced (history, metrics and all). The job
+    /// is accepted only once the store has it.
     pub fn submit(&mut self, spec_toml: &str, now: Instant, now_ms: u64) -> Result<String, CoreError> {
         let spec = JobSpec::from_toml(spec_toml, Path::new("/"))?;
-        if self.jobs.contains_key(&spec.name) {
+        if self.jobs.get(&spec.name).is_some_and(|old| !old.record.state().is_terminal()) {
             return Err(CoreError::DuplicateJob(spec.name));
         }
         let d = &spec.distributed;
@@ -202,20 +351,22 @@ impl Coordinator {
         record.start_rendezvous(format!("waiting for {}..{} workers", d.min_workers, d.max_workers), now_ms)?;
         let id = spec.name.clone();
         let spec_toml = spec.to_toml();
-        self.jobs.insert(
-            id.clone(),
-            Job {
-                record,
-                spec,
-                spec_toml,
-                rendezvous: Rendezvous::new(config, now),
-                members: Vec::new(),
-                num_samples: None,
-                nccl_unique_id: Vec::new(),
-                metrics: Vec::new(),
-                last_seen: HashMap::new(),
-            },
-        );
+        let mut job = Job {
+            record,
+            spec,
+            spec_toml,
+            rendezvous: Rendezvous::new(config, now),
+            members: Vec::new(),
+            num_samples: None,
+            nccl_unique_id: Vec::new(),
+            metrics: Vec::new(),
+            last_seen: HashMap::new(),
+            world_size: 0,
+            saved_ms: None,
+            dirty: true,
+        };
+        job.save(&*self.store, now_ms)?;
+        self.jobs.insert(id.clone(), job);
         Ok(id)
     }
 
@@ -231,7 +382,7 @@ impl Coordinator {
         now: Instant,
         now_ms: u64,
     ) -> Result<(), CoreError> {
-        let job = self.job_mut(job_id)?;
+        let (job, store) = self.job_mut(job_id)?;
         if job.record.state() != JobState::Rendezvous {
             return Err(CoreError::WrongState {
                 job: job_id.into(),
@@ -256,8 +407,9 @@ impl Coordinator {
             job.nccl_unique_id = nccl_unique_id.to_vec();
         }
         job.last_seen.insert(worker_id.to_string(), now);
-        Self::advance_rendezvous(job, now, now_ms)?;
-        Ok(())
+        let advanced = Self::advance_rendezvous(job, now, now_ms);
+        job.save_or_defer(store, now_ms);
+        advanced
     }
 
     /// Moves a job out of `Rendezvous` when its round has closed or timed out.
@@ -272,6 +424,7 @@ impl Coordinator {
                 for m in &members {
                     job.last_seen.insert(m.worker_id.clone(), now);
                 }
+                job.world_size = members.len() as u32;
                 job.members = members;
             }
             RendezvousState::TimedOut { joined, min_workers } => {
@@ -290,8 +443,13 @@ impl Coordinator {
         now: Instant,
         now_ms: u64,
     ) -> Result<JoinPoll, CoreError> {
-        let job = self.job_mut(job_id)?;
-        Self::advance_rendezvous(job, now, now_ms)?;
+        let (job, store) = self.job_mut(job_id)?;
+        let before = job.record.history().len();
+        let advanced = Self::advance_rendezvous(job, now, now_ms);
+        if job.record.history().len() != before {
+            job.save_or_defer(store, now_ms);
+        }
+        advanced?;
         match job.record.state() {
             JobState::Rendezvous => Ok(JoinPoll::Waiting { until: job.rendezvous.next_deadline() }),
             JobState::Running => {
@@ -315,10 +473,12 @@ impl Coordinator {
         }
     }
 
-    /// A member is alive; the answer says whether to go on.
+    /// A member is alive; the answer says whether to go on. Any worker of a job that has ended is
+    /// told to stop, member or not: after a restart the coordinator no longer knows the members
+    /// of the jobs it failed, and their workers must still learn why.
     pub fn heartbeat(&mut self, job_id: &str, worker_id: &str, now: Instant) -> Result<Command, CoreError> {
-        let job = self.job_mut(job_id)?;
-        if !job.is_member(worker_id) {
+        let (job, _) = self.job_mut(job_id)?;
+        if !job.is_member(worker_id) && !job.record.state().is_terminal() {
             return Err(CoreError::NotAMember { job: job_id.into(), worker: worker_id.into() });
         }
         job.last_seen.insert(worker_id.to_string(), now);
@@ -355,7 +515,8 @@ impl Coordinator {
         })
     }
 
-    /// Progress from a rank (rank 0's is recorded); `metrics` once per finished epoch.
+    /// Progress from a rank (rank 0's is recorded); `metrics` once per finished epoch. Metrics are
+    /// written to the store at once; progress alone at most every [`PROGRESS_SAVE_INTERVAL_MS`].
     pub fn report_progress(
         &mut self,
         job_id: &str,
@@ -366,12 +527,20 @@ impl Coordinator {
         metrics: Option<EpochSummary>,
         now_ms: u64,
     ) -> Result<(), CoreError> {
-        let job = self.job_mut(job_id)?;
+        let (job, store) = self.job_mut(job_id)?;
         if rank == 0 && job.record.state() == JobState::Running {
             job.record.record_progress(epoch, step, samples_done, now_ms)?;
+            let epoch_done = metrics.is_some();
             if let Some(m) = metrics {
                 job.metrics.retain(|old| old.epoch != m.epoch);
                 job.metrics.push(m);
+            }
+            // A clock that went back also saves, so a step never holds progress back for long.
+            let due = job.saved_ms.is_none_or(|t| now_ms < t || now_ms - t >= PROGRESS_SAVE_INTERVAL_MS);
+            if epoch_done || due {
+                job.save_or_defer(store, now_ms);
+            } else {
+                job.dirty = true;
             }
         }
         Ok(())
@@ -388,50 +557,74 @@ impl Coordinator {
         now: Instant,
         now_ms: u64,
     ) -> Result<(), CoreError> {
-        let job = self.job_mut(job_id)?;
+        let (job, store) = self.job_mut(job_id)?;
         if job.record.state() == JobState::Rendezvous {
             job.rendezvous.leave(worker_id, now)?;
+            return Ok(());
+        }
+        job.last_seen.remove(worker_id);
+        // A job that has ended (perhaps before a restart that forgot its members) has nothing to
+        // record; any worker may say goodbye.
+        if job.record.state().is_terminal() {
             return Ok(());
         }
         let Some(rank) = job.members.iter().find(|m| m.worker_id == worker_id).map(|m| m.rank) else {
             return Err(CoreError::NotAMember { job: job_id.into(), worker: worker_id.into() });
         };
-        job.last_seen.remove(worker_id);
-        if job.record.state().is_terminal() {
-            return Ok(());
-        }
         if !succeeded {
             job.record.fail(format!("rank {rank} ({worker_id}) failed: {error}"), now_ms)?;
         } else if rank == 0 {
             job.record.succeed(format!("rank 0 ({worker_id}) finished"), now_ms)?;
+        } else {
+            return Ok(());
         }
+        job.save_or_defer(store, now_ms);
         Ok(())
     }
 
     /// Cancels a non-terminal job; its workers stop at their next heartbeat.
     pub fn cancel(&mut self, job_id: &str, reason: &str, now_ms: u64) -> Result<JobView, CoreError> {
-        let job = self.job_mut(job_id)?;
+        let (job, store) = self.job_mut(job_id)?;
         let reason = if reason.is_empty() { "cancelled by the user" } else { reason };
         job.record.cancel(reason, now_ms)?;
+        job.save_or_defer(store, now_ms);
         self.get(job_id)
     }
 
     /// Fails running jobs with a member silent for longer than `timeout`; returns their ids.
     pub fn check_liveness(&mut self, now: Instant, timeout: Duration, now_ms: u64) -> Vec<String> {
         let mut failed = Vec::new();
+        let store = &*self.store;
         for (id, job) in &mut self.jobs {
-            if Self::advance_rendezvous(job, now, now_ms).is_err() || job.record.state() != JobState::Running {
-                continue;
-            }
-            let silent = job
-                .members
-                .iter()
-                .find(|m| job.last_seen.get(&m.worker_id).is_some_and(|t| now.saturating_duration_since(*t) > timeout));
-            if let Some(m) = silent {
-                let reason = format!("rank {} ({}) sent no heartbeat for {timeout:?}", m.rank, m.worker_id);
-                if job.record.fail(reason, now_ms).is_ok() {
-                    failed.push(id.clone());
+            let before = job.record.history().len();
+            if Self::advance_rendezvous(job, now, now_ms).is_ok() && job.record.state() == JobState::Running {
+                let silent = job.members.iter().find(|m| {
+                    job.last_seen.get(&m.worker_id).is_some_and(|t| now.saturating_duration_since(*t) > timeout)
+                });
+                if let Some(m) = silent {
+                    let reason = format!("rank {} ({}) sent no heartbeat for {timeout:?}", m.rank, m.worker_id);
+                    if job.record.fail(reason, now_ms).is_ok() {
+                        failed.push(id.clone());
+                    }
                 }
+            }
+            if job.record.history().len() != before {
+                job.save_or_defer(store, now_ms);
+            }
+        }
+        failed
+    }
+
+    /// Writes every job changed since its last write (progress held back by the throttle, writes
+    /// that failed); returns how many still could not be written. Run it every second and before
+    /// shutting down.
+    pub fn flush(&mut self, now_ms: u64) -> usize {
+        let store = &*self.store;
+        let mut failed = 0;
+        for job in self.jobs.values_mut().filter(|j| j.dirty) {
+            if let Err(e) = job.save(store, now_ms) {
+                tracing::warn!(job = %job.record.job_id(), error = %e, "cannot persist the job; will retry");
+                failed += 1;
             }
         }
         failed
@@ -443,7 +636,7 @@ impl Coordinator {
             record: job.record.clone(),
             name: job.spec.name.clone(),
             spec_toml: job.spec_toml.clone(),
-            workers: job.members.len() as u32,
+            workers: job.world_size,
             steps_per_epoch: job.steps_per_epoch(),
             metrics: job.metrics.clone(),
         })
@@ -560,5 +753,192 @@ mod tests {
         let view = c.get(&id2).unwrap();
         let why = &view.record.history().last().unwrap().reason;
         assert!(why.contains("rank 1 (w-b) sent no heartbeat"), "{why}");
+    }
+
+    fn stored(store: &MemoryStore, id: &str) -> StoredJob {
+        store.load_all().unwrap().into_iter().find(|j| j.record.job_id() == id).expect("job stored")
+    }
+
+    fn states(r: &JobRecord) -> Vec<JobState> {
+        r.history().iter().map(|t| t.to).collect()
+    }
+
+    #[test]
+    fn every_change_is_stored_and_progress_is_throttled() {
+        use JobState::*;
+        let t0 = Instant::now();
+        let store = MemoryStore::new();
+        let mut c = Coordinator::with_store(Box::new(store.clone()));
+        let id = c.submit(&spec("j", 2), t0, 1_000).unwrap();
+        assert_eq!(states(&stored(&store, &id).record), [Pending, Rendezvous]);
+        c.join(&id, "w-a", "a:1", 10, &[], t0, 1_001).unwrap();
+        assert_eq!(stored(&store, &id).num_samples, Some(10), "the agreed data size is stored at the first join");
+        c.join(&id, "w-b", "a:2", 10, &[], t0, 1_002).unwrap();
+        let s = stored(&store, &id);
+        assert_eq!((states(&s.record).last(), s.workers), (Some(&Running), 2));
+
+        // Progress: the first report after the interval is written, the next ones held back...
+        c.report_progress(&id, 0, 0, 1, 8, None, 2_500).unwrap();
+        c.report_progress(&id, 0, 0, 2, 10, None, 2_600).unwrap();
+        c.report_progress(&id, 1, 0, 2, 10, None, 2_600).unwrap();
+        assert_eq!(stored(&store, &id).record.progress().step, 1, "held back for a second");
+        // ...until a flush, or the next report a second later.
+        assert_eq!(c.flush(2_700), 0);
+        assert_eq!(stored(&store, &id).record.progress().step, 2);
+        c.report_progress(&id, 0, 1, 1, 8, None, 2_800).unwrap();
+        assert_eq!(stored(&store, &id).record.progress().epoch, 0);
+        c.report_progress(&id, 0, 1, 2, 9, None, 3_700).unwrap();
+        assert_eq!(stored(&store, &id).record.progress().samples_done, 9);
+        // A finished epoch's metrics are written at once.
+        let m = EpochSummary { epoch: 1, train_loss: f64::NAN, val_acc: 0.75, ..Default::default() };
+        c.report_progress(&id, 0, 1, 2, 10, Some(m), 3_701).unwrap();
+        let s = stored(&store, &id);
+        assert_eq!((s.metrics.len(), s.metrics[0].val_acc, s.record.progress().samples_done), (1, 0.75, 10));
+        assert!(s.metrics[0].train_loss.is_nan());
+
+        c.leave(&id, "w-a", true, "", t0, 4_000).unwrap();
+        let s = stored(&store, &id);
+        assert_eq!(states(&s.record).last(), Some(&Succeeded));
+        assert_eq!(s.record.history().last().unwrap().at_ms, 4_000);
+
+        // Cancels and liveness failures are stored too.
+        let k = c.submit(&spec("k", 1), t0, 5_000).unwrap();
+        c.cancel(&k, "", 5_001).unwrap();
+        assert_eq!(states(&stored(&store, &k).record).last(), Some(&Cancelled));
+        let l = c.submit(&spec("l", 2), t0, 6_000).unwrap();
+        c.join(&l, "w-a", "a:1", 8, &[], t0, 6_001).unwrap();
+        c.join(&l, "w-b", "a:2", 8, &[], t0, 6_002).unwrap();
+        assert_eq!(c.check_liveness(t0 + Duration::from_secs(9), Duration::from_secs(3), 6_003), ["l"]);
+        let s = stored(&store, &l);
+        assert!(s.record.history().last().unwrap().reason.contains("sent no heartbeat"), "{:?}", s.record);
+        // A rendezvous that times out while polled.
+        let m = c.submit(&spec("m", 2), t0, 7_000).unwrap();
+        c.join(&m, "w-a", "a:1", 8, &[], t0, 7_001).unwrap();
+        assert!(c.poll_join(&m, "w-a", t0 + Duration::from_secs(11), 7_002).is_err());
+        assert_eq!(states(&stored(&store, &m).record).last(), Some(&Failed));
+    }
+
+    #[test]
+    fn a_restarted_coordinator_keeps_finished_jobs_and_fails_interrupted_ones() {
+        use JobState::*;
+        let t0 = Instant::now();
+        let store = MemoryStore::new();
+        let mut c = Coordinator::with_store(Box::new(store.clone()));
+        let done = c.submit(&spec("done", 1), t0, 1_000).unwrap();
+        c.join(&done, "w-a", "a:1", 10, &[], t0, 1_001).unwrap();
+        let m = EpochSummary { epoch: 1, train_loss: 0.25, val_acc: 0.5, images: 10, ..Default::default() };
+        c.report_progress(&done, 0, 0, 3, 10, Some(m.clone()), 1_002).unwrap();
+        c.leave(&done, "w-a", true, "", t0, 1_003).unwrap();
+        let running = c.submit(&spec("running", 1), t0, 2_000).unwrap();
+        c.join(&running, "w-b", "b:1", 10, &[], t0, 2_001).unwrap();
+        c.report_progress(&running, 0, 0, 2, 8, None, 3_500).unwrap();
+        let waiting = c.submit(&spec("waiting", 2), t0, 4_000).unwrap();
+        c.join(&waiting, "w-c", "c:1", 10, &[], t0, 4_001).unwrap();
+        let before = c.get(&done).unwrap();
+        drop(c);
+
+        let t1 = Instant::now();
+        let mut c = Coordinator::restore(Box::new(store.clone()), t1, 9_000).unwrap();
+        assert_eq!(c.list().len(), 3);
+        let after = c.get(&done).unwrap();
+        assert_eq!(after.record, before.record, "a finished job comes back as it was");
+        assert_eq!(after.metrics, [m]);
+        assert_eq!((after.workers, after.steps_per_epoch), (before.workers, before.steps_per_epoch));
+        for (id, was) in [(&running, "running"), (&waiting, "rendezvous")] {
+            let v = c.get(id).unwrap();
+            assert_eq!(v.record.state(), Failed);
+            let last = v.record.history().last().unwrap();
+            assert_eq!(
+                last.reason,
+                format!("coordinator restarted while the job was {was}; resubmit or resume from its checkpoint")
+            );
+            assert_eq!(last.at_ms, 9_000);
+            assert_eq!(states(&stored(&store, id).record).last(), Some(&Failed), "the failure is written back");
+        }
+        assert_eq!(c.get(&running).unwrap().record.progress().samples_done, 8, "progress survives");
+
+        // The old workers learn why at their next heartbeat, and may still say goodbye.
+        match c.heartbeat(&running, "w-b", t1).unwrap() {
+            Command::Stop { reason } => assert!(reason.contains("coordinator restarted"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+        c.leave(&running, "w-b", false, "stopped", t1, 9_001).unwrap();
+        assert!(c.join(&waiting, "w-d", "d:1", 10, &[], t1, 9_002).is_err());
+
+        // A second restart changes nothing; a job of the same name may be submitted again.
+        let again = Coordinator::restore(Box::new(store.clone()), t1, 10_000).unwrap();
+        assert_eq!(again.get(&running).unwrap().record, c.get(&running).unwrap().record);
+        let id = c.submit(&spec("running", 1), t1, 11_000).unwrap();
+        assert_eq!(states(&c.get(&id).unwrap().record), [Pending, Rendezvous]);
+        assert_eq!(states(&stored(&store, &id).record), [Pending, Rendezvous]);
+        let err = c.submit(&spec("running", 1), t1, 11_001).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::AlreadyExists, "a live job keeps its name");
+    }
+
+    #[test]
+    fn a_stored_job_whose_spec_no_longer_validates_is_skipped() {
+        let t0 = Instant::now();
+        let store = MemoryStore::new();
+        let mut c = Coordinator::with_store(Box::new(store.clone()));
+        c.submit(&spec("ok", 1), t0, 0).unwrap();
+        let mut bad = stored(&store, "ok");
+        bad.record = JobRecord::new("bad", 0).unwrap();
+        bad.spec_toml = bad.spec_toml.replace("name = \"ok\"", "name = \"bad\"").replace("lenet5", "");
+        store.put_job(&bad).unwrap();
+        let c = Coordinator::restore(Box::new(store), t0, 1).unwrap();
+        let ids: Vec<String> = c.list().iter().map(|v| v.record.job_id().to_string()).collect();
+        assert_eq!(ids, ["ok"]);
+    }
+
+    /// A store whose writes fail while `broken` is set.
+    struct Flaky {
+        inner: MemoryStore,
+        broken: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl StateStore for Flaky {
+        fn put_job(&self, rec: &StoredJob) -> Result<(), StoreError> {
+            if self.broken.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(StoreError::Io {
+                    what: "write",
+                    path: "/state/jobs/x.json".into(),
+                    source: std::io::Error::other("disk full"),
+                });
+            }
+            self.inner.put_job(rec)
+        }
+        fn delete_job(&self, id: &str) -> Result<(), StoreError> {
+            self.inner.delete_job(id)
+        }
+        fn load_all(&self) -> Result<Vec<StoredJob>, StoreError> {
+            self.inner.load_all()
+        }
+    }
+
+    #[test]
+    fn failed_writes_refuse_new_jobs_and_are_retried_for_accepted_ones() {
+        let t0 = Instant::now();
+        let inner = MemoryStore::new();
+        let broken = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let mut c = Coordinator::with_store(Box::new(Flaky { inner: inner.clone(), broken: broken.clone() }));
+        let err = c.submit(&spec("j", 1), t0, 0).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Unavailable);
+        assert!(err.to_string().contains("disk full"), "{err}");
+        assert!(c.list().is_empty(), "a job the store does not have is not accepted");
+
+        broken.store(false, std::sync::atomic::Ordering::SeqCst);
+        let id = c.submit(&spec("j", 1), t0, 1).unwrap();
+        broken.store(true, std::sync::atomic::Ordering::SeqCst);
+        c.join(&id, "w", "a:1", 10, &[], t0, 2).unwrap();
+        assert_eq!(c.get(&id).unwrap().record.state(), JobState::Running, "the change stands");
+        assert_eq!(stored(&inner, &id).record.state(), JobState::Rendezvous);
+        assert_eq!(c.flush(3), 1);
+        broken.store(false, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(c.flush(4), 0);
+        assert_eq!(stored(&inner, &id).record.state(), JobState::Running);
+
+        let err = c.submit(&spec(&"x".repeat(201), 1), t0, 5).unwrap_err();
+        assert!(err.to_string().contains("longer than 200 bytes"), "{err}");
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument);
     }
 }

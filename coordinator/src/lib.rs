@@ -11,3 +11,4 @@ pub mod plan;
 pub mod rendezvous;
 pub mod service;
 pub mod spec;
+pub mod store;

@@ -18,6 +18,7 @@ use tonic::{Request, Response, Status};
 
 use crate::core::{Command, Coordinator, CoreError, EpochSummary, ErrorKind, JobView, JoinPoll};
 use crate::job::JobState;
+use crate::store::StateStore;
 
 /// The one mapping from core errors to gRPC status codes.
 pub fn status(e: CoreError) -> Status {
@@ -28,6 +29,8 @@ pub fn status(e: CoreError) -> Status {
         ErrorKind::NotFound => Status::not_found(msg),
         ErrorKind::FailedPrecondition => Status::failed_precondition(msg),
         ErrorKind::DeadlineExceeded => Status::deadline_exceeded(msg),
+        ErrorKind::Unavailable => Status::unavailable(msg),
+        ErrorKind::Internal => Status::internal(msg),
     }
 }
 
@@ -46,9 +49,21 @@ pub struct State {
 }
 
 impl State {
+    /// A coordinator whose jobs live in memory only, as `thaw launch` runs one: its jobs end
+    /// with the process that owns them.
     pub fn new(heartbeat_timeout: Duration) -> Arc<State> {
+        Self::with_core(Coordinator::new(), heartbeat_timeout)
+    }
+
+    /// A coordinator on `store`, with every job already in it restored (see
+    /// [`Coordinator::restore`]: jobs that were running or forming a group are failed).
+    pub fn with_store(store: Box<dyn StateStore>, heartbeat_timeout: Duration) -> Result<Arc<State>, CoreError> {
+        Ok(Self::with_core(Coordinator::restore(store, Instant::now(), now_ms())?, heartbeat_timeout))
+    }
+
+    fn with_core(core: Coordinator, heartbeat_timeout: Duration) -> Arc<State> {
         let (events, _) = broadcast::channel(1024);
-        Arc::new(State { core: Mutex::new(Coordinator::new()), changed: Notify::new(), events, heartbeat_timeout })
+        Arc::new(State { core: Mutex::new(core), changed: Notify::new(), events, heartbeat_timeout })
     }
 
     fn core(&self) -> MutexGuard<'_, Coordinator> {
@@ -61,9 +76,15 @@ impl State {
         let _ = self.events.send(job_id.to_string());
     }
 
-    /// Fails jobs whose workers went silent; run periodically.
+    /// Fails jobs whose workers went silent and writes what the store is missing (throttled
+    /// progress, failed writes); run every second.
     pub fn sweep(&self) {
-        let failed = self.core().check_liveness(Instant::now(), self.heartbeat_timeout, now_ms());
+        let failed = {
+            let mut core = self.core();
+            let failed = core.check_liveness(Instant::now(), self.heartbeat_timeout, now_ms());
+            core.flush(now_ms());
+            failed
+        };
         for id in failed {
             tracing::warn!(job = %id, "a worker stopped sending heartbeats; job failed");
             self.touched(&id);
@@ -315,7 +336,8 @@ impl Workers for WorkersService {
     }
 }
 
-/// Serves both services on `listener` until `shutdown` resolves; sweeps liveness every second.
+/// Serves both services on `listener` until `shutdown` resolves; sweeps liveness (and flushes the
+/// store) every second, and flushes the store once more on the way out.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<State>,
@@ -337,10 +359,16 @@ pub async fn serve(
             JobsServer::new(JobsService(state.clone())).max_decoding_message_size(max).max_encoding_message_size(max),
         )
         .add_service(
-            WorkersServer::new(WorkersService(state)).max_decoding_message_size(max).max_encoding_message_size(max),
+            WorkersServer::new(WorkersService(state.clone()))
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
         )
         .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
         .await;
     sweeper.abort();
+    let unsaved = state.core().flush(now_ms());
+    if unsaved > 0 {
+        tracing::error!(jobs = unsaved, "stopping with jobs the state store could not write");
+    }
     result
 }

@@ -28,6 +28,31 @@ pub struct Cursor {
     pub skipped: u64,
 }
 
+impl Cursor {
+    /// The metrics of the epoch this cursor has just finished (`epoch` counted from 0).
+    pub fn epoch_metrics(
+        &self,
+        epoch: usize,
+        (val_loss, val_acc): (f64, f64),
+        skipped: u64,
+        seconds: f64,
+        data_wait: f64,
+    ) -> EpochMetrics {
+        let seen = self.seen.max(1) as f64;
+        EpochMetrics {
+            epoch: epoch + 1,
+            train_loss: self.loss_sum / seen,
+            train_acc: self.correct as f64 / seen,
+            val_loss,
+            val_acc,
+            images: self.seen,
+            skipped,
+            seconds,
+            data_wait,
+        }
+    }
+}
+
 /// Metrics of one finished epoch.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct EpochMetrics {

@@ -153,6 +153,15 @@ impl Trainer {
         Ok(Trainer { spec, arch, net, splits, modes, transform, optimizer, cursor, history, weights_source })
     }
 
+    /// The error for a loss that stopped being finite.
+    fn diverged(&self, loss: f64, epoch: usize, step: usize) -> TrainError {
+        TrainError::Invalid(format!(
+            "loss became {loss} at epoch {} step {step}; lower train.lr (now {})",
+            epoch + 1,
+            self.spec.train.lr
+        ))
+    }
+
     pub fn history(&self) -> &[EpochMetrics] {
         &self.history
     }
@@ -269,12 +278,7 @@ impl Trainer {
                     self.optimizer.step(&|_| lr);
                     let loss_v = loss.double_value(&[]);
                     if !loss_v.is_finite() {
-                        return Err(TrainError::Invalid(format!(
-                            "loss became {loss_v} at epoch {} step {}; lower train.lr (now {})",
-                            epoch + 1,
-                            batch.step,
-                            self.spec.train.lr
-                        )));
+                        return Err(self.diverged(loss_v, epoch, batch.step));
                     }
                     let correct = logits.argmax(-1, false).eq_tensor(&ys).sum(Kind::Int64).int64_value(&[]);
                     self.cursor.loss_sum += loss_v * n as f64;
@@ -305,18 +309,13 @@ impl Trainer {
                 break; // out of budget mid-epoch; the checkpoint above holds the cursor
             }
             let (val_loss, val_acc) = self.evaluate()?;
-            let c = &self.cursor;
-            let m = EpochMetrics {
-                epoch: epoch + 1,
-                train_loss: c.loss_sum / c.seen.max(1) as f64,
-                train_acc: c.correct as f64 / c.seen.max(1) as f64,
-                val_loss,
-                val_acc,
-                images: c.seen,
-                skipped: c.skipped,
-                seconds: started.elapsed().as_secs_f64(),
+            let m = self.cursor.epoch_metrics(
+                epoch,
+                (val_loss, val_acc),
+                self.cursor.skipped,
+                started.elapsed().as_secs_f64(),
                 data_wait,
-            };
+            );
             tracing::info!(
                 epoch = m.epoch,
                 train_loss = m.train_loss,
@@ -446,7 +445,11 @@ impl Trainer {
 
     /// The trainable parameters (handles onto the optimizer's), for bucketing.
     fn bucket_params(&self) -> Vec<Param> {
-        self.optimizer.params().iter().map(|p| Param { name: p.name.clone(), tensor: p.tensor.shallow_clone(), group: p.group }).collect()
+        self.optimizer
+            .params()
+            .iter()
+            .map(|p| Param { name: p.name.clone(), tensor: p.tensor.shallow_clone(), group: p.group })
+            .collect()
     }
 
     /// Variables (parameters and buffers) in a fixed order, the same on every rank.
@@ -509,7 +512,12 @@ impl Trainer {
                     params = self.bucket_params();
                     Buckets::ensure_grads(&params);
                     buckets = Buckets::new(&params, bucket_bytes);
-                    tracing::info!(epoch = epoch + 1, trainable = params.len(), buckets = buckets.buckets.len(), "freeze stage changed");
+                    tracing::info!(
+                        epoch = epoch + 1,
+                        trainable = params.len(),
+                        buckets = buckets.buckets.len(),
+                        "freeze stage changed"
+                    );
                 }
             }
             let plan = ctl.epoch_plan(epoch as u32)?;
@@ -585,13 +593,7 @@ impl Trainer {
                     [loss_sum as f32, correct as f32, n as f32, if stop_local.is_some() { 1.0 } else { 0.0 }];
                 c.all_reduce_sum(&mut stats)?;
                 if !stats[0].is_finite() {
-                    return Err(TrainError::Invalid(format!(
-                        "loss became {} at epoch {} step {}; lower train.lr (now {})",
-                        stats[0],
-                        epoch + 1,
-                        batch.step,
-                        self.spec.train.lr
-                    )));
+                    return Err(self.diverged(stats[0] as f64, epoch, batch.step));
                 }
                 self.cursor.loss_sum += stats[0] as f64;
                 self.cursor.correct += stats[1] as u64;
@@ -631,18 +633,7 @@ impl Trainer {
             c.all_reduce_sum(&mut totals)?;
             if rank == 0 {
                 let (val_loss, val_acc) = self.evaluate()?;
-                let cur = &self.cursor;
-                let m = EpochMetrics {
-                    epoch: epoch + 1,
-                    train_loss: cur.loss_sum / cur.seen.max(1) as f64,
-                    train_acc: cur.correct as f64 / cur.seen.max(1) as f64,
-                    val_loss,
-                    val_acc,
-                    images: cur.seen,
-                    skipped: totals[0] as u64,
-                    seconds,
-                    data_wait,
-                };
+                let m = self.cursor.epoch_metrics(epoch, (val_loss, val_acc), totals[0] as u64, seconds, data_wait);
                 tracing::info!(
                     epoch = m.epoch,
                     train_loss = m.train_loss,
@@ -650,7 +641,7 @@ impl Trainer {
                     images = m.images,
                     "epoch done"
                 );
-                ctl.progress(epoch as u32, steps as u64, cur.seen, Some(&m));
+                ctl.progress(epoch as u32, steps as u64, self.cursor.seen, Some(&m));
                 self.history.push(m);
             }
             self.cursor = Cursor { epoch: epoch + 1, ..Cursor::default() };
