@@ -7,4 +7,6 @@ cd "$root"
 bash scripts/setup.sh
 # Benches are compiled (not run) so they cannot rot; running them is `cargo bench`.
 cargo test --workspace --benches --no-run --quiet
+# The NCCL engine is behind a feature: build it and run its tests, which pass without a GPU.
+cargo test -p thaw-worker --features nccl --lib collective::nccl
 cargo test --workspace

@@ -293,6 +293,20 @@ pub fn worker(url: &str, job: &str, worker_id: Option<String>, bind_host: &str, 
     }
 }
 
+/// Resolves when the first worker exits unsuccessfully, with its index and status.
+async fn first_failure(children: &mut [Child]) -> (usize, std::process::ExitStatus) {
+    loop {
+        for (i, ch) in children.iter_mut().enumerate() {
+            if let Ok(Some(status)) = ch.try_wait() {
+                if !status.success() {
+                    return (i, status);
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// `thaw launch --nproc N JOB.toml`: an in-process coordinator on 127.0.0.1 and N worker
 /// processes; one combined progress display; exits with the job's status. Ctrl-C cancels the job
 /// (rank 0 checkpoints), waits for the workers, and kills any that outlive the grace period.
@@ -353,11 +367,20 @@ pub fn launch(spec_path: &Path, nproc: u32, device: &str) -> Result<i32> {
         let mut follower = c.clone();
         let follow_job = id.clone();
         let mut followed = tokio::spawn(async move { follow(&mut follower, &follow_job, false).await });
+        let mut failed_worker = None;
         let final_job = tokio::select! {
             r = &mut followed => r??,
             _ = shutdown_signal() => {
                 eprintln!("interrupted: cancelling job {id} (rank 0 checkpoints), waiting for the workers");
                 let _ = c.cancel(pb::CancelRequest { job_id: id.clone(), reason: "interrupted (Ctrl-C)".into() }).await;
+                followed.await??
+            }
+            (i, status) = first_failure(&mut children) => {
+                // A worker died before the job ended (often before it could join): the group can
+                // never form or finish, so end the job now instead of waiting for a timeout.
+                let reason = format!("worker {i} exited with {status}");
+                let _ = c.cancel(pb::CancelRequest { job_id: id.clone(), reason: reason.clone() }).await;
+                failed_worker = Some(i);
                 followed.await??
             }
         };
@@ -388,6 +411,16 @@ pub fn launch(spec_path: &Path, nproc: u32, device: &str) -> Result<i32> {
         let _ = stop_server.send(());
         let _ = server.await;
         print_job(&final_job);
+        if let Some(i) = failed_worker {
+            let log = logs.join(format!("worker-{i}.log"));
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(5).collect();
+            eprintln!("worker {i} failed; the end of {}:", log.display());
+            for l in tail.iter().rev() {
+                eprintln!("  {l}");
+            }
+            return Ok(1);
+        }
         if let Some(m) = final_job.metrics.last() {
             println!("final validation accuracy: {:.4}", m.val_acc);
         }

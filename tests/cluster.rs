@@ -288,6 +288,27 @@ fn bad_input_to_the_cluster_gets_clear_errors() {
 }
 
 #[test]
+fn a_worker_that_cannot_start_ends_the_launch_with_its_error() {
+    // This build has no NCCL (or no GPU): the workers fail before joining; launch must not wait for
+    // the join timeout, and must show why.
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let spec = write_spec(
+        dir.path(),
+        "nccl",
+        &format!(
+            "{}[distributed]\ncollective = \"nccl\"\njoin_timeout_secs = 600.0\n",
+            lenet_job("nccl", &out, "batch_size = 16", 256, 1)
+        ),
+    );
+    let started = Instant::now();
+    let o = launch(&spec, 2);
+    let err = fails(o);
+    assert!(started.elapsed() < Duration::from_secs(120), "launch waited for the join timeout");
+    assert!(err.contains("built without NCCL") || err.contains("not loadable"), "{err}");
+}
+
+#[test]
 fn interrupting_launch_cancels_keeps_a_checkpoint_and_leaves_no_worker() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");

@@ -21,10 +21,11 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::job::{JobError, JobRecord, JobState};
+use crate::metrics::EpochMetrics;
 use crate::plan::{EpochPlan, PlanError};
 use crate::rendezvous::{Member, Rendezvous, RendezvousConfig, RendezvousError, RendezvousState};
 use crate::spec::{JobSpec, SpecError};
-use crate::store::{MemoryStore, StateStore, StoreError, StoredJob, StoredMetrics};
+use crate::store::{MemoryStore, StateStore, StoreError, StoredJob};
 
 /// Progress alone (no state change, no finished epoch) is written to the store at most this often
 /// per job; [`Coordinator::flush`] writes what was held back.
@@ -121,20 +122,6 @@ pub enum Command {
     Stop { reason: String },
 }
 
-/// Metrics of one finished epoch, as rank 0 reports them.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct EpochSummary {
-    pub epoch: u32,
-    pub train_loss: f64,
-    pub train_acc: f64,
-    pub val_loss: f64,
-    pub val_acc: f64,
-    pub images: u64,
-    pub skipped: u64,
-    pub seconds: f64,
-    pub data_wait: f64,
-}
-
 /// The parameters of one epoch's plan; a worker rebuilds the [`EpochPlan`] from them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PlanInfo {
@@ -154,7 +141,7 @@ pub struct JobView {
     pub spec_toml: String,
     pub workers: u32,
     pub steps_per_epoch: u64,
-    pub metrics: Vec<EpochSummary>,
+    pub metrics: Vec<EpochMetrics>,
 }
 
 struct Job {
@@ -165,7 +152,7 @@ struct Job {
     members: Vec<Member>,
     num_samples: Option<u64>,
     nccl_unique_id: Vec<u8>,
-    metrics: Vec<EpochSummary>,
+    metrics: Vec<EpochMetrics>,
     last_seen: HashMap<String, Instant>,
     /// Size of the group the rendezvous formed (kept when the members are not, after a restore).
     world_size: u32,
@@ -191,7 +178,7 @@ impl Job {
         StoredJob {
             record: self.record.clone(),
             spec_toml: self.spec_toml.clone(),
-            metrics: self.metrics.iter().map(StoredMetrics::from).collect(),
+            metrics: self.metrics.clone(),
             num_samples: self.num_samples,
             workers: self.world_size,
         }
@@ -305,7 +292,7 @@ impl Coordinator {
                 members: Vec::new(),
                 num_samples: stored.num_samples,
                 nccl_unique_id: Vec::new(),
-                metrics: stored.metrics.iter().map(EpochSummary::from).collect(),
+                metrics: stored.metrics.clone(),
                 last_seen: HashMap::new(),
                 world_size: stored.workers,
                 saved_ms: Some(now_ms),
@@ -524,7 +511,7 @@ impl Coordinator {
         epoch: u32,
         step: u64,
         samples_done: u64,
-        metrics: Option<EpochSummary>,
+        metrics: Option<EpochMetrics>,
         now_ms: u64,
     ) -> Result<(), CoreError> {
         let (job, store) = self.job_mut(job_id)?;
@@ -683,7 +670,7 @@ mod tests {
         let plan = c.epoch_plan(&id, 0).unwrap();
         assert_eq!((plan.num_samples, plan.world_size, plan.steps), (10, 2, 2));
         assert_eq!(c.heartbeat(&id, "w-b", t0).unwrap(), Command::Continue);
-        c.report_progress(&id, 0, 0, 2, 10, Some(EpochSummary { epoch: 1, val_acc: 0.5, ..Default::default() }), 5)
+        c.report_progress(&id, 0, 0, 2, 10, Some(EpochMetrics { epoch: 1, val_acc: 0.5, ..Default::default() }), 5)
             .unwrap();
         assert_eq!(c.get(&id).unwrap().record.progress().samples_done, 10);
         c.leave(&id, "w-b", true, "", t0, 6).unwrap();
@@ -790,7 +777,7 @@ mod tests {
         c.report_progress(&id, 0, 1, 2, 9, None, 3_700).unwrap();
         assert_eq!(stored(&store, &id).record.progress().samples_done, 9);
         // A finished epoch's metrics are written at once.
-        let m = EpochSummary { epoch: 1, train_loss: f64::NAN, val_acc: 0.75, ..Default::default() };
+        let m = EpochMetrics { epoch: 1, train_loss: f64::NAN, val_acc: 0.75, ..Default::default() };
         c.report_progress(&id, 0, 1, 2, 10, Some(m), 3_701).unwrap();
         let s = stored(&store, &id);
         assert_eq!((s.metrics.len(), s.metrics[0].val_acc, s.record.progress().samples_done), (1, 0.75, 10));
@@ -826,7 +813,7 @@ mod tests {
         let mut c = Coordinator::with_store(Box::new(store.clone()));
         let done = c.submit(&spec("done", 1), t0, 1_000).unwrap();
         c.join(&done, "w-a", "a:1", 10, &[], t0, 1_001).unwrap();
-        let m = EpochSummary { epoch: 1, train_loss: 0.25, val_acc: 0.5, images: 10, ..Default::default() };
+        let m = EpochMetrics { epoch: 1, train_loss: 0.25, val_acc: 0.5, images: 10, ..Default::default() };
         c.report_progress(&done, 0, 0, 3, 10, Some(m.clone()), 1_002).unwrap();
         c.leave(&done, "w-a", true, "", t0, 1_003).unwrap();
         let running = c.submit(&spec("running", 1), t0, 2_000).unwrap();

@@ -7,6 +7,7 @@
 
 pub mod core;
 pub mod job;
+pub mod metrics;
 pub mod plan;
 pub mod rendezvous;
 pub mod service;

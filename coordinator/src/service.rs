@@ -16,8 +16,9 @@ use tokio::sync::{broadcast, Notify};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use crate::core::{Command, Coordinator, CoreError, EpochSummary, ErrorKind, JobView, JoinPoll};
+use crate::core::{Command, Coordinator, CoreError, ErrorKind, JobView, JoinPoll};
 use crate::job::JobState;
+use crate::metrics::EpochMetrics;
 use crate::store::StateStore;
 
 /// The one mapping from core errors to gRPC status codes.
@@ -103,20 +104,6 @@ fn state_pb(s: JobState) -> pb::JobState {
     }
 }
 
-fn metrics_pb(m: &EpochSummary) -> pb::EpochMetrics {
-    pb::EpochMetrics {
-        epoch: m.epoch,
-        train_loss: m.train_loss,
-        train_acc: m.train_acc,
-        val_loss: m.val_loss,
-        val_acc: m.val_acc,
-        images: m.images,
-        skipped: m.skipped,
-        seconds: m.seconds,
-        data_wait: m.data_wait,
-    }
-}
-
 fn job_pb(v: &JobView) -> pb::Job {
     let p = v.record.progress();
     pb::Job {
@@ -141,7 +128,7 @@ fn job_pb(v: &JobView) -> pb::Job {
             samples_done: p.samples_done,
             workers: v.workers,
         }),
-        metrics: v.metrics.iter().map(metrics_pb).collect(),
+        metrics: v.metrics.iter().map(pb::EpochMetrics::from).collect(),
         spec_toml: v.spec_toml.clone(),
     }
 }
@@ -199,7 +186,7 @@ impl Jobs for JobsService {
                 }
                 let Ok(v) = state.core().get(&id) else { return };
                 for m in &v.metrics[seen_metrics.min(v.metrics.len())..] {
-                    let ev = pb::JobEvent { event: Some(pb::job_event::Event::Metrics(metrics_pb(m))) };
+                    let ev = pb::JobEvent { event: Some(pb::job_event::Event::Metrics(pb::EpochMetrics::from(m))) };
                     if tx.send(Ok(ev)).await.is_err() {
                         return;
                     }
@@ -305,17 +292,7 @@ impl Workers for WorkersService {
     async fn report_progress(&self, req: Request<pb::ProgressReport>) -> Result<Response<pb::ProgressAck>, Status> {
         let r = req.into_inner();
         let p = r.progress.unwrap_or_default();
-        let m = r.metrics.map(|m| EpochSummary {
-            epoch: m.epoch,
-            train_loss: m.train_loss,
-            train_acc: m.train_acc,
-            val_loss: m.val_loss,
-            val_acc: m.val_acc,
-            images: m.images,
-            skipped: m.skipped,
-            seconds: m.seconds,
-            data_wait: m.data_wait,
-        });
+        let m = r.metrics.as_ref().map(EpochMetrics::from);
         self.0
             .core()
             .report_progress(&r.job_id, r.rank, p.epoch, p.step, p.samples_done, m, now_ms())

@@ -26,8 +26,8 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
-use crate::core::EpochSummary;
 use crate::job::JobRecord;
+use crate::metrics::EpochMetrics;
 
 /// The longest job id a store accepts, in bytes (file names are limited to 255).
 pub const MAX_JOB_ID_LEN: usize = 200;
@@ -76,59 +76,6 @@ pub fn validate_job_id(id: &str) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// The metrics of one finished epoch as stored. Non-finite values (a diverged loss) are written as
-/// the strings `"NaN"`, `"inf"` and `"-inf"`, which JSON numbers cannot express.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct StoredMetrics {
-    pub epoch: u32,
-    #[serde(with = "float")]
-    pub train_loss: f64,
-    #[serde(with = "float")]
-    pub train_acc: f64,
-    #[serde(with = "float")]
-    pub val_loss: f64,
-    #[serde(with = "float")]
-    pub val_acc: f64,
-    pub images: u64,
-    pub skipped: u64,
-    #[serde(with = "float")]
-    pub seconds: f64,
-    #[serde(with = "float")]
-    pub data_wait: f64,
-}
-
-impl From<&EpochSummary> for StoredMetrics {
-    fn from(m: &EpochSummary) -> Self {
-        StoredMetrics {
-            epoch: m.epoch,
-            train_loss: m.train_loss,
-            train_acc: m.train_acc,
-            val_loss: m.val_loss,
-            val_acc: m.val_acc,
-            images: m.images,
-            skipped: m.skipped,
-            seconds: m.seconds,
-            data_wait: m.data_wait,
-        }
-    }
-}
-
-impl From<&StoredMetrics> for EpochSummary {
-    fn from(m: &StoredMetrics) -> Self {
-        EpochSummary {
-            epoch: m.epoch,
-            train_loss: m.train_loss,
-            train_acc: m.train_acc,
-            val_loss: m.val_loss,
-            val_acc: m.val_acc,
-            images: m.images,
-            skipped: m.skipped,
-            seconds: m.seconds,
-            data_wait: m.data_wait,
-        }
-    }
-}
-
 /// Everything stored for one job. The key is `record.job_id()`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StoredJob {
@@ -138,7 +85,7 @@ pub struct StoredJob {
     pub spec_toml: String,
     /// Metrics of the finished epochs, in the order reported.
     #[serde(default)]
-    pub metrics: Vec<StoredMetrics>,
+    pub metrics: Vec<EpochMetrics>,
     /// The training-set size the workers agreed on; `None` before the first join.
     #[serde(default)]
     pub num_samples: Option<u64>,
@@ -395,54 +342,6 @@ impl StateStore for FileStore {
 }
 
 /// `f64` as a JSON number, or `"NaN"`, `"inf"`, `"-inf"` for what a JSON number cannot hold.
-mod float {
-    use serde::de::{self, Visitor};
-    use serde::{Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
-        match *v {
-            v if v.is_finite() => s.serialize_f64(v),
-            v if v.is_nan() => s.serialize_str("NaN"),
-            v if v > 0.0 => s.serialize_str("inf"),
-            _ => s.serialize_str("-inf"),
-        }
-    }
-
-    struct F64;
-
-    impl Visitor<'_> for F64 {
-        type Value = f64;
-
-        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-            f.write_str("a number, \"NaN\", \"inf\" or \"-inf\"")
-        }
-
-        fn visit_f64<E: de::Error>(self, v: f64) -> Result<f64, E> {
-            Ok(v)
-        }
-
-        fn visit_u64<E: de::Error>(self, v: u64) -> Result<f64, E> {
-            Ok(v as f64)
-        }
-
-        fn visit_i64<E: de::Error>(self, v: i64) -> Result<f64, E> {
-            Ok(v as f64)
-        }
-
-        fn visit_str<E: de::Error>(self, v: &str) -> Result<f64, E> {
-            match v {
-                "NaN" => Ok(f64::NAN),
-                "inf" => Ok(f64::INFINITY),
-                "-inf" => Ok(f64::NEG_INFINITY),
-                _ => Err(E::invalid_value(de::Unexpected::Str(v), &self)),
-            }
-        }
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
-        d.deserialize_any(F64)
-    }
-}
 
 #[cfg(test)]
 mod tests {
@@ -456,7 +355,7 @@ mod tests {
         StoredJob {
             record,
             spec_toml: format!("name = \"{id}\"\n"),
-            metrics: vec![StoredMetrics {
+            metrics: vec![EpochMetrics {
                 epoch: 1,
                 // Parsed back 1 ulp off without serde_json's `float_roundtrip`.
                 train_loss: 1.7546217903306627,

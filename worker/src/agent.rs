@@ -19,7 +19,7 @@ use thaw_proto::v1::workers_client::WorkersClient;
 use tonic::transport::Channel;
 
 use crate::checkpoint::EpochMetrics;
-use crate::collective::RingCollective;
+use crate::collective::{Collective, RingCollective};
 use crate::train::{Control, DistOutcome, TrainError, Trainer};
 
 #[derive(Debug, thiserror::Error)]
@@ -119,17 +119,7 @@ impl Control for GrpcControl {
             job_id: self.job.clone(),
             rank: self.rank,
             progress: Some(pb::Progress { epoch, step, steps_per_epoch: 0, samples_done, workers: 0 }),
-            metrics: metrics.map(|m| pb::EpochMetrics {
-                epoch: m.epoch as u32,
-                train_loss: m.train_loss,
-                train_acc: m.train_acc,
-                val_loss: m.val_loss,
-                val_acc: m.val_acc,
-                images: m.images,
-                skipped: m.skipped,
-                seconds: m.seconds,
-                data_wait: m.data_wait,
-            }),
+            metrics: metrics.map(pb::EpochMetrics::from),
         };
         let mut w = self.workers.clone();
         if let Err(e) = self.rt.block_on(w.report_progress(req)) {
@@ -158,11 +148,9 @@ pub fn run(opts: AgentOptions) -> Result<AgentOutcome, AgentError> {
         .map_err(rpc("the job lookup"))?
         .into_inner();
     let spec = JobSpec::from_toml(&job.spec_toml, std::path::Path::new("/")).map_err(TrainError::from)?;
-    if spec.distributed.collective == CollectiveKind::Nccl {
-        return Err(AgentError::Setup(
-            "collective \"nccl\" is not available in this build; use collective = \"ring\"".into(),
-        ));
-    }
+    let nccl = spec.distributed.collective == CollectiveKind::Nccl;
+    // Before anything heavy: a job that wants NCCL fails here, clearly, where NCCL cannot run.
+    let nccl_unique_id = if nccl { nccl_offer()? } else { Vec::new() };
     let timeout = Duration::from_secs_f64(spec.distributed.collective_timeout_secs);
     let bucket_bytes = (spec.distributed.bucket_mb * 1024.0 * 1024.0) as usize;
     // Every check (data, weights, groups) happens before joining, so a bad worker never holds up
@@ -175,7 +163,7 @@ pub fn run(opts: AgentOptions) -> Result<AgentOutcome, AgentError> {
         job_id: opts.job.clone(),
         worker_id: opts.worker_id.clone(),
         collective_addr: addr.to_string(),
-        nccl_unique_id: Vec::new(),
+        nccl_unique_id,
         num_train_samples: trainer.splits.train.len() as u64,
     };
     let a = rt.block_on(clients.workers.join(join)).map_err(rpc("the join"))?.into_inner();
@@ -185,8 +173,15 @@ pub fn run(opts: AgentOptions) -> Result<AgentOutcome, AgentError> {
         .iter()
         .map(|p| p.parse().map_err(|e| AgentError::Setup(format!("bad peer address `{p}`: {e}"))))
         .collect::<Result<_, _>>()?;
-    let mut ring = RingCollective::connect(a.rank as usize, a.world_size as usize, listener, &peers, timeout)
-        .map_err(TrainError::from)?;
+    let mut collective: Box<dyn Collective> = if nccl {
+        drop(listener);
+        nccl_group(a.rank, a.world_size, &a.nccl_unique_id, opts.device, timeout)?
+    } else {
+        Box::new(
+            RingCollective::connect(a.rank as usize, a.world_size as usize, listener, &peers, timeout)
+                .map_err(TrainError::from)?,
+        )
+    };
 
     // Heartbeats on the control runtime; a stop command or a lost coordinator sets the flag that
     // the training loop agrees on at the next step.
@@ -220,9 +215,9 @@ pub fn run(opts: AgentOptions) -> Result<AgentOutcome, AgentError> {
     };
     let mut ctl =
         GrpcControl { rt: rt.clone(), workers: clients.workers.clone(), job: opts.job.clone(), rank: a.rank, stop };
-    let result = trainer.run_distributed(a.rank, &mut ring, &mut ctl, bucket_bytes);
+    let result = trainer.run_distributed(a.rank, collective.as_mut(), &mut ctl, bucket_bytes);
     hb.abort();
-    drop(ring);
+    drop(collective);
     let (succeeded, error) = match &result {
         Ok(o) => (o.stopped.is_none(), o.stopped.clone().unwrap_or_default()),
         Err(e) => (false, e.to_string()),
@@ -238,4 +233,47 @@ pub fn run(opts: AgentOptions) -> Result<AgentOutcome, AgentError> {
         tracing::warn!(error = %e.message(), "could not tell the coordinator we left");
     }
     Ok(AgentOutcome { rank: a.rank, world_size: a.world_size, outcome: result? })
+}
+
+/// The NCCL unique id this worker offers the rendezvous (the first offered, rank 0's, is used).
+#[cfg(feature = "nccl")]
+fn nccl_offer() -> Result<Vec<u8>, AgentError> {
+    crate::collective::nccl_available().map_err(TrainError::from)?;
+    Ok(crate::collective::new_unique_id().map_err(TrainError::from)?)
+}
+
+#[cfg(not(feature = "nccl"))]
+fn nccl_offer() -> Result<Vec<u8>, AgentError> {
+    Err(AgentError::Setup(
+        "the job asks for collective = \"nccl\", but this thaw was built without NCCL; build with \
+         `cargo build --release --features nccl` (GPU machines) or use collective = \"ring\""
+            .into(),
+    ))
+}
+
+/// Forms the NCCL group on this worker's GPU.
+#[cfg(feature = "nccl")]
+fn nccl_group(
+    rank: u32,
+    world: u32,
+    id: &[u8],
+    device: tch::Device,
+    timeout: Duration,
+) -> Result<Box<dyn Collective>, AgentError> {
+    let ordinal = match device {
+        tch::Device::Cuda(i) => i,
+        other => {
+            return Err(AgentError::Setup(format!(
+                "collective \"nccl\" needs a CUDA device, the worker runs on {other:?}"
+            )))
+        }
+    };
+    let c = crate::collective::NcclCollective::new(rank as usize, world as usize, ordinal, id, timeout)
+        .map_err(TrainError::from)?;
+    Ok(Box::new(c))
+}
+
+#[cfg(not(feature = "nccl"))]
+fn nccl_group(_: u32, _: u32, _: &[u8], _: tch::Device, _: Duration) -> Result<Box<dyn Collective>, AgentError> {
+    nccl_offer().map(|_| unreachable!("nccl_offer always fails without the feature"))
 }

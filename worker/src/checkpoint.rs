@@ -40,7 +40,7 @@ impl Cursor {
     ) -> EpochMetrics {
         let seen = self.seen.max(1) as f64;
         EpochMetrics {
-            epoch: epoch + 1,
+            epoch: epoch as u32 + 1,
             train_loss: self.loss_sum / seen,
             train_acc: self.correct as f64 / seen,
             val_loss,
@@ -53,20 +53,8 @@ impl Cursor {
     }
 }
 
-/// Metrics of one finished epoch.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct EpochMetrics {
-    pub epoch: usize,
-    pub train_loss: f64,
-    pub train_acc: f64,
-    pub val_loss: f64,
-    pub val_acc: f64,
-    pub images: u64,
-    pub skipped: u64,
-    pub seconds: f64,
-    /// Seconds the trainer waited for the loader.
-    pub data_wait: f64,
-}
+/// Metrics of one finished epoch (the coordinator's type: checkpoints, reports and the store share it).
+pub use thaw_coordinator::metrics::EpochMetrics;
 
 pub struct Checkpoint {
     pub spec_toml: String,

@@ -6,7 +6,8 @@
 //! - [`RingCollective`] (`ring.rs`): CPU workers over TCP, with the bandwidth-optimal ring
 //!   all-reduce (reduce-scatter then all-gather, segments pipelined in both directions).
 //!
-//! NCCL comes later behind the same trait (`shared/DESIGN.md`, "Collectives").
+//! `nccl.rs` (cargo feature `nccl`) is NCCL between GPUs through cudarc, loaded at run time: on a
+//! machine without libcuda/libnccl it fails with a clear error, never a panic.
 //!
 //! The contract of every engine:
 //! - An operation blocks the calling thread until it is complete on this rank (helper threads it
@@ -24,8 +25,12 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+#[cfg(feature = "nccl")]
+mod nccl;
 mod ring;
 
+#[cfg(feature = "nccl")]
+pub use nccl::{nccl_available, new_unique_id, NcclCollective, NCCL_UNIQUE_ID_BYTES};
 pub use ring::{RingCollective, RingOptions, DEFAULT_SEGMENT_BYTES};
 
 /// The operations of a group of `world_size` ranks; see the module documentation for the contract.
