@@ -309,6 +309,54 @@ fn a_worker_that_cannot_start_ends_the_launch_with_its_error() {
 }
 
 #[test]
+fn sigterm_on_a_worker_stops_the_job_with_a_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let (mut coord, url) = coordinator(&dir.path().join("state"));
+    let spec = write_spec(
+        dir.path(),
+        "term",
+        &lenet_job("term", &out, "batch_size = 16\n[distributed]\nworkers = 2", 20000, 5),
+    );
+    ok(thaw_url(&["submit", spec.to_str().unwrap()], &url));
+    let workers: Vec<_> = (0..2)
+        .map(|i| {
+            Command::new(env!("CARGO_BIN_EXE_thaw"))
+                .args(["worker", "--job", "term", "--worker-id", &format!("w{i}"), "--coordinator", &url])
+                .env("THAW_HOME", thaw_home())
+                .env("THAW_TORCH_THREADS", "1")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let s = stdout(&thaw_url(&["status", "term", "--json"], &url));
+        if s.contains("\"running\"") && !s.contains("\"step\": 0,") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "job never got going: {s}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Command::new("kill").args(["-TERM", &workers[1].id().to_string()]).status().unwrap();
+    for mut w in workers {
+        let st = w.wait().unwrap();
+        assert!(!st.success(), "a stopped worker reports that the job did not finish");
+    }
+    let s = stdout(&thaw_url(&["status", "term", "--json"], &url));
+    // Whichever rank leaves first is recorded; both name the cause.
+    assert!(
+        s.contains("\"failed\"") && (s.contains("received SIGTERM") || s.contains("asked the group to stop")),
+        "{s}"
+    );
+    assert!(out.join("checkpoint.safetensors").is_file(), "rank 0 checkpointed on the way out");
+    let _ = coord.kill();
+    let _ = coord.wait();
+}
+
+#[test]
 fn interrupting_launch_cancels_keeps_a_checkpoint_and_leaves_no_worker() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");

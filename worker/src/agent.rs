@@ -213,10 +213,23 @@ pub fn run(opts: AgentOptions) -> Result<AgentOutcome, AgentError> {
             }
         })
     };
+    // Ctrl-C / SIGTERM: the same stop flag, so every rank stops at the next step and rank 0
+    // checkpoints, instead of the process dying mid-step.
+    let signals = {
+        let stop = stop.clone();
+        rt.spawn(async move {
+            let why = wait_for_signal().await;
+            tracing::warn!(signal = why, "stopping at the next step");
+            if let Ok(mut s) = stop.lock() {
+                s.get_or_insert_with(|| format!("worker received {why}"));
+            }
+        })
+    };
     let mut ctl =
         GrpcControl { rt: rt.clone(), workers: clients.workers.clone(), job: opts.job.clone(), rank: a.rank, stop };
     let result = trainer.run_distributed(a.rank, collective.as_mut(), &mut ctl, bucket_bytes);
     hb.abort();
+    signals.abort();
     drop(collective);
     let (succeeded, error) = match &result {
         Ok(o) => (o.stopped.is_none(), o.stopped.clone().unwrap_or_default()),
@@ -233,6 +246,26 @@ pub fn run(opts: AgentOptions) -> Result<AgentOutcome, AgentError> {
         tracing::warn!(error = %e.message(), "could not tell the coordinator we left");
     }
     Ok(AgentOutcome { rank: a.rank, world_size: a.world_size, outcome: result? })
+}
+
+/// Resolves on SIGINT or SIGTERM with the signal's name.
+async fn wait_for_signal() -> &'static str {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
+            (Ok(mut int), Ok(mut term)) => tokio::select! {
+                _ = int.recv() => "SIGINT",
+                _ = term.recv() => "SIGTERM",
+            },
+            _ => std::future::pending().await,
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+        "Ctrl-C"
+    }
 }
 
 /// The NCCL unique id this worker offers the rendezvous (the first offered, rank 0's, is used).

@@ -589,8 +589,15 @@ impl Trainer {
                 self.optimizer.step(&|_| lr);
                 // Step statistics and the stop flag, summed over ranks: every rank sees the same.
                 let stop_local = ctl.stop_requested();
-                let mut stats =
-                    [loss_sum as f32, correct as f32, n as f32, if stop_local.is_some() { 1.0 } else { 0.0 }];
+                // [loss, correct, samples, ranks asking to stop, sum of (asking rank + 1)]
+                let asks = stop_local.is_some();
+                let mut stats = [
+                    loss_sum as f32,
+                    correct as f32,
+                    n as f32,
+                    if asks { 1.0 } else { 0.0 },
+                    if asks { rank as f32 + 1.0 } else { 0.0 },
+                ];
                 c.all_reduce_sum(&mut stats)?;
                 if !stats[0].is_finite() {
                     return Err(self.diverged(stats[0] as f64, epoch, batch.step));
@@ -613,7 +620,10 @@ impl Trainer {
                     ctl.progress(epoch as u32, self.cursor.step as u64, self.cursor.seen, None);
                 }
                 if stats[3] > 0.0 {
-                    stopped = Some(stop_local.unwrap_or_else(|| "another rank was asked to stop".into()));
+                    stopped = Some(stop_local.unwrap_or_else(|| match stats[3] as u32 {
+                        1 => format!("rank {} asked the group to stop", stats[4] as u32 - 1),
+                        k => format!("{k} ranks asked the group to stop"),
+                    }));
                     break;
                 }
                 if rank == 0 && self.cursor.step < steps && policy.after_step(batch.step, steps) {
