@@ -5,8 +5,9 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 bash scripts/setup.sh
+# One build configuration for everything, with the NCCL engine's feature on: its tests pass without
+# a GPU (it must fail cleanly there), and a single feature set means the workspace compiles once.
+features="thaw-worker/nccl"
 # Benches are compiled (not run) so they cannot rot; running them is `cargo bench`.
-cargo test --workspace --benches --no-run --quiet
-# The NCCL engine is behind a feature: build it and run its tests, which pass without a GPU.
-cargo test -p thaw-worker --features nccl --lib collective::nccl
-cargo test --workspace
+cargo test --workspace --features "$features" --benches --no-run --quiet
+cargo test --workspace --features "$features"
