@@ -204,22 +204,6 @@ fn two_workers_with_batch_b_match_one_worker_with_batch_2b() {
     assert!(moved > 0.0);
 }
 
-/// Starts `thaw coordinator` on a free port with its state in `state_dir`; returns the process and
-/// its URL.
-fn coordinator(state_dir: &Path) -> (std::process::Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_thaw"))
-        .args(["coordinator", "--listen", "127.0.0.1:0", "--state-dir"])
-        .arg(state_dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let url = line.trim().rsplit(' ').next().unwrap().to_string();
-    assert!(url.starts_with("http://127.0.0.1:"), "{line}");
-    (child, url)
-}
 
 fn thaw_url(args: &[&str], url: &str) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_thaw"))
@@ -240,7 +224,7 @@ fn bad_input_to_the_cluster_gets_clear_errors() {
     assert!(started.elapsed() < Duration::from_secs(60));
 
     let dir = tempfile::tempdir().unwrap();
-    let (mut coord, url) = coordinator(&dir.path().join("state"));
+    let (mut coord, url) = start_coordinator(&dir.path().join("state"));
     let out = dir.path().join("out");
     let spec = write_spec(dir.path(), "solo", &lenet_job("solo", &out, "batch_size = 32", 4000, 3));
     let o = ok(thaw_url(&["submit", spec.to_str().unwrap()], &url));
@@ -312,7 +296,7 @@ fn a_worker_that_cannot_start_ends_the_launch_with_its_error() {
 fn sigterm_on_a_worker_stops_the_job_with_a_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
-    let (mut coord, url) = coordinator(&dir.path().join("state"));
+    let (mut coord, url) = start_coordinator(&dir.path().join("state"));
     let spec = write_spec(
         dir.path(),
         "term",

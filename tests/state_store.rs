@@ -4,7 +4,6 @@
 //! metrics included.
 
 mod common;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -29,17 +28,7 @@ struct Coordinator {
 
 impl Coordinator {
     fn start(state_dir: &Path) -> Coordinator {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_thaw"))
-            .args(["coordinator", "--listen", "127.0.0.1:0", "--state-dir"])
-            .arg(state_dir)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        let url = line.trim().rsplit(' ').next().unwrap().to_string();
-        assert!(url.starts_with("http://127.0.0.1:"), "no url from the coordinator: {line:?}");
+        let (child, url) = start_coordinator(state_dir);
         Coordinator { child, url }
     }
 

@@ -84,3 +84,21 @@ pub fn write_spec(dir: &Path, name: &str, text: &str) -> PathBuf {
     std::fs::write(&p, text).expect("write spec");
     p
 }
+
+/// Starts `thaw coordinator` on a free port with its state in `state_dir`; returns the process and
+/// its URL (the first line it prints).
+pub fn start_coordinator(state_dir: &Path) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_thaw"))
+        .args(["coordinator", "--listen", "127.0.0.1:0", "--state-dir"])
+        .arg(state_dir)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start thaw coordinator");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().expect("piped stdout")).read_line(&mut line).expect("read url");
+    let url = line.trim().rsplit(' ').next().unwrap_or_default().to_string();
+    assert!(url.starts_with("http://127.0.0.1:"), "no url from the coordinator: {line:?}");
+    (child, url)
+}
