@@ -5,25 +5,26 @@
 //! buffer into `n` chunks: `n-1` reduce-scatter steps (send a chunk, receive another and add it)
 //! leave rank `r` with the complete sum of chunk `r+1`, then `n-1` all-gather steps pass the
 //! finished chunks around. Every rank sends and receives `2(n-1)/n` of the buffer whatever `n` is,
-//! which is optimal. Chunks are cut into segments ([`RingOptions::segment_bytes`]) and a segment is
-//! forwarded as soon as it has been received and reduced, so consecutive steps overlap; a helper
-//! thread writes while the calling thread reads and adds, so both directions of every link are busy
-//! at once and no buffer size can deadlock. Reduced data is read in cache-sized pieces into a
-//! scratch buffer and added at once; all-gather and broadcast data are read straight into the
-//! caller's buffer, and everything is sent straight from it: no copies besides the kernel's. The
-//! mean's division happens once, by the rank that completes a chunk, so every rank receives the
-//! same bits.
+//! which is optimal. Chunks are cut into segments ([`RingOptions::segment_bytes`]), and a segment is
+//! sent on as soon as it has been received and reduced, ahead of the rank's own data, while it is
+//! still in cache; so consecutive steps overlap. A helper thread writes while the calling thread
+//! reads and adds, so both directions of every link are busy at once and no buffer size can
+//! deadlock. Reduced data is read in cache-sized pieces into a scratch buffer and added at once;
+//! all-gather and broadcast data are read straight into the caller's buffer, and everything is sent
+//! straight from it: no copies besides the kernel's. The mean's division happens once, by the rank
+//! that completes a chunk, so every rank receives the same bits.
 //!
 //! Wire format, little-endian: when the ring forms, a 32-byte handshake each way (magic, rank, world
 //! size, segment size), so a wrong peer is rejected; then per operation a START frame (operation,
-//! length, root, call number) that the receiver checks against its own call, DATA frames (segment
-//! number and byte length, then the raw `f32` bytes) and, when a rank fails, an ABORT frame (which
-//! rank failed, who saw it, why) that every rank forwards, so that ranks far from a failure name the
+//! length, root, call number) that the receiver checks against its own call, DATA frames (step,
+//! segment and byte length, then the raw `f32` bytes; their order depends on timing, each is filed
+//! by its tag and checked to be expected once) and, when a rank fails, an ABORT frame (which rank
+//! failed, who saw it, why) that every rank forwards, so that ranks far from a failure name the
 //! culprit too.
 //!
 //! Never: runs on an async runtime; blocks past its deadline (every read and write carries a socket
 //! timeout derived from it); returns `Ok` with partial data; runs an operation on a ring that failed
-//! an earlier one.
+//! an earlier one (it closes its connections at the first failure, after sending its abort).
 
 use std::fmt;
 use std::io::{self, Read, Write};
@@ -148,7 +149,7 @@ impl RingCollective {
         if peers.len() != world_size {
             return invalid(format!("{} peer addresses for a world of {world_size}; need one per rank", peers.len()));
         }
-        if options.segment_bytes == 0 || options.segment_bytes % 4 != 0 {
+        if options.segment_bytes < 4 || options.segment_bytes / 4 * 4 != options.segment_bytes {
             return invalid(format!("segment size {} bytes is not a positive multiple of 4", options.segment_bytes));
         }
         if options.timeout.is_zero() {
@@ -179,6 +180,7 @@ impl RingCollective {
                 });
             }
         }
+        // No links: a world of one (a broken ring has returned above).
         let Some(links) = &self.links else { return Ok(()) };
         self.seq += 1;
         let seg = self.ring.segment_bytes / 4;
@@ -192,6 +194,10 @@ impl RingCollective {
         let result = run_pipeline(&self.ring, links, op, start, &plan, buf, &mut self.scratch);
         if let Err(e) = &result {
             self.broken = Some(e.to_string());
+            // The streams stopped mid-operation and are never used again. Closing them now makes a
+            // peer still writing to this rank fail at once rather than at its deadline; what this rank
+            // sent, its abort included, is delivered before the close.
+            self.links = None;
         }
         result
     }
@@ -583,8 +589,8 @@ fn describe_call(start: &Frame) -> String {
 }
 
 /// The 32-byte frame header: `kind`, then fields whose meaning depends on it.
-/// START: `a` operation, `b` length in elements, `c` root. DATA: `a` segment, `b` payload bytes.
-/// ABORT: `a` reason, `b` culprit rank, `c` observing rank.
+/// START: `a` operation, `b` length in elements, `c` root. DATA: `a` segment, `b` payload bytes,
+/// `c` step. ABORT: `a` reason, `b` culprit rank, `c` observing rank.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Frame {
     kind: u32,
@@ -600,8 +606,8 @@ impl Frame {
         Frame { kind: KIND_START, a: call.code(), seq, b: len as u64, c: root }
     }
 
-    fn data(seq: u64, segment: usize, bytes: usize) -> Frame {
-        Frame { kind: KIND_DATA, a: segment as u32, seq, b: bytes as u64, c: 0 }
+    fn data(seq: u64, step: usize, segment: usize, bytes: usize) -> Frame {
+        Frame { kind: KIND_DATA, a: segment as u32, seq, b: bytes as u64, c: step as u32 }
     }
 
     fn encode(&self) -> [u8; FRAME_BYTES] {
@@ -623,7 +629,7 @@ impl Frame {
     fn describe(&self) -> String {
         match self.kind {
             KIND_START => format!("the start of {}", describe_call(self)),
-            KIND_DATA => format!("segment {} of call #{} ({} bytes)", self.a, self.seq, self.b),
+            KIND_DATA => format!("segment {} of step {} of call #{} ({} bytes)", self.a, self.c, self.seq, self.b),
             KIND_ABORT => format!("an abort of call #{}", self.seq),
             other => format!("a frame of unknown kind {other:#010x}"),
         }
@@ -641,23 +647,28 @@ enum Mode {
     Copy,
 }
 
+/// One step of an operation as the receiving rank sees it: which segments arrive, what to do with
+/// them, and whether they are then sent on (as the next step).
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Recv {
-    seg: usize,
+struct Step {
+    segs: Range<usize>,
     mode: Mode,
-    /// Whether the segment is sent on to the next rank once received.
     forward: bool,
 }
 
 /// One rank's part of an operation: the buffer cut into segments (in buffer order), the segments it
-/// sends before receiving anything, and the segments it receives, in the order they arrive. Every
-/// segment sent after the first ones is a received one with `forward`, sent in the order received,
-/// which is the order the next rank expects.
+/// sends at step 0 (its own data), and the steps it receives. Every other segment it sends is one
+/// received at step `s` of a `forward` step, sent on as step `s + 1`; which is exactly what the next
+/// rank's steps expect (`plans_agree_between_neighbours` checks it).
+///
+/// Frames carry their step and segment, and a rank sends a received segment on as soon as it has
+/// been reduced, ahead of its own data, while it is still in cache: so frames arrive in an order
+/// that depends on timing, and the receiver files each by its tag.
 #[derive(Debug)]
 struct Plan {
     ranges: Vec<Range<usize>>,
     first_sends: Vec<usize>,
-    recvs: Vec<Recv>,
+    steps: Vec<Step>,
 }
 
 /// `j * len / k` without overflow.
@@ -681,35 +692,42 @@ impl Plan {
         let chunks: Vec<Range<usize>> = (0..n)
             .map(|c| push_segments(&mut ranges, split_point(len, n, c), split_point(len, n, c + 1), seg))
             .collect();
-        let steps = 2 * (n - 1);
-        let mut recvs = Vec::new();
-        for s in 0..steps {
-            // Reduce-scatter step s receives chunk r-s-1 (and sends r-s, received at step s-1); after
-            // step n-2, rank r holds the whole of chunk r+1. All-gather step t receives chunk r-t.
-            let (chunk, mode) = if s < n - 1 {
-                let last = s == n - 2;
-                ((rank + 2 * n - s - 1) % n, if last && mean { Mode::AddMean } else { Mode::Add })
-            } else {
-                ((rank + 2 * n - (s - (n - 1))) % n, Mode::Copy)
-            };
-            let forward = s + 1 < steps;
-            recvs.extend(chunks[chunk].clone().map(|seg| Recv { seg, mode, forward }));
-        }
-        Plan { ranges, first_sends: chunks[rank].clone().collect(), recvs }
+        let count = 2 * (n - 1);
+        let steps = (0..count)
+            .map(|s| {
+                // Reduce-scatter step s receives chunk r-s-1 (and sends r-s, received at step s-1);
+                // after step n-2, rank r holds the whole of chunk r+1. All-gather step t receives
+                // chunk r-t.
+                let (chunk, mode) = if s < n - 1 {
+                    let last = s == n - 2;
+                    ((rank + 2 * n - s - 1) % n, if last && mean { Mode::AddMean } else { Mode::Add })
+                } else {
+                    ((rank + 2 * n - (s - (n - 1))) % n, Mode::Copy)
+                };
+                Step { segs: chunks[chunk].clone(), mode, forward: s + 1 < count }
+            })
+            .collect();
+        Plan { ranges, first_sends: chunks[rank].clone().collect(), steps }
     }
 
     fn broadcast(len: usize, n: usize, rank: usize, root: usize, seg: usize) -> Plan {
         let mut ranges = Vec::new();
         let all = push_segments(&mut ranges, 0, len, seg);
-        // Data flows root -> root+1 -> ... -> root-1, which forwards nothing.
+        // Data flows root -> root+1 -> ... -> root-1, which forwards nothing. Each hop is a step:
+        // rank root+d receives the data as step d-1, its d-1 earlier steps are empty.
         let distance = (rank + n - root) % n;
         if distance == 0 {
-            Plan { ranges, first_sends: all.collect(), recvs: Vec::new() }
+            Plan { ranges, first_sends: all.collect(), steps: Vec::new() }
         } else {
-            let forward = distance < n - 1;
-            let recvs = all.map(|seg| Recv { seg, mode: Mode::Copy, forward }).collect();
-            Plan { ranges, first_sends: Vec::new(), recvs }
+            let mut steps = vec![Step { segs: 0..0, mode: Mode::Copy, forward: true }; distance - 1];
+            steps.push(Step { segs: all, mode: Mode::Copy, forward: distance < n - 1 });
+            Plan { ranges, first_sends: Vec::new(), steps }
         }
+    }
+
+    /// The number of frames this rank receives.
+    fn frames(&self) -> usize {
+        self.steps.iter().map(|s| s.segs.len()).sum()
     }
 }
 
@@ -776,9 +794,10 @@ enum AfterError {
     Drain,
 }
 
-/// Runs one operation: a writer thread sends the plan's segments to next as they become ready while
-/// this thread receives from prev, reduces and hands segments over. Segments are passed between the
-/// threads as `&mut` slices through channels, so each is owned by exactly one thread at a time.
+/// Runs one operation: a writer thread sends this rank's own segments and, ahead of them, every
+/// received segment that goes on, while this thread receives from prev, reduces and hands segments
+/// over. Segments pass between the threads as `&mut` slices through channels, so each is owned by
+/// exactly one thread at a time.
 fn run_pipeline(
     ring: &Ring,
     links: &Links,
@@ -791,19 +810,15 @@ fn run_pipeline(
     let deadline = Instant::now() + ring.timeout;
     let shared = Shared::default();
     let mut segs = split_segments(buf, &plan.ranges);
-    let (to_send, queue) = mpsc::channel();
+    let own: Vec<Segment<'_>> = plan.first_sends.iter().filter_map(|&id| Some((id, segs[id].take()?))).collect();
+    let (to_send, forwards) = mpsc::channel();
     let (give_back, returned) = mpsc::channel();
     std::thread::scope(|s| {
         let shared = &shared;
-        let writer = s.spawn(move || send_all(ring, op, &links.next, deadline, start, queue, give_back, shared));
+        let writer = s.spawn(move || {
+            send_all(ring, op, &links.next, deadline, start, own, forwards, give_back, shared);
+        });
         let mut to_send = Some(to_send);
-        for &id in &plan.first_sends {
-            if let (Some(tx), Some(seg)) = (&to_send, segs[id].take()) {
-                if tx.send((id, seg)).is_err() {
-                    to_send = None;
-                }
-            }
-        }
         let mut timer = Timer::new(deadline, Direction::Read);
         let received = receive_all(
             ring,
@@ -838,8 +853,12 @@ fn run_pipeline(
 
 type Segment<'a> = (usize, &'a mut [f32]);
 
-/// The writer thread: START, then each segment handed over, then returns it; an ABORT instead of
-/// the rest once the reader failed.
+/// A received segment to send on: (step it is sent as, segment, data).
+type Forward<'a> = (usize, usize, &'a mut [f32]);
+
+/// The writer thread: START, then segments, each given back once sent: a forwarded segment whenever
+/// one is waiting (it was just reduced, so it is still in cache, and the ranks further on wait for
+/// it), else the next of this rank's own. An ABORT instead of the rest once the reader failed.
 #[allow(clippy::too_many_arguments)]
 fn send_all<'a>(
     ring: &Ring,
@@ -847,7 +866,8 @@ fn send_all<'a>(
     stream: &TcpStream,
     deadline: Instant,
     start: Frame,
-    queue: mpsc::Receiver<Segment<'a>>,
+    own: Vec<Segment<'a>>,
+    forwards: mpsc::Receiver<Forward<'a>>,
     give_back: mpsc::Sender<Segment<'a>>,
     shared: &Shared,
 ) {
@@ -860,18 +880,21 @@ fn send_all<'a>(
     if let Err(e) = write_all_timed(stream, &start.encode(), &mut timer) {
         return fail(e);
     }
+    let mut own = own.into_iter().map(|(id, seg)| (0, id, seg));
     loop {
-        let message = queue.recv();
+        let item = match forwards.try_recv() {
+            Ok(forward) => Some(forward),
+            Err(mpsc::TryRecvError::Empty) => own.next().or_else(|| forwards.recv().ok()),
+            Err(mpsc::TryRecvError::Disconnected) => own.next(),
+        };
         if shared.abort.load(Ordering::Acquire) {
             // Best effort: next may be the rank that failed.
             let _ = write_all_timed(stream, &shared.abort_frame(ring, start.seq).encode(), &mut timer);
             return;
         }
-        let Ok((id, seg)) = message else { return };
-        let header = Frame::data(start.seq, id, seg.len() * 4).encode();
-        let sent = write_all_timed(stream, &header, &mut timer)
-            .and_then(|()| write_all_timed(stream, bytemuck::cast_slice::<f32, u8>(&*seg), &mut timer));
-        if let Err(e) = sent {
+        let Some((step, id, seg)) = item else { return };
+        let header = Frame::data(start.seq, step, id, seg.len() * 4).encode();
+        if let Err(e) = write_frame_timed(stream, &header, bytemuck::cast_slice::<f32, u8>(&*seg), &mut timer) {
             return fail(e);
         }
         // The reader may have finished and no longer want it.
@@ -889,7 +912,7 @@ fn receive_all<'a>(
     start: &Frame,
     plan: &Plan,
     segs: &mut [Option<&'a mut [f32]>],
-    to_send: &mut Option<mpsc::Sender<Segment<'a>>>,
+    to_send: &mut Option<mpsc::Sender<Forward<'a>>>,
     returned: &mpsc::Receiver<Segment<'a>>,
     shared: &Shared,
     scratch: &mut [f32],
@@ -911,43 +934,64 @@ fn receive_all<'a>(
             return Err((ring.protocol(op, detail), AfterError::Drain));
         }
     }
-    let n = ring.world as f32;
-    for r in &plan.recvs {
+    // Frame (step, segment) is slot `offsets[step] + segment - steps[step].segs.start`.
+    let offsets: Vec<usize> = plan
+        .steps
+        .iter()
+        .scan(0, |next, step| {
+            let offset = *next;
+            *next += step.segs.len();
+            Some(offset)
+        })
+        .collect();
+    let mut seen = vec![false; plan.frames()];
+    let n = ring.world;
+    for _ in 0..seen.len() {
         if to_send.is_some() && shared.send_failed.load(Ordering::Acquire) {
             // The operation has failed; keep prev unblocked until it is done or aborts.
             *to_send = None;
         }
         let frame = read_frame(stream, timer).map_err(link)?;
-        let bytes = plan.ranges[r.seg].len() * 4;
         if frame.kind == KIND_ABORT {
             return Err((ring.aborted(op, &frame), AfterError::Stop));
         }
-        if frame != Frame::data(start.seq, r.seg, bytes) {
-            let detail =
-                format!("expected segment {} of call #{} ({bytes} bytes), got {}", r.seg, start.seq, frame.describe());
+        let (s, id) = (frame.c as usize, frame.a as usize);
+        let expected = plan.steps.get(s).filter(|step| step.segs.contains(&id)).and_then(|step| {
+            let slot = offsets[s] + id - step.segs.start;
+            let bytes = plan.ranges[id].len() * 4;
+            (frame == Frame::data(start.seq, s, id, bytes) && !seen[slot]).then_some((step, slot, bytes))
+        });
+        let Some((step, slot, bytes)) = expected else {
+            let detail = format!("unexpected {} during call #{}", frame.describe(), start.seq);
             return Err((ring.protocol(op, detail), AfterError::Drain));
-        }
-        // In all-gather, the segment may still be with the writer from reduce-scatter.
-        let dst = if to_send.is_some() { take_back(segs, r.seg, returned) } else { None };
+        };
+        seen[slot] = true;
+        // A segment received again (in all-gather) may still be with the writer; it has been sent,
+        // since what arrives now was computed from it, so it is given back promptly.
+        let dst = if to_send.is_some() { take_back(segs, id, returned) } else { None };
         let Some(dst) = dst else {
             *to_send = None;
             skip(stream, timer, bytes as u64, scratch).map_err(link)?;
             continue;
         };
-        let received = match r.mode {
+        let received = match step.mode {
             Mode::Copy => read_exact_timed(stream, bytemuck::cast_slice_mut::<f32, u8>(&mut *dst), timer),
             Mode::Add => recv_reduce(stream, timer, &mut *dst, scratch, add_into),
-            Mode::AddMean => recv_reduce(stream, timer, &mut *dst, scratch, |d, s| add_div_into(d, s, n)),
+            // x * (1/n) is x / n, bit for bit, when 1/n is exact, and cheaper.
+            Mode::AddMean if n.is_power_of_two() => {
+                recv_reduce(stream, timer, &mut *dst, scratch, |d, s| add_scale_into(d, s, 1.0 / n as f32))
+            }
+            Mode::AddMean => recv_reduce(stream, timer, &mut *dst, scratch, |d, s| add_div_into(d, s, n as f32)),
         };
         received.map_err(link)?;
-        if r.forward {
+        if step.forward {
             if let Some(tx) = to_send.as_ref() {
-                if tx.send((r.seg, dst)).is_err() {
+                if tx.send((s + 1, id, dst)).is_err() {
                     *to_send = None;
                 }
             }
         } else {
-            segs[r.seg] = Some(dst);
+            segs[id] = Some(dst);
         }
     }
     Ok(())
@@ -988,6 +1032,12 @@ fn recv_reduce(
 fn add_into(dst: &mut [f32], src: &[f32]) {
     for (d, s) in dst.iter_mut().zip(src) {
         *d += *s;
+    }
+}
+
+fn add_scale_into(dst: &mut [f32], src: &[f32], scale: f32) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = (*d + *s) * scale;
     }
 }
 
@@ -1114,6 +1164,26 @@ fn write_all_timed(mut stream: &TcpStream, mut buf: &[u8], timer: &mut Timer) ->
         }
     }
     Ok(())
+}
+
+/// Writes a header and its payload with one system call where possible: with `TCP_NODELAY`, a
+/// header written alone would leave as a packet of its own.
+fn write_frame_timed(
+    mut stream: &TcpStream,
+    header: &[u8],
+    payload: &[u8],
+    timer: &mut Timer,
+) -> Result<(), LinkError> {
+    let mut done = 0;
+    while done < header.len() {
+        timer.arm(stream)?;
+        match stream.write_vectored(&[io::IoSlice::new(&header[done..]), io::IoSlice::new(payload)]) {
+            Ok(0) => return Err(LinkError::Closed),
+            Ok(k) => done += k,
+            Err(e) => timer.retry(e)?,
+        }
+    }
+    write_all_timed(stream, &payload[(done - header.len()).min(payload.len())..], timer)
 }
 
 fn read_frame(stream: &TcpStream, timer: &mut Timer) -> Result<Frame, LinkError> {
@@ -1437,6 +1507,45 @@ mod tests {
     }
 
     #[test]
+    fn a_rank_that_gave_up_fails_its_peers_next_call_at_once() {
+        // Rank 1 times out (rank 0 is late) and closes its ring; rank 0's late call, much larger
+        // than the socket buffers, must fail at once rather than at its own, long, deadline.
+        let (ls, addrs) = listeners(2);
+        let (gave_up_tx, gave_up_rx) = mpsc::channel::<()>();
+        let (done_tx, done_rx) = mpsc::channel::<()>();
+        let len = 3_000_000;
+        std::thread::scope(|s| {
+            let mut ls = ls.into_iter();
+            let (l0, l1) = (ls.next().unwrap(), ls.next().unwrap());
+            let addrs = &addrs;
+            s.spawn(move || {
+                let options = RingOptions::new(Duration::from_millis(200));
+                let mut ring = RingCollective::connect_with(1, 2, l1, addrs, options).unwrap();
+                let err = ring.all_reduce_mean(&mut vec![1.0; len]).unwrap_err();
+                assert!(matches!(err, CollectiveError::Timeout { peer: 0, .. }), "{err}");
+                gave_up_tx.send(()).unwrap();
+                // The failed collective stays alive until rank 0 is done: its connections must be
+                // closed all the same.
+                let _ = done_rx.recv_timeout(Duration::from_secs(10));
+                drop(ring);
+            });
+            let mut ring = RingCollective::connect(0, 2, l0, addrs, Duration::from_secs(10)).unwrap();
+            gave_up_rx.recv().unwrap();
+            let t = Instant::now();
+            let err = ring.all_reduce_mean(&mut vec![1.0; len]).unwrap_err();
+            let elapsed = t.elapsed();
+            done_tx.send(()).unwrap();
+            assert!(elapsed < Duration::from_secs(2), "took {elapsed:?}: {err}");
+            let blames_a_rank = matches!(
+                &err,
+                CollectiveError::PeerClosed { peer: 1, .. }
+                    | CollectiveError::Aborted { observer: 1, culprit: 0, reason: AbortReason::Timeout, .. }
+            );
+            assert!(blames_a_rank, "{err}");
+        });
+    }
+
+    #[test]
     fn mismatched_calls_fail_on_both_sides_without_waiting_for_the_deadline() {
         let t = Instant::now();
         let errs = with_ring(2, RingOptions::new(Duration::from_secs(10)), |ring| {
@@ -1454,42 +1563,68 @@ mod tests {
     }
 
     #[test]
-    fn plans_send_every_segment_once_per_step_in_the_order_it_is_received() {
-        // Simulates the ring: what rank r sends (first sends, then forwarded receives in order) must
-        // be exactly what rank r+1 expects to receive, segment by segment.
+    fn scaling_by_an_exact_reciprocal_is_dividing_bit_for_bit() {
+        // Finite values of every magnitude, subnormals included.
+        let src: Vec<f32> =
+            (0..4096u32).map(|i| f32::from_bits(i.wrapping_mul(2_654_435_761))).filter(|x| x.is_finite()).collect();
+        let dst: Vec<f32> = src.iter().rev().map(|x| x * 0.75 + 1e-39).collect();
+        for n in [2usize, 4, 8, 64] {
+            let (mut scaled, mut divided) = (dst.clone(), dst.clone());
+            add_scale_into(&mut scaled, &src, 1.0 / n as f32);
+            add_div_into(&mut divided, &src, n as f32);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+            assert_eq!(bits(&scaled), bits(&divided), "n {n}");
+        }
+    }
+
+    /// The (step, segment) frames a rank sends: its own at step 0, every forwarded one a step later.
+    fn sent(plan: &Plan) -> Vec<(usize, usize)> {
+        let forwarded = plan.steps.iter().enumerate().filter(|(_, st)| st.forward);
+        let mut tags: Vec<(usize, usize)> = plan
+            .first_sends
+            .iter()
+            .map(|&id| (0, id))
+            .chain(forwarded.flat_map(|(s, st)| st.segs.clone().map(move |id| (s + 1, id))))
+            .collect();
+        tags.sort_unstable();
+        tags
+    }
+
+    fn expected(plan: &Plan) -> Vec<(usize, usize)> {
+        let mut tags: Vec<(usize, usize)> =
+            plan.steps.iter().enumerate().flat_map(|(s, st)| st.segs.clone().map(move |id| (s, id))).collect();
+        tags.sort_unstable();
+        tags
+    }
+
+    #[test]
+    fn plans_agree_between_neighbours() {
+        // What rank r sends must be exactly what rank r+1 expects, each frame once.
         for n in 2..=5 {
             for (len, seg) in [(0, 4), (1, 4), (10, 3), (1000, 7)] {
                 let plans: Vec<Plan> = (0..n).map(|r| Plan::all_reduce(len, n, r, seg, true)).collect();
                 for r in 0..n {
-                    let sent: Vec<usize> = plans[r]
-                        .first_sends
-                        .iter()
-                        .copied()
-                        .chain(plans[r].recvs.iter().filter(|x| x.forward).map(|x| x.seg))
-                        .collect();
-                    let expected: Vec<usize> = plans[(r + 1) % n].recvs.iter().map(|x| x.seg).collect();
-                    assert_eq!(sent, expected, "n {n}, len {len}, seg {seg}, rank {r}");
-                    // Every value of the buffer is received in all-gather except the rank's own chunk.
+                    let sent = sent(&plans[r]);
+                    assert_eq!(sent, expected(&plans[(r + 1) % n]), "n {n}, len {len}, seg {seg}, rank {r}");
+                    assert!(sent.windows(2).all(|w| w[0] != w[1]), "a frame sent twice");
+                    // Every value is received in all-gather except those of the chunk the rank
+                    // completes itself.
                     let copied: usize = plans[r]
-                        .recvs
+                        .steps
                         .iter()
-                        .filter(|x| x.mode == Mode::Copy)
-                        .map(|x| plans[r].ranges[x.seg].len())
+                        .filter(|st| st.mode == Mode::Copy)
+                        .flat_map(|st| st.segs.clone())
+                        .map(|id| plans[r].ranges[id].len())
                         .sum();
                     let own = (r + 1) % n;
                     assert_eq!(copied, len - (split_point(len, n, own + 1) - split_point(len, n, own)));
                 }
-                let broadcasts: Vec<Plan> = (0..n).map(|r| Plan::broadcast(len, n, r, n - 1, seg)).collect();
-                for r in 0..n {
-                    let sent: Vec<usize> = broadcasts[r]
-                        .first_sends
-                        .iter()
-                        .copied()
-                        .chain(broadcasts[r].recvs.iter().filter(|x| x.forward).map(|x| x.seg))
-                        .collect();
-                    let next = (r + 1) % n;
-                    let expected: Vec<usize> = broadcasts[next].recvs.iter().map(|x| x.seg).collect();
-                    assert_eq!(sent, expected, "broadcast: n {n}, len {len}, seg {seg}, rank {r}");
+                for root in [0, n - 1] {
+                    let plans: Vec<Plan> = (0..n).map(|r| Plan::broadcast(len, n, r, root, seg)).collect();
+                    for r in 0..n {
+                        let next = (r + 1) % n;
+                        assert_eq!(sent(&plans[r]), expected(&plans[next]), "broadcast from {root}: n {n}, rank {r}");
+                    }
                 }
             }
         }
