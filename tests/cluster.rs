@@ -204,7 +204,6 @@ fn two_workers_with_batch_b_match_one_worker_with_batch_2b() {
     assert!(moved > 0.0);
 }
 
-
 fn thaw_url(args: &[&str], url: &str) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_thaw"))
         .args(args)

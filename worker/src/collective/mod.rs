@@ -265,3 +265,33 @@ mod tests {
         assert_eq!(err.culprit(), Some(1));
     }
 }
+
+/// An operation as the engines' call checks see it (ranks making different calls must fail, not
+/// mix data).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Call {
+    Sum,
+    Mean,
+    Broadcast(usize),
+    Barrier,
+}
+
+impl Call {
+    pub(crate) fn op(self) -> Operation {
+        match self {
+            Call::Sum | Call::Mean => Operation::AllReduce,
+            Call::Broadcast(_) => Operation::Broadcast,
+            Call::Barrier => Operation::Barrier,
+        }
+    }
+
+    /// A stable number per kind of call, for the wire.
+    pub(crate) fn code(self) -> u32 {
+        match self {
+            Call::Sum => 1,
+            Call::Mean => 2,
+            Call::Broadcast(_) => 3,
+            Call::Barrier => 4,
+        }
+    }
+}

@@ -40,6 +40,7 @@ use cudarc::driver::result as cu;
 use cudarc::driver::sys as cu_sys;
 use cudarc::nccl::sys as nccl;
 
+use super::Call;
 use super::{Collective, CollectiveError, Operation};
 
 /// Bytes of an NCCL unique id (`ncclUniqueId`), as carried by `JoinRequest.nccl_unique_id`.
@@ -315,36 +316,6 @@ impl Collective for NcclCollective {
     fn barrier(&mut self) -> Result<(), CollectiveError> {
         // The call check is an all-reduce, which completes on no rank before every rank entered.
         self.run(Call::Barrier, 0, |_, _, _| Ok(()))
-    }
-}
-
-/// An operation as the call check sees it.
-#[derive(Debug, Clone, Copy)]
-enum Call {
-    Sum,
-    Mean,
-    Broadcast(usize),
-    Barrier,
-}
-
-impl Call {
-    fn op(self) -> Operation {
-        match self {
-            Call::Sum | Call::Mean => Operation::AllReduce,
-            Call::Broadcast(_) => Operation::Broadcast,
-            Call::Barrier => Operation::Barrier,
-        }
-    }
-
-    /// Kind, length, root (-1 for none) and call number.
-    fn header(self, len: usize, seq: u64) -> [i64; HEADER] {
-        let (kind, root) = match self {
-            Call::Sum => (1, -1),
-            Call::Mean => (2, -1),
-            Call::Broadcast(root) => (3, root as i64),
-            Call::Barrier => (4, -1),
-        };
-        [kind, len as i64, root, seq as i64]
     }
 }
 
@@ -911,5 +882,16 @@ mod tests {
                 (0..8).map(|i| i as f32).collect::<Vec<_>>()
             );
         }
+    }
+}
+
+impl Call {
+    /// Kind, length, root (-1 for none) and call number.
+    fn header(self, len: usize, seq: u64) -> [i64; HEADER] {
+        let root = match self {
+            Call::Broadcast(root) => root as i64,
+            _ => -1,
+        };
+        [i64::from(self.code()), len as i64, root, seq as i64]
     }
 }

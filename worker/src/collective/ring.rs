@@ -34,6 +34,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use super::Call;
 use super::{AbortReason, Collective, CollectiveError, Operation};
 
 // The wire format is little-endian `f32`, read and written in place; a big-endian build would need
@@ -548,33 +549,6 @@ fn handshake_accept(
 
 // ---------------------------------------------------------------------------------------------
 // Operations
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Call {
-    Sum,
-    Mean,
-    Broadcast(usize),
-    Barrier,
-}
-
-impl Call {
-    fn op(self) -> Operation {
-        match self {
-            Call::Sum | Call::Mean => Operation::AllReduce,
-            Call::Broadcast(_) => Operation::Broadcast,
-            Call::Barrier => Operation::Barrier,
-        }
-    }
-
-    fn code(self) -> u32 {
-        match self {
-            Call::Sum => 1,
-            Call::Mean => 2,
-            Call::Broadcast(_) => 3,
-            Call::Barrier => 4,
-        }
-    }
-}
 
 /// A call as a message names it, from a START frame.
 fn describe_call(start: &Frame) -> String {
