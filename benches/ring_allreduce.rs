@@ -1,5 +1,6 @@
-//! All-reduce time of thaw's TCP ring against PyTorch's gloo, between two local processes, in the
-//! same run.
+//! All-reduce time of thaw's ring against PyTorch's gloo, between two local processes, in the same
+//! run. thaw's ring runs twice: with TCP links only (`THAW_RING_SHM=0`, what two hosts use) and with
+//! the shared-memory links that neighbours on one host use by default.
 //!
 //! For 4, 44 (about ResNet18's gradients) and 100 MiB of `f32`: this process is rank 0 and runs
 //! itself again as rank 1 (`THAW_RING_BENCH_PEER` carries rank 0's address; rank 1 answers with its
@@ -7,7 +8,7 @@
 //! result is checked; after warm-up iterations the median is reported with the algorithmic
 //! bandwidth (buffer bytes / time). gloo's side (`ring_allreduce_gloo.py`) does the same with
 //! `torch.distributed`, timing `all_reduce` alone (a sum: gloo has no mean, and the division it would
-//! need is not counted). `gloo/thaw` is the time ratio (above 1: thaw is faster).
+//! need is not counted). `gloo/tcp` and `gloo/shm` are time ratios (above 1: thaw is faster).
 //!
 //! The baseline's torch is installed on demand into `.thaw/bench-venv` (see `common`).
 //! `THAW_BENCH_NO_BASELINE=1` runs thaw's side alone; `THAW_BENCH_WARMUP` and `THAW_BENCH_ITERS` set
@@ -40,9 +41,12 @@ fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|s| s.parse().ok()).unwrap_or(default)
 }
 
-fn options() -> RingOptions {
-    RingOptions { timeout: TIMEOUT, segment_bytes: env_usize("THAW_RING_SEGMENT_BYTES", DEFAULT_SEGMENT_BYTES) }
+fn options(shm: bool) -> RingOptions {
+    RingOptions { timeout: TIMEOUT, segment_bytes: env_usize("THAW_RING_SEGMENT_BYTES", DEFAULT_SEGMENT_BYTES), shm }
 }
+
+/// Rank 1 learns the transport from rank 0 through this variable.
+const SHM_ENV: &str = "THAW_RING_SHM";
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -50,7 +54,11 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// The same schedule on both ranks; the median ms of each size.
-fn schedule(ring: &mut RingCollective, warmup: usize, iters: usize) -> Result<Vec<f64>, String> {
+fn schedule(ring: &mut RingCollective, shm: bool, warmup: usize, iters: usize) -> Result<Vec<f64>, String> {
+    let want = if shm { "shm" } else { "tcp" };
+    if ring.transports() != Some((want, want)) {
+        return Err(format!("rank {} formed its ring over {:?}, not {want}", ring.rank(), ring.transports()));
+    }
     let mut medians = Vec::new();
     for mib in sizes_mib() {
         let len = (mib << 20) / 4;
@@ -84,16 +92,19 @@ fn rank1(peer0: &str, warmup: usize, iters: usize) -> Result<(), String> {
     let me = listener.local_addr().map_err(|e| e.to_string())?;
     let mut stdout = std::io::stdout();
     writeln!(stdout, "{me}").and_then(|()| stdout.flush()).map_err(|e| e.to_string())?;
-    let mut ring = RingCollective::connect_with(1, 2, listener, &[peer0, me], options()).map_err(|e| e.to_string())?;
-    schedule(&mut ring, warmup, iters).map(|_| ())
+    let shm = std::env::var(SHM_ENV).is_ok_and(|v| v != "0");
+    let mut ring =
+        RingCollective::connect_with(1, 2, listener, &[peer0, me], options(shm)).map_err(|e| e.to_string())?;
+    schedule(&mut ring, shm, warmup, iters).map(|_| ())
 }
 
-fn thaw_side(warmup: usize, iters: usize) -> Result<Vec<f64>, String> {
+fn thaw_side(shm: bool, warmup: usize, iters: usize) -> Result<Vec<f64>, String> {
     let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
     let me = listener.local_addr().map_err(|e| e.to_string())?;
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut child = Command::new(exe)
         .env(PEER_ENV, me.to_string())
+        .env(SHM_ENV, if shm { "1" } else { "0" })
         .stdout(Stdio::piped())
         .spawn()
         .map_err(|e| format!("cannot start rank 1: {e}"))?;
@@ -102,9 +113,9 @@ fn thaw_side(warmup: usize, iters: usize) -> Result<Vec<f64>, String> {
         let _ = BufReader::new(out).read_line(&mut line);
     }
     let result = match line.trim().parse::<SocketAddr>() {
-        Ok(peer1) => RingCollective::connect_with(0, 2, listener, &[me, peer1], options())
+        Ok(peer1) => RingCollective::connect_with(0, 2, listener, &[me, peer1], options(shm))
             .map_err(|e| e.to_string())
-            .and_then(|mut ring| schedule(&mut ring, warmup, iters)),
+            .and_then(|mut ring| schedule(&mut ring, shm, warmup, iters)),
         Err(_) => {
             let _ = child.kill();
             Err(format!("rank 1 did not report its address (got `{}`)", line.trim()))
@@ -147,34 +158,33 @@ fn main() {
     if std::env::args().any(|a| a == "--test" || a == "--list") {
         return;
     }
-    let ours = match thaw_side(warmup, iters) {
+    let run = |shm: bool| match thaw_side(shm, warmup, iters) {
         Ok(ms) => ms,
         Err(e) => {
-            eprintln!("ring bench: {e}");
+            eprintln!("ring bench (shm {shm}): {e}");
             std::process::exit(1);
         }
     };
+    let (tcp, shm) = (run(false), run(true));
     let py = if std::env::var("THAW_BENCH_NO_BASELINE").is_ok() { None } else { common::baseline_python() };
     let theirs = py.as_ref().and_then(|py| gloo_side(py, warmup, iters));
     println!(
-        "all-reduce (mean) of f32, 2 local processes over loopback TCP, {} B segments; median of {iters} after {warmup} warm-up",
-        options().segment_bytes
+        "all-reduce (mean) of f32, 2 local processes, {} B segments; median of {iters} after {warmup} warm-up",
+        options(false).segment_bytes
     );
+    println!("thaw over TCP loopback (tcp), thaw over shared memory (shm), gloo over TCP loopback");
     println!(
-        "{:>8} {:>10} {:>10} {:>10} {:>10} {:>10}",
-        "size_MiB", "thaw_ms", "thaw_GB/s", "gloo_ms", "gloo_GB/s", "gloo/thaw"
+        "{:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9}",
+        "size_MiB", "tcp_ms", "tcp_GB/s", "shm_ms", "shm_GB/s", "gloo_ms", "gloo_GB/s", "gloo/tcp", "gloo/shm"
     );
     for (i, mib) in sizes_mib().into_iter().enumerate() {
-        let ms = ours[i];
+        let (t, m) = (tcp[i], shm[i]);
+        let ours = format!("{mib:>8} {t:>8.2} {:>8.2} {m:>8.2} {:>8.2}", gb_per_s(mib, t), gb_per_s(mib, m));
         match &theirs {
-            Some(t) => println!(
-                "{mib:>8} {ms:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>10.2}",
-                gb_per_s(mib, ms),
-                t[i],
-                gb_per_s(mib, t[i]),
-                t[i] / ms
-            ),
-            None => println!("{mib:>8} {ms:>10.2} {:>10.2} {:>10} {:>10} {:>10}", gb_per_s(mib, ms), "-", "-", "-"),
+            Some(g) => {
+                println!("{ours} {:>8.2} {:>8.2} {:>9.2} {:>9.2}", g[i], gb_per_s(mib, g[i]), g[i] / t, g[i] / m)
+            }
+            None => println!("{ours} {:>8} {:>8} {:>9} {:>9}", "-", "-", "-", "-"),
         }
     }
 }

@@ -188,6 +188,14 @@ fn two_workers_with_batch_b_match_one_worker_with_batch_2b() {
         let o = ok(launch(&spec, nproc));
         assert!(stdout(&o).contains("succeeded"), "{}", stdout(&o));
         cks.push(f32s(&out.join("checkpoint.safetensors")));
+        if nproc == 2 {
+            // Two processes on one host: the ring's data goes through shared memory.
+            for rank in 0..2 {
+                let log = std::fs::read_to_string(out.join(format!("logs/worker-{rank}.log"))).unwrap();
+                let formed = log.lines().find(|l| l.contains("ring formed")).unwrap_or_else(|| panic!("{log}"));
+                assert!(formed.contains("to_next=\"shm\"") && formed.contains("from_prev=\"shm\""), "{formed}");
+            }
+        }
     }
     let (two, one) = (&cks[0], &cks[1]);
     assert_eq!(two.len(), one.len());

@@ -177,10 +177,12 @@ pub fn run(opts: AgentOptions) -> Result<AgentOutcome, AgentError> {
         drop(listener);
         nccl_group(a.rank, a.world_size, &a.nccl_unique_id, opts.device, timeout)?
     } else {
-        Box::new(
-            RingCollective::connect(a.rank as usize, a.world_size as usize, listener, &peers, timeout)
-                .map_err(TrainError::from)?,
-        )
+        let ring = RingCollective::connect(a.rank as usize, a.world_size as usize, listener, &peers, timeout)
+            .map_err(TrainError::from)?;
+        if let Some((to_next, from_prev)) = ring.transports() {
+            tracing::info!(to_next, from_prev, "ring formed");
+        }
+        Box::new(ring)
     };
 
     // Heartbeats on the control runtime; a stop command or a lost coordinator sets the flag that

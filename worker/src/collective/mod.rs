@@ -4,7 +4,8 @@
 //! [`Collective`] is what the trainer sees; an engine implements it:
 //! - [`SingleProcess`]: a world of one, where every operation is a no-op that succeeds;
 //! - [`RingCollective`] (`ring.rs`): CPU workers over TCP, with the bandwidth-optimal ring
-//!   all-reduce (reduce-scatter then all-gather, segments pipelined in both directions).
+//!   all-reduce (reduce-scatter then all-gather, segments pipelined in both directions). Two
+//!   neighbours on one host pass the data through a shared-memory pipe instead (`shm.rs`, Linux).
 //!
 //! `nccl.rs` (cargo feature `nccl`) is NCCL between GPUs through cudarc, loaded at run time: on a
 //! machine without libcuda/libnccl it fails with a clear error, never a panic.
@@ -28,6 +29,8 @@ use std::time::Duration;
 #[cfg(feature = "nccl")]
 mod nccl;
 mod ring;
+#[cfg(target_os = "linux")]
+mod shm;
 
 #[cfg(feature = "nccl")]
 pub use nccl::{nccl_available, new_unique_id, NcclCollective, NCCL_UNIQUE_ID_BYTES};

@@ -14,8 +14,14 @@
 //! straight from it: no copies besides the kernel's. The mean's division happens once, by the rank
 //! that completes a chunk, so every rank receives the same bits.
 //!
+//! Same-host links: when the ring forms, a rank offers its next neighbour a shared-memory pipe
+//! (`shm.rs`); if the neighbour can map it (same host), the data of that link flows through it and
+//! the TCP connection stays open only to tell whether the neighbour lives. The frames are the same
+//! on both transports. `RingOptions::shm` (default: on unless `THAW_RING_SHM=0`) turns this off.
+//!
 //! Wire format, little-endian: when the ring forms, a 32-byte handshake each way (magic, rank, world
-//! size, segment size), so a wrong peer is rejected; then per operation a START frame (operation,
+//! size, segment size), so a wrong peer is rejected, and the dialer's 256-byte shared-memory offer
+//! (empty when it has none) with the acceptor's 8-byte answer; then per operation a START frame (operation,
 //! length, root, call number) that the receiver checks against its own call, DATA frames (step,
 //! segment and byte length, then the raw `f32` bytes; their order depends on timing, each is filed
 //! by its tag and checked to be expected once) and, when a rank fails, an ABORT frame (which rank
@@ -34,6 +40,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+#[cfg(target_os = "linux")]
+use super::shm;
 use super::Call;
 use super::{AbortReason, Collective, CollectiveError, Operation};
 
@@ -69,12 +77,25 @@ pub struct RingOptions {
     pub timeout: Duration,
     /// Bytes per pipelined segment: a positive multiple of 4.
     pub segment_bytes: usize,
+    /// Whether neighbours on the same host may use a shared-memory pipe instead of TCP for data
+    /// (each link uses it only if both ends allow it). Default: yes, unless `THAW_RING_SHM=0`.
+    pub shm: bool,
 }
 
 impl RingOptions {
     pub fn new(timeout: Duration) -> Self {
-        RingOptions { timeout, segment_bytes: DEFAULT_SEGMENT_BYTES }
+        RingOptions { timeout, segment_bytes: DEFAULT_SEGMENT_BYTES, shm: shm_enabled_by_env() }
     }
+}
+
+#[cfg(target_os = "linux")]
+fn shm_enabled_by_env() -> bool {
+    shm::enabled_by_env()
+}
+
+#[cfg(not(target_os = "linux"))]
+fn shm_enabled_by_env() -> bool {
+    false
 }
 
 /// A [`Collective`] over TCP between CPU processes; see the module documentation.
@@ -96,11 +117,19 @@ struct Ring {
     peers: Vec<SocketAddr>,
     timeout: Duration,
     segment_bytes: usize,
+    shm: bool,
 }
 
 struct Links {
-    next: TcpStream,
-    prev: TcpStream,
+    next: Link,
+    prev: Link,
+}
+
+/// One direction of a ring link: where this rank writes to next, or reads from prev.
+enum Link {
+    Tcp(TcpStream),
+    #[cfg(target_os = "linux")]
+    Shm(shm::Pipe),
 }
 
 impl fmt::Debug for RingCollective {
@@ -111,6 +140,7 @@ impl fmt::Debug for RingCollective {
             .field("peers", &self.ring.peers)
             .field("timeout", &self.ring.timeout)
             .field("segment_bytes", &self.ring.segment_bytes)
+            .field("transports", &self.transports())
             .field("calls", &self.seq)
             .field("broken", &self.broken)
             .finish_non_exhaustive()
@@ -162,10 +192,17 @@ impl RingCollective {
             peers: peers.to_vec(),
             timeout: options.timeout,
             segment_bytes: options.segment_bytes,
+            shm: options.shm,
         };
         let links = if world_size == 1 { None } else { Some(establish(&ring, listener)?) };
         let scratch = vec![0.0; (options.segment_bytes / 4).min(SCRATCH_ELEMS)];
         Ok(RingCollective { ring, links, seq: 0, broken: None, scratch })
+    }
+
+    /// How this rank's two links carry data, as (to next, from prev): `"tcp"` or `"shm"`; `None`
+    /// for a world of one or a broken ring.
+    pub fn transports(&self) -> Option<(&'static str, &'static str)> {
+        self.links.as_ref().map(|l| (l.next.kind(), l.prev.kind()))
     }
 
     fn run(&mut self, buf: &mut [f32], call: Call) -> Result<(), CollectiveError> {
@@ -398,7 +435,7 @@ impl GiveUp {
     }
 }
 
-fn dial(ring: &Ring, deadline: Instant, give_up: &GiveUp) -> Result<TcpStream, Option<CollectiveError>> {
+fn dial(ring: &Ring, deadline: Instant, give_up: &GiveUp) -> Result<Link, Option<CollectiveError>> {
     let peer = ring.next();
     let addr = ring.peers[peer];
     let mut backoff = Duration::from_millis(2);
@@ -435,7 +472,7 @@ fn dial(ring: &Ring, deadline: Instant, give_up: &GiveUp) -> Result<TcpStream, O
         }
     };
     handshake_dial(ring, &stream, deadline).map_err(Some)?;
-    Ok(stream)
+    offer_link(ring, stream, deadline).map_err(Some)
 }
 
 fn handshake_dial(ring: &Ring, stream: &TcpStream, deadline: Instant) -> Result<(), CollectiveError> {
@@ -474,7 +511,7 @@ fn accept(
     listener: &TcpListener,
     deadline: Instant,
     give_up: &GiveUp,
-) -> Result<TcpStream, Option<CollectiveError>> {
+) -> Result<Link, Option<CollectiveError>> {
     let peer = ring.prev();
     let addr = ring.peers[peer];
     let io_error = |e| Some(ring.link_error(LinkError::Io(e), Operation::Connect, peer));
@@ -488,7 +525,7 @@ fn accept(
         match listener.accept() {
             Ok((stream, from)) => {
                 handshake_accept(ring, &stream, from, deadline).map_err(Some)?;
-                return Ok(stream);
+                return answer_link(ring, stream, from, deadline).map_err(Some);
             }
             Err(e)
                 if matches!(
@@ -545,6 +582,68 @@ fn handshake_accept(
         return Err(CollectiveError::Handshake { rank: ring.rank, addr: from, reason });
     }
     sent.map_err(link)
+}
+
+/// The dialer's side of choosing the transport of its link to next: offers a shared-memory pipe
+/// (or nothing) and switches to it if next accepts.
+fn offer_link(ring: &Ring, stream: TcpStream, deadline: Instant) -> Result<Link, CollectiveError> {
+    let link = |e| ring.link_error(e, Operation::Connect, ring.next());
+    #[cfg(target_os = "linux")]
+    {
+        let offer = if ring.shm { shm::Offer::create(ring.rank) } else { None };
+        let bytes = offer.as_ref().map_or_else(shm::no_offer, shm::Offer::encode);
+        write_all_timed(&stream, &bytes, &mut Timer::new(deadline, Direction::Write)).map_err(link)?;
+        let mut answer = [0u8; 8];
+        read_exact_timed(&stream, &mut answer, &mut Timer::new(deadline, Direction::Read)).map_err(link)?;
+        match offer {
+            Some(offer) if answer == shm::YES => {
+                Ok(Link::Shm(offer.accepted(stream).map_err(|e| link(LinkError::Io(e)))?))
+            }
+            _ => Ok(Link::Tcp(stream)),
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let mut bytes = [0u8; 256];
+        bytes[..8].copy_from_slice(b"THAWSHM1");
+        write_all_timed(&stream, &bytes, &mut Timer::new(deadline, Direction::Write)).map_err(link)?;
+        read_exact_timed(&stream, &mut [0u8; 8], &mut Timer::new(deadline, Direction::Read)).map_err(link)?;
+        Ok(Link::Tcp(stream))
+    }
+}
+
+/// The acceptor's side: maps the offered pipe if it can (same host) and says so.
+fn answer_link(ring: &Ring, stream: TcpStream, from: SocketAddr, deadline: Instant) -> Result<Link, CollectiveError> {
+    let link = |e| ring.link_error(e, Operation::Connect, ring.prev());
+    #[cfg(target_os = "linux")]
+    {
+        let mut offer = [0u8; shm::OFFER_BYTES];
+        read_exact_timed(&stream, &mut offer, &mut Timer::new(deadline, Direction::Read)).map_err(link)?;
+        let mapped = match shm::answer(&offer) {
+            shm::Answer::Malformed => {
+                let reason = format!("the connection from {from} sent a malformed transport offer");
+                return Err(CollectiveError::Handshake { rank: ring.rank, addr: from, reason });
+            }
+            shm::Answer::Declined => None,
+            shm::Answer::Mapped(map) => ring.shm.then_some(map),
+        };
+        let answer = if mapped.is_some() { shm::YES } else { shm::NO };
+        write_all_timed(&stream, &answer, &mut Timer::new(deadline, Direction::Write)).map_err(link)?;
+        match mapped {
+            Some(map) => {
+                let pipe = shm::Pipe::new(map, shm::Role::Reader, stream).map_err(|e| link(LinkError::Io(e)))?;
+                Ok(Link::Shm(pipe))
+            }
+            None => Ok(Link::Tcp(stream)),
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = from;
+        read_exact_timed(&stream, &mut [0u8; 256], &mut Timer::new(deadline, Direction::Read)).map_err(link)?;
+        write_all_timed(&stream, b"SHMNO\0\0\0", &mut Timer::new(deadline, Direction::Write)).map_err(link)?;
+        Ok(Link::Tcp(stream))
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -813,7 +912,7 @@ fn run_pipeline(
             // Closing the queue wakes the writer if it is idle, so it sends the abort now.
             drop(to_send.take());
             if let AfterError::Drain = after {
-                drain(&links.prev, &mut timer, scratch);
+                links.prev.drain(&mut timer, scratch);
             }
         }
         drop(to_send);
@@ -837,7 +936,7 @@ type Forward<'a> = (usize, usize, &'a mut [f32]);
 fn send_all<'a>(
     ring: &Ring,
     op: Operation,
-    stream: &TcpStream,
+    link: &Link,
     deadline: Instant,
     start: Frame,
     own: Vec<Segment<'a>>,
@@ -851,7 +950,7 @@ fn send_all<'a>(
         shared.record(ring.link_error(e, op, next));
         shared.send_failed.store(true, Ordering::Release);
     };
-    if let Err(e) = write_all_timed(stream, &start.encode(), &mut timer) {
+    if let Err(e) = link.write_all(&start.encode(), &mut timer) {
         return fail(e);
     }
     let mut own = own.into_iter().map(|(id, seg)| (0, id, seg));
@@ -863,12 +962,12 @@ fn send_all<'a>(
         };
         if shared.abort.load(Ordering::Acquire) {
             // Best effort: next may be the rank that failed.
-            let _ = write_all_timed(stream, &shared.abort_frame(ring, start.seq).encode(), &mut timer);
+            let _ = link.write_all(&shared.abort_frame(ring, start.seq).encode(), &mut timer);
             return;
         }
         let Some((step, id, seg)) = item else { return };
         let header = Frame::data(start.seq, step, id, seg.len() * 4).encode();
-        if let Err(e) = write_frame_timed(stream, &header, bytemuck::cast_slice::<f32, u8>(&*seg), &mut timer) {
+        if let Err(e) = link.write_frame(&header, bytemuck::cast_slice::<f32, u8>(&*seg), &mut timer) {
             return fail(e);
         }
         // The reader may have finished and no longer want it.
@@ -881,7 +980,7 @@ fn send_all<'a>(
 fn receive_all<'a>(
     ring: &Ring,
     op: Operation,
-    stream: &TcpStream,
+    link: &Link,
     timer: &mut Timer,
     start: &Frame,
     plan: &Plan,
@@ -892,8 +991,8 @@ fn receive_all<'a>(
     scratch: &mut [f32],
 ) -> Result<(), (CollectiveError, AfterError)> {
     let prev = ring.prev();
-    let link = |e| (ring.link_error(e, op, prev), AfterError::Stop);
-    let first = read_frame(stream, timer).map_err(link)?;
+    let lost = |e| (ring.link_error(e, op, prev), AfterError::Stop);
+    let first = link.read_frame(timer).map_err(lost)?;
     match first.kind {
         KIND_START if first == *start => {}
         KIND_START => {
@@ -925,7 +1024,7 @@ fn receive_all<'a>(
             // The operation has failed; keep prev unblocked until it is done or aborts.
             *to_send = None;
         }
-        let frame = read_frame(stream, timer).map_err(link)?;
+        let frame = link.read_frame(timer).map_err(lost)?;
         if frame.kind == KIND_ABORT {
             return Err((ring.aborted(op, &frame), AfterError::Stop));
         }
@@ -945,19 +1044,19 @@ fn receive_all<'a>(
         let dst = if to_send.is_some() { take_back(segs, id, returned) } else { None };
         let Some(dst) = dst else {
             *to_send = None;
-            skip(stream, timer, bytes as u64, scratch).map_err(link)?;
+            link.skip(timer, bytes as u64, scratch).map_err(lost)?;
             continue;
         };
         let received = match step.mode {
-            Mode::Copy => read_exact_timed(stream, bytemuck::cast_slice_mut::<f32, u8>(&mut *dst), timer),
-            Mode::Add => recv_reduce(stream, timer, &mut *dst, scratch, add_into),
+            Mode::Copy => link.read_exact(bytemuck::cast_slice_mut::<f32, u8>(&mut *dst), timer),
+            Mode::Add => link.read_combine(timer, &mut *dst, scratch, add_into),
             // x * (1/n) is x / n, bit for bit, when 1/n is exact, and cheaper.
             Mode::AddMean if n.is_power_of_two() => {
-                recv_reduce(stream, timer, &mut *dst, scratch, |d, s| add_scale_into(d, s, 1.0 / n as f32))
+                link.read_combine(timer, &mut *dst, scratch, |d, s| add_scale_into(d, s, 1.0 / n as f32))
             }
-            Mode::AddMean => recv_reduce(stream, timer, &mut *dst, scratch, |d, s| add_div_into(d, s, n as f32)),
+            Mode::AddMean => link.read_combine(timer, &mut *dst, scratch, |d, s| add_div_into(d, s, n as f32)),
         };
-        received.map_err(link)?;
+        received.map_err(lost)?;
         if step.forward {
             if let Some(tx) = to_send.as_ref() {
                 if tx.send((s + 1, id, dst)).is_err() {
@@ -986,23 +1085,6 @@ fn take_back<'a>(
     }
 }
 
-/// Reads `dst.len()` values in scratch-sized pieces, combining each into `dst` while the next is
-/// still arriving.
-fn recv_reduce(
-    stream: &TcpStream,
-    timer: &mut Timer,
-    dst: &mut [f32],
-    scratch: &mut [f32],
-    combine: impl Fn(&mut [f32], &[f32]),
-) -> Result<(), LinkError> {
-    for d in dst.chunks_mut(scratch.len()) {
-        let s = &mut scratch[..d.len()];
-        read_exact_timed(stream, bytemuck::cast_slice_mut(s), timer)?;
-        combine(d, s);
-    }
-    Ok(())
-}
-
 fn add_into(dst: &mut [f32], src: &[f32]) {
     for (d, s) in dst.iter_mut().zip(src) {
         *d += *s;
@@ -1021,22 +1103,97 @@ fn add_div_into(dst: &mut [f32], src: &[f32], n: f32) {
     }
 }
 
-/// Reads and drops `bytes` bytes.
-fn skip(stream: &TcpStream, timer: &mut Timer, mut bytes: u64, scratch: &mut [f32]) -> Result<(), LinkError> {
-    let space: &mut [u8] = bytemuck::cast_slice_mut(scratch);
-    while bytes > 0 {
-        let k = usize::try_from(bytes).unwrap_or(usize::MAX).min(space.len());
-        read_exact_timed(stream, &mut space[..k], timer)?;
-        bytes -= k as u64;
+impl Link {
+    fn kind(&self) -> &'static str {
+        match self {
+            Link::Tcp(_) => "tcp",
+            #[cfg(target_os = "linux")]
+            Link::Shm(_) => "shm",
+        }
     }
-    Ok(())
-}
 
-/// Reads and drops data frames until an abort, anything else, an error or the deadline.
-fn drain(stream: &TcpStream, timer: &mut Timer, scratch: &mut [f32]) {
-    while let Ok(frame) = read_frame(stream, timer) {
-        if frame.kind != KIND_DATA || skip(stream, timer, frame.b, scratch).is_err() {
-            return;
+    fn read_exact(&self, buf: &mut [u8], timer: &mut Timer) -> Result<(), LinkError> {
+        match self {
+            Link::Tcp(stream) => read_exact_timed(stream, buf, timer),
+            #[cfg(target_os = "linux")]
+            Link::Shm(pipe) => pipe.read_exact(buf, timer.deadline),
+        }
+    }
+
+    fn write_all(&self, buf: &[u8], timer: &mut Timer) -> Result<(), LinkError> {
+        match self {
+            Link::Tcp(stream) => write_all_timed(stream, buf, timer),
+            #[cfg(target_os = "linux")]
+            Link::Shm(pipe) => pipe.write_all(buf, timer.deadline),
+        }
+    }
+
+    fn write_frame(&self, header: &[u8], payload: &[u8], timer: &mut Timer) -> Result<(), LinkError> {
+        match self {
+            Link::Tcp(stream) => write_frame_timed(stream, header, payload, timer),
+            #[cfg(target_os = "linux")]
+            Link::Shm(pipe) => {
+                pipe.write_all(header, timer.deadline)?;
+                pipe.write_all(payload, timer.deadline)
+            }
+        }
+    }
+
+    fn read_frame(&self, timer: &mut Timer) -> Result<Frame, LinkError> {
+        let mut bytes = [0u8; FRAME_BYTES];
+        self.read_exact(&mut bytes, timer)?;
+        Ok(Frame::decode(&bytes))
+    }
+
+    /// Reads `dst.len()` values and combines them into `dst` as they arrive: over TCP in
+    /// scratch-sized pieces (each added while the next is still arriving), from a pipe straight out
+    /// of shared memory.
+    fn read_combine(
+        &self,
+        timer: &mut Timer,
+        dst: &mut [f32],
+        scratch: &mut [f32],
+        combine: impl Fn(&mut [f32], &[f32]),
+    ) -> Result<(), LinkError> {
+        match self {
+            Link::Tcp(stream) => {
+                for d in dst.chunks_mut(scratch.len()) {
+                    let s = &mut scratch[..d.len()];
+                    read_exact_timed(stream, bytemuck::cast_slice_mut(s), timer)?;
+                    combine(d, s);
+                }
+                Ok(())
+            }
+            #[cfg(target_os = "linux")]
+            Link::Shm(pipe) => {
+                let mut done = 0;
+                pipe.read_with(dst.len() * 4, timer.deadline, |piece| {
+                    // Pieces are f32-aligned and whole values (see shm.rs).
+                    let src: &[f32] = bytemuck::cast_slice(piece);
+                    combine(&mut dst[done..done + src.len()], src);
+                    done += src.len();
+                })
+            }
+        }
+    }
+
+    /// Reads and drops `bytes` bytes.
+    fn skip(&self, timer: &mut Timer, mut bytes: u64, scratch: &mut [f32]) -> Result<(), LinkError> {
+        let space: &mut [u8] = bytemuck::cast_slice_mut(scratch);
+        while bytes > 0 {
+            let k = usize::try_from(bytes).unwrap_or(usize::MAX).min(space.len());
+            self.read_exact(&mut space[..k], timer)?;
+            bytes -= k as u64;
+        }
+        Ok(())
+    }
+
+    /// Reads and drops data frames until an abort, anything else, an error or the deadline.
+    fn drain(&self, timer: &mut Timer, scratch: &mut [f32]) {
+        while let Ok(frame) = self.read_frame(timer) {
+            if frame.kind != KIND_DATA || self.skip(timer, frame.b, scratch).is_err() {
+                return;
+            }
         }
     }
 }
@@ -1045,7 +1202,7 @@ fn drain(stream: &TcpStream, timer: &mut Timer, scratch: &mut [f32]) {
 // Reads and writes bounded by a deadline
 
 #[derive(Debug)]
-enum LinkError {
+pub(super) enum LinkError {
     /// The peer closed or reset the connection.
     Closed,
     TimedOut,
@@ -1160,12 +1317,6 @@ fn write_frame_timed(
     write_all_timed(stream, &payload[(done - header.len()).min(payload.len())..], timer)
 }
 
-fn read_frame(stream: &TcpStream, timer: &mut Timer) -> Result<Frame, LinkError> {
-    let mut bytes = [0u8; FRAME_BYTES];
-    read_exact_timed(stream, &mut bytes, timer)?;
-    Ok(Frame::decode(&bytes))
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::AtomicUsize;
@@ -1203,6 +1354,18 @@ mod tests {
         })
     }
 
+    /// Both data transports: TCP, and the shared-memory pipes that local neighbours use.
+    const SHM: [bool; 2] = [false, true];
+
+    fn opts(timeout: Duration, segment_bytes: usize, shm: bool) -> RingOptions {
+        RingOptions { timeout, segment_bytes, shm }
+    }
+
+    fn expect_transport(ring: &RingCollective, shm: bool) {
+        let kind = if shm { "shm" } else { "tcp" };
+        assert_eq!(ring.transports(), Some((kind, kind)), "rank {}", ring.rank());
+    }
+
     /// Small integers, so that every partial sum is exact and the expected mean is one rounding.
     fn value(i: usize, rank: usize) -> f32 {
         ((i * 31 + rank * 7) % 23) as f32 - 11.0
@@ -1214,14 +1377,16 @@ mod tests {
 
     fn check_all_reduce_mean(n: usize, sizes: &[usize], segment_bytes: usize) {
         let expected: Vec<Vec<f32>> = sizes.iter().map(|&len| expected_mean(len, n)).collect();
-        let options = RingOptions { timeout: Duration::from_secs(10), segment_bytes };
-        with_ring(n, options, |ring| {
-            for (&len, want) in sizes.iter().zip(&expected) {
-                let mut buf: Vec<f32> = (0..len).map(|i| value(i, ring.rank())).collect();
-                ring.all_reduce_mean(&mut buf).unwrap();
-                assert!(buf == *want, "rank {} of {n}: wrong mean of {len} values", ring.rank());
-            }
-        });
+        for shm in SHM {
+            with_ring(n, opts(Duration::from_secs(10), segment_bytes, shm), |ring| {
+                expect_transport(ring, shm);
+                for (&len, want) in sizes.iter().zip(&expected) {
+                    let mut buf: Vec<f32> = (0..len).map(|i| value(i, ring.rank())).collect();
+                    ring.all_reduce_mean(&mut buf).unwrap();
+                    assert!(buf == *want, "rank {} of {n}, shm {shm}: wrong mean of {len} values", ring.rank());
+                }
+            });
+        }
     }
 
     fn small_sizes(n: usize) -> Vec<usize> {
@@ -1260,6 +1425,34 @@ mod tests {
     }
 
     #[test]
+    fn a_link_uses_shared_memory_only_when_both_ends_allow_it() {
+        // Rank 1 refuses: its links (0 -> 1 and 1 -> 2) stay on TCP, 2 -> 0 uses a pipe, and the
+        // mixed ring still computes the exact mean.
+        let n = 3;
+        let (ls, addrs) = listeners(n);
+        let want = expected_mean(1_000_003, n);
+        let kinds: Vec<_> = std::thread::scope(|s| {
+            let handles: Vec<_> = ls
+                .into_iter()
+                .enumerate()
+                .map(|(rank, l)| {
+                    let (addrs, want) = (&addrs, &want);
+                    s.spawn(move || {
+                        let options = opts(Duration::from_secs(10), 64 << 10, rank != 1);
+                        let mut ring = RingCollective::connect_with(rank, n, l, addrs, options).unwrap();
+                        let mut buf: Vec<f32> = (0..want.len()).map(|i| value(i, rank)).collect();
+                        ring.all_reduce_mean(&mut buf).unwrap();
+                        assert!(buf == *want, "rank {rank}: wrong mean");
+                        ring.transports().unwrap()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(kinds, [("tcp", "shm"), ("tcp", "tcp"), ("shm", "tcp")]);
+    }
+
+    #[test]
     fn all_reduce_sum_adds_and_repeated_calls_stay_in_step() {
         let sums = with_ring(3, RingOptions::new(Duration::from_secs(10)), |ring| {
             let r = ring.rank() as f32;
@@ -1281,8 +1474,10 @@ mod tests {
 
     #[test]
     fn broadcast_from_a_non_zero_root_reaches_every_rank() {
-        for (n, root, segment_bytes) in [(3, 2, DEFAULT_SEGMENT_BYTES), (4, 1, 20), (2, 1, 4096)] {
-            with_ring(n, RingOptions { timeout: Duration::from_secs(10), segment_bytes }, |ring| {
+        for (n, root, segment_bytes, shm) in
+            [(3, 2, DEFAULT_SEGMENT_BYTES, true), (4, 1, 20, true), (2, 1, 4096, false), (3, 1, 20, false)]
+        {
+            with_ring(n, opts(Duration::from_secs(10), segment_bytes, shm), |ring| {
                 for len in [0, 1, 5, 100_003] {
                     let data: Vec<f32> = (0..len).map(|i| value(i, root)).collect();
                     let mut buf = if ring.rank() == root { data.clone() } else { vec![-99.0; len] };
@@ -1334,7 +1529,7 @@ mod tests {
         let err = RingCollective::connect(0, 3, ls.pop().unwrap(), &addrs, Duration::from_secs(1)).unwrap_err();
         assert!(err.to_string().contains("2 peer addresses for a world of 3"), "{err}");
         let (mut ls, addrs) = listeners(1);
-        let options = RingOptions { timeout: Duration::from_secs(1), segment_bytes: 6 };
+        let options = opts(Duration::from_secs(1), 6, true);
         let err = RingCollective::connect_with(0, 1, ls.pop().unwrap(), &addrs, options).unwrap_err();
         assert!(err.to_string().contains("segment size 6 bytes"), "{err}");
         assert!(!err.is_retryable());
@@ -1436,6 +1631,12 @@ mod tests {
 
     #[test]
     fn a_rank_that_dies_mid_all_reduce_is_named_by_every_other_rank() {
+        for shm in SHM {
+            a_rank_dies_mid_all_reduce(shm);
+        }
+    }
+
+    fn a_rank_dies_mid_all_reduce(shm: bool) {
         let n = 3;
         let (ls, addrs) = listeners(n);
         let timeout = Duration::from_secs(10);
@@ -1448,17 +1649,15 @@ mod tests {
                 .map(|(rank, l)| {
                     let addrs = &addrs;
                     s.spawn(move || {
-                        let ring = RingCollective::connect(rank, n, l, addrs, timeout).unwrap();
+                        let options = opts(timeout, DEFAULT_SEGMENT_BYTES, shm);
+                        let ring = RingCollective::connect_with(rank, n, l, addrs, options).unwrap();
+                        expect_transport(&ring, shm);
                         if rank == 2 {
                             // Take part in the first megabyte of the all-reduce, then die.
                             let prev = &ring.links.as_ref().unwrap().prev;
                             let mut got = vec![0u8; 1 << 20];
-                            read_exact_timed(
-                                prev,
-                                &mut got,
-                                &mut Timer::new(Instant::now() + timeout, Direction::Read),
-                            )
-                            .unwrap();
+                            prev.read_exact(&mut got, &mut Timer::new(Instant::now() + timeout, Direction::Read))
+                                .unwrap();
                             drop(ring);
                             return None;
                         }
@@ -1471,10 +1670,10 @@ mod tests {
             handles.into_iter().map(|h| h.join().unwrap()).collect()
         });
         // Failures are seen when they happen, not when the deadline passes.
-        assert!(t.elapsed() < Duration::from_secs(5), "took {:?}", t.elapsed());
+        assert!(t.elapsed() < Duration::from_secs(5), "shm {shm}: took {:?}", t.elapsed());
         for (rank, err) in errs.iter().enumerate().take(2) {
             let err = err.as_ref().unwrap();
-            assert_eq!(err.culprit(), Some(2), "rank {rank}: {err}");
+            assert_eq!(err.culprit(), Some(2), "shm {shm}, rank {rank}: {err}");
             assert!(err.to_string().contains(&format!("rank 2 ({})", addrs[2])), "rank {rank}: {err}");
             assert!(err.is_retryable(), "rank {rank}: {err}");
         }
