@@ -120,9 +120,10 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
-/// Reads and validates a spec file; the coordinator gets it with absolute paths.
+/// Reads and validates a spec file (with `strategy = "auto"` resolved); the coordinator gets it
+/// with absolute paths.
 fn resolved_spec(path: &Path) -> Result<JobSpec> {
-    Ok(JobSpec::from_file(path)?)
+    crate::resolve_auto(JobSpec::from_file(path)?)
 }
 
 /// `thaw submit`.

@@ -2,6 +2,7 @@
 //! coordinator crates; no training logic lives here.
 
 mod cluster;
+mod plan;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -72,6 +73,15 @@ enum Command {
         /// Validate the spec, data and weights, print the plan, and exit without training.
         #[arg(long)]
         check: bool,
+    },
+    /// Show a job's schedule expanded into stages: what trains when, how many parameters, at which
+    /// learning rates, with which BatchNorm policy. Trains nothing.
+    Plan {
+        /// The job spec (TOML).
+        spec: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Classify images with a model: top-k classes with probabilities.
     Predict {
@@ -187,6 +197,36 @@ enum Command {
         #[arg(long, env = "THAW_COORDINATOR", default_value = cluster::DEFAULT_COORDINATOR)]
         coordinator: String,
     },
+    /// Recommend a transfer strategy for a dataset (its size, its similarity to ImageNet) and
+    /// print a ready job spec.
+    Recommend {
+        /// An IDX directory or an image-folder tree, as `data.root` of a job spec.
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        model: String,
+        #[arg(long, value_enum, default_value = "auto")]
+        format: FormatArg,
+        /// `imagenet`, `none`, or a path to a weights file.
+        #[arg(long, default_value = "imagenet")]
+        weights: String,
+        /// Input side (default: the model's).
+        #[arg(long)]
+        image_size: Option<i64>,
+        /// Use at most this many training images (a seeded subset): "what if I only had N?".
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Training images the similarity probe uses (at most).
+        #[arg(long, default_value_t = 1000)]
+        probe_samples: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Print one JSON object instead of the report and spec.
+        #[arg(long)]
+        json: bool,
+        #[arg(long, value_enum, default_value = "auto")]
+        device: DeviceArg,
+    },
 }
 
 #[derive(Subcommand)]
@@ -224,11 +264,53 @@ fn main() {
     }
 }
 
+/// A spec whose strategy is `auto`, with the strategy `thaw recommend` picks for its data and
+/// model written in; any other spec as it is.
+pub fn resolve_auto(mut spec: JobSpec) -> Result<JobSpec> {
+    use thaw_coordinator::spec::{Strategy, WeightsSpec};
+    use thaw_worker::recommend::{recommend, RecommendOptions};
+    if spec.schedule.strategy != Strategy::Auto {
+        return Ok(spec);
+    }
+    let opts = RecommendOptions {
+        format: Some(spec.data.format),
+        weights: spec.model.weights.as_spec_str(),
+        image_size: spec.data.image_size,
+        limit: spec.data.train_limit,
+        seed: spec.seed,
+        threads: spec.data.loader_threads,
+        ..RecommendOptions::new(&spec.data.root, &spec.model.arch)
+    };
+    let r = recommend(&opts).context("resolving strategy \"auto\"")?;
+    spec.schedule.strategy = match (r.strategy.as_str(), r.k) {
+        ("feature_extract", _) => Strategy::FeatureExtract,
+        ("freeze_bottom", Some(k)) => Strategy::FreezeBottom { k },
+        ("finetune_all", _) => Strategy::FinetuneAll,
+        ("scratch", _) => Strategy::Scratch,
+        (other, k) => bail!("thaw recommend chose an unknown strategy `{other}` (k = {k:?})"),
+    };
+    if spec.schedule.strategy == Strategy::Scratch {
+        spec.model.weights = WeightsSpec::None;
+    }
+    tracing::info!(
+        strategy = r.strategy,
+        k = ?r.k,
+        size = r.size.as_str(),
+        similarity = r.similarity.as_str(),
+        recommended_lr = r.lr,
+        "strategy \"auto\" resolved: {}",
+        r.reasons.join("; ")
+    );
+    // Through the file format again, so every check of a written spec applies to the result.
+    Ok(JobSpec::from_toml(&spec.to_toml(), Path::new("/"))?)
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Train { spec, resume, device, max_steps, check } => {
             train(spec, resume, device.device()?, max_steps, check)
         }
+        Command::Plan { spec, json } => plan::print(&spec, json),
         Command::Predict { model, weights, top_k, json, device, images } => {
             predict(&model, &weights, top_k, json, device.device()?, &images)
         }
@@ -291,7 +373,36 @@ fn run(cli: Cli) -> Result<()> {
         Command::Status { job, coordinator, json } => cluster::status(job.as_deref(), &coordinator, json),
         Command::Watch { job, coordinator, json } => exit_with(cluster::watch(&job, &coordinator, json)?),
         Command::Cancel { job, coordinator } => cluster::cancel(&job, &coordinator),
+        Command::Recommend { data, model, format, weights, image_size, limit, probe_samples, seed, json, device } => {
+            let format = match format {
+                FormatArg::Auto => None,
+                FormatArg::Idx => Some(thaw_coordinator::spec::DataFormat::Idx),
+                FormatArg::Folder => Some(thaw_coordinator::spec::DataFormat::Folder),
+            };
+            let opts = thaw_worker::recommend::RecommendOptions {
+                format,
+                weights,
+                image_size,
+                limit,
+                probe_samples,
+                seed,
+                device: device.device()?,
+                ..thaw_worker::recommend::RecommendOptions::new(data, model)
+            };
+            recommend(&opts, json)
+        }
     }
+}
+
+/// `thaw recommend`: the report (as TOML comments) and the spec, or one JSON object.
+fn recommend(opts: &thaw_worker::recommend::RecommendOptions, json: bool) -> Result<()> {
+    let rec = thaw_worker::recommend::recommend(opts)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rec)?);
+    } else {
+        print!("{}", rec.to_text());
+    }
+    Ok(())
 }
 
 /// Ends the process with `code` when it is not 0 (a job that failed or was cancelled).
@@ -331,7 +442,7 @@ fn train(
     check: bool,
 ) -> Result<()> {
     let mut trainer = match (spec, resume) {
-        (Some(spec), None) => Trainer::prepare(JobSpec::from_file(&spec)?, device)?,
+        (Some(spec), None) => Trainer::prepare(resolve_auto(JobSpec::from_file(&spec)?)?, device)?,
         (None, Some(ck)) => Trainer::resume(&ck, device)?,
         _ => bail!("give a job spec (`thaw train JOB.toml`) or `--resume CHECKPOINT`"),
     };
@@ -371,9 +482,6 @@ fn train(
         eprintln!("resuming at epoch {}, step {}", trainer.cursor().epoch + 1, trainer.cursor().step);
     }
     let summary = trainer.run(max_steps)?;
-    let out = &trainer.spec.output.dir;
-    std::fs::write(out.join("metrics.json"), serde_json::to_string_pretty(&summary.history)?)
-        .with_context(|| format!("writing {}", out.join("metrics.json").display()))?;
     if !summary.history.is_empty() {
         println!(
             "{:>5} {:>10} {:>9} {:>9} {:>8} {:>8} {:>7} {:>8} {:>9}",

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use thaw_coordinator::plan::EpochPlan;
-use thaw_coordinator::spec::JobSpec;
+use thaw_coordinator::spec::{JobSpec, Stage};
 use thaw_worker::collective::RingCollective;
 use thaw_worker::train::{Control, TrainError, Trainer};
 
@@ -30,8 +30,8 @@ struct Recorder {
     n: u64,
     world: u32,
     batch: u32,
-    /// Frozen mask per epoch, when the test changes the freeze stage.
-    stages: Vec<Vec<bool>>,
+    /// The stage of each epoch, when the test changes it.
+    stages: Vec<Stage>,
     seen: Vec<(u32, u64, Vec<usize>)>,
 }
 
@@ -46,7 +46,7 @@ impl Control for Recorder {
     fn trained(&mut self, epoch: u32, step: u64, samples: &[usize]) {
         self.seen.push((epoch, step, samples.to_vec()));
     }
-    fn stage(&mut self, epoch: u32) -> Option<Vec<bool>> {
+    fn stage(&mut self, epoch: u32) -> Option<Stage> {
         self.stages.get(epoch as usize).cloned()
     }
 }
@@ -61,8 +61,22 @@ fn vars_of(t: &Trainer) -> HashMap<String, Vec<f32>> {
     t.net.vs.variables().into_iter().map(|(n, v)| (n, Vec::<f32>::try_from(v.flatten(0, -1)).unwrap())).collect()
 }
 
-/// Trains `world` ranks as threads of this process over a real TCP ring on 127.0.0.1.
-fn run_ranks(world: usize, batch: u32, limit: usize, epochs: usize, stages: Vec<Vec<bool>>) -> Vec<RankRun> {
+/// One stage per epoch: the spec's stage with the groups of `frozen` (one mask per epoch) frozen.
+fn stages_of(base: &Stage, frozen: &[Vec<bool>]) -> Vec<Stage> {
+    frozen
+        .iter()
+        .enumerate()
+        .map(|(i, mask)| Stage {
+            index: i,
+            epochs: i..i + 1,
+            trainable: mask.iter().map(|f| !f).collect(),
+            ..base.clone()
+        })
+        .collect()
+}
+
+/// Trains `world` ranks as threads of this process over a real ring on 127.0.0.1.
+fn run_ranks(world: usize, batch: u32, limit: usize, epochs: usize, frozen: Vec<Vec<bool>>) -> Vec<RankRun> {
     let dir = tempfile::tempdir().unwrap();
     let listeners: Vec<TcpListener> = (0..world).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
     let peers: Vec<_> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
@@ -74,8 +88,8 @@ fn run_ranks(world: usize, batch: u32, limit: usize, epochs: usize, stages: Vec<
             let text = lenet_job("inproc", &out, &format!("batch_size = {batch}\nmomentum = 0.9"), limit, epochs);
             let mut t = Trainer::prepare(JobSpec::from_toml(&text, Path::new("/")).unwrap(), tch::Device::Cpu).unwrap();
             // The first stage applies from the start, so the initial buckets hold its trainable set.
-            if let Some(first) = stages.first() {
-                t.set_frozen(first).unwrap();
+            if let Some(first) = stages_of(&t.stage, &frozen).first() {
+                t.set_stage(first.clone()).unwrap();
             }
             t
         })
@@ -85,7 +99,7 @@ fn run_ranks(world: usize, batch: u32, limit: usize, epochs: usize, stages: Vec<
         .zip(trainers)
         .enumerate()
         .map(|(rank, (listener, mut t))| {
-            let (peers, stages) = (peers.clone(), stages.clone());
+            let (peers, stages) = (peers.clone(), stages_of(&t.stage, &frozen));
             std::thread::spawn(move || {
                 let n = t.splits.train.len() as u64;
                 let mut ctl = Recorder { seed: 11, n, world: world as u32, batch, stages, seen: Vec::new() };

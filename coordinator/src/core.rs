@@ -24,7 +24,7 @@ use crate::job::{JobError, JobRecord, JobState};
 use crate::metrics::EpochMetrics;
 use crate::plan::{EpochPlan, PlanError};
 use crate::rendezvous::{Member, Rendezvous, RendezvousConfig, RendezvousError, RendezvousState};
-use crate::spec::{JobSpec, SpecError};
+use crate::spec::{JobSpec, SpecError, Stage};
 use crate::store::{MemoryStore, StateStore, StoreError, StoredJob};
 
 /// Progress alone (no state change, no finished epoch) is written to the store at most this often
@@ -67,6 +67,13 @@ pub enum CoreError {
          every worker must read the same data"
     )]
     DataMismatch { job: String, worker: String, expected: u64, found: u64 },
+    #[error(
+        "worker `{worker}` of job `{job}` has the layer groups [{}] but the job's workers have [{}]; \
+         every worker must build the same model",
+        found.join(", "),
+        expected.join(", ")
+    )]
+    GroupMismatch { job: String, worker: String, expected: Vec<String>, found: Vec<String> },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -74,7 +81,10 @@ pub enum CoreError {
 impl CoreError {
     pub fn kind(&self) -> ErrorKind {
         match self {
-            CoreError::Spec(_) | CoreError::Plan(_) | CoreError::DataMismatch { .. } => ErrorKind::InvalidArgument,
+            CoreError::Spec(_)
+            | CoreError::Plan(_)
+            | CoreError::DataMismatch { .. }
+            | CoreError::GroupMismatch { .. } => ErrorKind::InvalidArgument,
             CoreError::DuplicateJob(_) => ErrorKind::AlreadyExists,
             CoreError::UnknownJob(_) | CoreError::NotAMember { .. } => ErrorKind::NotFound,
             CoreError::Rendezvous(RendezvousError::TimedOut { .. }) => ErrorKind::DeadlineExceeded,
@@ -123,7 +133,7 @@ pub enum Command {
 }
 
 /// The parameters of one epoch's plan; a worker rebuilds the [`EpochPlan`] from them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct PlanInfo {
     pub seed: u64,
     pub epoch: u32,
@@ -131,6 +141,12 @@ pub struct PlanInfo {
     pub world_size: u32,
     pub batch_size: u32,
     pub steps: u64,
+    /// The schedule's stage for this epoch: which groups train, at which rates, with which
+    /// BatchNorm policy. `None` when the workers did not report their model's groups.
+    pub stage: Option<Stage>,
+    /// Set in a stage that caches prefix outputs: plan with rank affinity to this epoch (the
+    /// stage's first), see [`EpochPlan::with_affinity`].
+    pub affinity_epoch: Option<u32>,
 }
 
 /// A read-only view of a job.
@@ -151,6 +167,10 @@ struct Job {
     rendezvous: Rendezvous,
     members: Vec<Member>,
     num_samples: Option<u64>,
+    /// The model's layer groups as the first worker reported them, and the schedule expanded
+    /// against them (empty until then).
+    groups: Vec<String>,
+    stages: Vec<Stage>,
     nccl_unique_id: Vec<u8>,
     metrics: Vec<EpochMetrics>,
     last_seen: HashMap<String, Instant>,
@@ -291,6 +311,8 @@ impl Coordinator {
                 rendezvous: Rendezvous::new(config, now),
                 members: Vec::new(),
                 num_samples: stored.num_samples,
+                groups: Vec::new(),
+                stages: Vec::new(),
                 nccl_unique_id: Vec::new(),
                 metrics: stored.metrics.clone(),
                 last_seen: HashMap::new(),
@@ -323,6 +345,14 @@ impl Coordinator {
     /// is accepted only once the store has it.
     pub fn submit(&mut self, spec_toml: &str, now: Instant, now_ms: u64) -> Result<String, CoreError> {
         let spec = JobSpec::from_toml(spec_toml, Path::new("/"))?;
+        if spec.schedule.strategy == crate::spec::Strategy::Auto {
+            // Choosing needs the model and the data, which only a worker or the CLI has.
+            return Err(CoreError::Spec(crate::spec::invalid(
+                "schedule.strategy",
+                "\"auto\"",
+                "the coordinator cannot choose a strategy; `thaw submit` and `thaw launch` resolve it before submitting",
+            )));
+        }
         if self.jobs.get(&spec.name).is_some_and(|old| !old.record.state().is_terminal()) {
             return Err(CoreError::DuplicateJob(spec.name));
         }
@@ -345,6 +375,8 @@ impl Coordinator {
             rendezvous: Rendezvous::new(config, now),
             members: Vec::new(),
             num_samples: None,
+            groups: Vec::new(),
+            stages: Vec::new(),
             nccl_unique_id: Vec::new(),
             metrics: Vec::new(),
             last_seen: HashMap::new(),
@@ -358,7 +390,10 @@ impl Coordinator {
     }
 
     /// A worker joins a job's rendezvous. `num_samples` is the size of the training split the
-    /// worker sees; all workers must agree. The first NCCL id offered is the one handed out.
+    /// worker sees and `groups` its model's layer groups; all workers must agree. The schedule is
+    /// expanded against the groups of the first worker. The first NCCL id offered is the one
+    /// handed out.
+    #[allow(clippy::too_many_arguments)]
     pub fn join(
         &mut self,
         job_id: &str,
@@ -366,6 +401,7 @@ impl Coordinator {
         collective_addr: &str,
         num_samples: u64,
         nccl_unique_id: &[u8],
+        groups: &[String],
         now: Instant,
         now_ms: u64,
     ) -> Result<(), CoreError> {
@@ -387,6 +423,20 @@ impl Coordinator {
                 })
             }
             _ => {}
+        }
+        if !groups.is_empty() {
+            if job.groups.is_empty() {
+                let names: Vec<&str> = groups.iter().map(String::as_str).collect();
+                job.stages = job.spec.schedule.expand(&names, &job.spec.train)?;
+                job.groups = groups.to_vec();
+            } else if job.groups != groups {
+                return Err(CoreError::GroupMismatch {
+                    job: job_id.into(),
+                    worker: worker_id.into(),
+                    expected: job.groups.clone(),
+                    found: groups.to_vec(),
+                });
+            }
         }
         job.rendezvous.join(worker_id, collective_addr, now)?;
         job.num_samples = Some(num_samples);
@@ -491,6 +541,7 @@ impl Coordinator {
             });
         }
         let n = job.num_samples.unwrap_or(0);
+        let stage = crate::schedule::stage_of(&job.stages, epoch as usize);
         let plan = EpochPlan::new(job.spec.seed, epoch, n, job.members.len() as u32, job.spec.train.batch_size as u32)?;
         Ok(PlanInfo {
             seed: plan.seed(),
@@ -499,6 +550,10 @@ impl Coordinator {
             world_size: plan.world_size(),
             batch_size: plan.batch_size(),
             steps: plan.steps_per_rank(),
+            stage: stage.cloned(),
+            affinity_epoch: stage
+                .filter(|s| s.caches(job.spec.data.hflip, job.spec.train.feature_cache_mb))
+                .map(|s| s.epochs.start as u32),
         })
     }
 
@@ -657,9 +712,9 @@ mod tests {
         let t0 = Instant::now();
         let mut c = Coordinator::new();
         let id = c.submit(&spec("j", 2), t0, 0).unwrap();
-        c.join(&id, "w-a", "127.0.0.1:1000", 10, &[], t0, 1).unwrap();
+        c.join(&id, "w-a", "127.0.0.1:1000", 10, &[], &[], t0, 1).unwrap();
         assert!(matches!(c.poll_join(&id, "w-a", t0, 1).unwrap(), JoinPoll::Waiting { .. }));
-        c.join(&id, "w-b", "127.0.0.1:1001", 10, &[], t0, 2).unwrap();
+        c.join(&id, "w-b", "127.0.0.1:1001", 10, &[], &[], t0, 2).unwrap();
         let a = ready(c.poll_join(&id, "w-a", t0, 3).unwrap());
         let b = ready(c.poll_join(&id, "w-b", t0, 3).unwrap());
         assert_eq!((a.rank, b.rank, a.world_size), (0, 1, 2));
@@ -682,6 +737,38 @@ mod tests {
     }
 
     #[test]
+    fn the_coordinator_hands_out_the_stage_of_each_epoch_and_affinity_when_it_caches() {
+        let t0 = Instant::now();
+        let mut c = Coordinator::new();
+        let text = spec("prog", 2).replace("weights = \"none\"", "weights = \"imagenet\"").replace(
+            "[train]\nbatch_size = 4\n",
+            "[train]\nbatch_size = 4\nepochs = 3\n[schedule]\nstrategy = \"progressive\"\nevery = 2\n",
+        );
+        let id = c.submit(&text, t0, 0).unwrap();
+        let groups: Vec<String> = ["conv", "fc", "head"].iter().map(|g| g.to_string()).collect();
+        c.join(&id, "w-a", "a:1", 10, &[], &groups, t0, 1).unwrap();
+        // A worker with another model is turned away, naming both group lists.
+        let err = c.join(&id, "w-x", "a:3", 10, &[], &groups[1..], t0, 1).unwrap_err();
+        assert!(err.to_string().contains("[fc, head]") && err.to_string().contains("[conv, fc, head]"), "{err}");
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+        c.join(&id, "w-b", "a:2", 10, &[], &groups, t0, 2).unwrap();
+        ready(c.poll_join(&id, "w-a", t0, 3).unwrap());
+        let trainable = |e: u32| c.epoch_plan(&id, e).unwrap().stage.unwrap().trainable;
+        assert_eq!(
+            [trainable(0), trainable(1), trainable(2)],
+            [vec![false, false, true], vec![false, false, true], vec![false, true, true]]
+        );
+        // Stages 1 and 2 cache their frozen prefix: planned with affinity to their first epoch.
+        let affinity = |e: u32| c.epoch_plan(&id, e).unwrap().affinity_epoch;
+        assert_eq!([affinity(0), affinity(1), affinity(2)], [Some(0), Some(0), Some(2)]);
+        // `auto` needs the data and the model: the coordinator refuses it.
+        let auto = spec("auto", 1).replace("weights = \"none\"", "weights = \"imagenet\"")
+            + "[schedule]\nstrategy = \"auto\"\n";
+        let err = c.submit(&auto, t0, 4).unwrap_err();
+        assert!(err.to_string().contains("thaw submit"), "{err}");
+    }
+
+    #[test]
     fn duplicate_names_and_bad_specs_are_rejected() {
         let t0 = Instant::now();
         let mut c = Coordinator::new();
@@ -700,14 +787,14 @@ mod tests {
         let t0 = Instant::now();
         let mut c = Coordinator::new();
         let id = c.submit(&spec("j", 1), t0, 0).unwrap();
-        c.join(&id, "w-a", "a:1", 10, &[], t0, 0).unwrap();
-        let err = c.join(&id, "w-late", "a:2", 10, &[], t0, 0).unwrap_err();
+        c.join(&id, "w-a", "a:1", 10, &[], &[], t0, 0).unwrap();
+        let err = c.join(&id, "w-late", "a:2", 10, &[], &[], t0, 0).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
         assert!(err.to_string().contains("cannot join"), "{err}");
 
         let id2 = c.submit(&spec("k", 2), t0, 0).unwrap();
-        c.join(&id2, "w-a", "a:1", 10, &[], t0, 0).unwrap();
-        let err = c.join(&id2, "w-b", "a:2", 11, &[], t0, 0).unwrap_err();
+        c.join(&id2, "w-a", "a:1", 10, &[], &[], t0, 0).unwrap();
+        let err = c.join(&id2, "w-b", "a:2", 11, &[], &[], t0, 0).unwrap_err();
         assert!(err.to_string().contains("sees 11 training samples but the job has 10"), "{err}");
         let later = t0 + Duration::from_secs(11);
         let err = c.poll_join(&id2, "w-a", later, 9).unwrap_err();
@@ -720,8 +807,8 @@ mod tests {
         let t0 = Instant::now();
         let mut c = Coordinator::new();
         let id = c.submit(&spec("j", 2), t0, 0).unwrap();
-        c.join(&id, "w-a", "a:1", 8, &[], t0, 0).unwrap();
-        c.join(&id, "w-b", "a:2", 8, &[], t0, 0).unwrap();
+        c.join(&id, "w-a", "a:1", 8, &[], &[], t0, 0).unwrap();
+        c.join(&id, "w-b", "a:2", 8, &[], &[], t0, 0).unwrap();
         ready(c.poll_join(&id, "w-a", t0, 0).unwrap());
         c.cancel(&id, "", 1).unwrap();
         assert!(
@@ -730,8 +817,8 @@ mod tests {
         assert!(c.cancel(&id, "", 2).is_err(), "terminal states are final");
 
         let id2 = c.submit(&spec("k", 2), t0, 0).unwrap();
-        c.join(&id2, "w-a", "a:1", 8, &[], t0, 0).unwrap();
-        c.join(&id2, "w-b", "a:2", 8, &[], t0, 0).unwrap();
+        c.join(&id2, "w-a", "a:1", 8, &[], &[], t0, 0).unwrap();
+        c.join(&id2, "w-b", "a:2", 8, &[], &[], t0, 0).unwrap();
         ready(c.poll_join(&id2, "w-b", t0, 0).unwrap());
         let t1 = t0 + Duration::from_secs(5);
         c.heartbeat(&id2, "w-a", t1).unwrap();
@@ -758,9 +845,9 @@ mod tests {
         let mut c = Coordinator::with_store(Box::new(store.clone()));
         let id = c.submit(&spec("j", 2), t0, 1_000).unwrap();
         assert_eq!(states(&stored(&store, &id).record), [Pending, Rendezvous]);
-        c.join(&id, "w-a", "a:1", 10, &[], t0, 1_001).unwrap();
+        c.join(&id, "w-a", "a:1", 10, &[], &[], t0, 1_001).unwrap();
         assert_eq!(stored(&store, &id).num_samples, Some(10), "the agreed data size is stored at the first join");
-        c.join(&id, "w-b", "a:2", 10, &[], t0, 1_002).unwrap();
+        c.join(&id, "w-b", "a:2", 10, &[], &[], t0, 1_002).unwrap();
         let s = stored(&store, &id);
         assert_eq!((states(&s.record).last(), s.workers), (Some(&Running), 2));
 
@@ -793,14 +880,14 @@ mod tests {
         c.cancel(&k, "", 5_001).unwrap();
         assert_eq!(states(&stored(&store, &k).record).last(), Some(&Cancelled));
         let l = c.submit(&spec("l", 2), t0, 6_000).unwrap();
-        c.join(&l, "w-a", "a:1", 8, &[], t0, 6_001).unwrap();
-        c.join(&l, "w-b", "a:2", 8, &[], t0, 6_002).unwrap();
+        c.join(&l, "w-a", "a:1", 8, &[], &[], t0, 6_001).unwrap();
+        c.join(&l, "w-b", "a:2", 8, &[], &[], t0, 6_002).unwrap();
         assert_eq!(c.check_liveness(t0 + Duration::from_secs(9), Duration::from_secs(3), 6_003), ["l"]);
         let s = stored(&store, &l);
         assert!(s.record.history().last().unwrap().reason.contains("sent no heartbeat"), "{:?}", s.record);
         // A rendezvous that times out while polled.
         let m = c.submit(&spec("m", 2), t0, 7_000).unwrap();
-        c.join(&m, "w-a", "a:1", 8, &[], t0, 7_001).unwrap();
+        c.join(&m, "w-a", "a:1", 8, &[], &[], t0, 7_001).unwrap();
         assert!(c.poll_join(&m, "w-a", t0 + Duration::from_secs(11), 7_002).is_err());
         assert_eq!(states(&stored(&store, &m).record).last(), Some(&Failed));
     }
@@ -812,15 +899,15 @@ mod tests {
         let store = MemoryStore::new();
         let mut c = Coordinator::with_store(Box::new(store.clone()));
         let done = c.submit(&spec("done", 1), t0, 1_000).unwrap();
-        c.join(&done, "w-a", "a:1", 10, &[], t0, 1_001).unwrap();
+        c.join(&done, "w-a", "a:1", 10, &[], &[], t0, 1_001).unwrap();
         let m = EpochMetrics { epoch: 1, train_loss: 0.25, val_acc: 0.5, images: 10, ..Default::default() };
         c.report_progress(&done, 0, 0, 3, 10, Some(m.clone()), 1_002).unwrap();
         c.leave(&done, "w-a", true, "", t0, 1_003).unwrap();
         let running = c.submit(&spec("running", 1), t0, 2_000).unwrap();
-        c.join(&running, "w-b", "b:1", 10, &[], t0, 2_001).unwrap();
+        c.join(&running, "w-b", "b:1", 10, &[], &[], t0, 2_001).unwrap();
         c.report_progress(&running, 0, 0, 2, 8, None, 3_500).unwrap();
         let waiting = c.submit(&spec("waiting", 2), t0, 4_000).unwrap();
-        c.join(&waiting, "w-c", "c:1", 10, &[], t0, 4_001).unwrap();
+        c.join(&waiting, "w-c", "c:1", 10, &[], &[], t0, 4_001).unwrap();
         let before = c.get(&done).unwrap();
         drop(c);
 
@@ -850,7 +937,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         c.leave(&running, "w-b", false, "stopped", t1, 9_001).unwrap();
-        assert!(c.join(&waiting, "w-d", "d:1", 10, &[], t1, 9_002).is_err());
+        assert!(c.join(&waiting, "w-d", "d:1", 10, &[], &[], t1, 9_002).is_err());
 
         // A second restart changes nothing; a job of the same name may be submitted again.
         let again = Coordinator::restore(Box::new(store.clone()), t1, 10_000).unwrap();
@@ -916,7 +1003,7 @@ mod tests {
         broken.store(false, std::sync::atomic::Ordering::SeqCst);
         let id = c.submit(&spec("j", 1), t0, 1).unwrap();
         broken.store(true, std::sync::atomic::Ordering::SeqCst);
-        c.join(&id, "w", "a:1", 10, &[], t0, 2).unwrap();
+        c.join(&id, "w", "a:1", 10, &[], &[], t0, 2).unwrap();
         assert_eq!(c.get(&id).unwrap().record.state(), JobState::Running, "the change stands");
         assert_eq!(stored(&inner, &id).record.state(), JobState::Rendezvous);
         assert_eq!(c.flush(3), 1);

@@ -10,6 +10,7 @@ pub mod job;
 pub mod metrics;
 pub mod plan;
 pub mod rendezvous;
+pub mod schedule;
 pub mod service;
 pub mod spec;
 pub mod store;

@@ -25,6 +25,12 @@
 //!   those of the single worker.
 //! - **Prefix progress.** After `k` global steps the samples done are exactly the positions
 //!   `[0, k·W·B)`, whatever the rank count: a cursor is one step number.
+//! - **Affinity** ([`EpochPlan::with_affinity`]), for stages that cache per-sample features of a
+//!   frozen prefix: each rank keeps, epoch after epoch, the samples the stage's first (anchor)
+//!   epoch gave it, in a new order every epoch (a per-rank permutation of its real slots, keyed by
+//!   the epoch). Coverage, equal steps and the pads' places are the anchor's; what is given up is
+//!   "the same global batches as one worker", since samples no longer move between ranks. This is
+//!   what makes a rank's cache hit from the second epoch on.
 //!
 //! This module never reads the clock, never touches the network or the disk, and never allocates
 //! in proportion to the dataset.
@@ -212,6 +218,8 @@ pub struct EpochPlan {
     batch_size: u32,
     steps: u64,
     perm: Permutation,
+    /// The anchor epoch whose rank shares this epoch keeps (see the module documentation).
+    affinity: Option<u32>,
 }
 
 impl EpochPlan {
@@ -246,7 +254,50 @@ impl EpochPlan {
             batch_size,
             steps,
             perm: Permutation::new(num_samples, seed, epoch.into()),
+            affinity: None,
         })
+    }
+
+    /// This plan with rank affinity to `anchor` (an epoch at or before this one): every rank trains
+    /// on the samples `anchor`'s plan gave it, in an order that depends on this epoch.
+    pub fn with_affinity(self, anchor: u32) -> Result<Self, PlanError> {
+        if anchor > self.epoch {
+            return Err(PlanError::Invalid {
+                field: "affinity_epoch",
+                value: anchor.into(),
+                reason: "must not come after the planned epoch",
+            });
+        }
+        Ok(EpochPlan {
+            perm: Permutation::new(self.num_samples(), self.seed, anchor.into()),
+            affinity: Some(anchor),
+            ..self
+        })
+    }
+
+    /// The anchor epoch of an affinity plan.
+    pub fn affinity(&self) -> Option<u32> {
+        self.affinity
+    }
+
+    /// The slot at index `j` of `rank`'s batch at `step`; callers have checked all three.
+    fn rank_slot(&self, rank: u32, step: u64, j: u32) -> Slot {
+        let b = u64::from(self.batch_size);
+        let Some(_) = self.affinity else { return self.slot(self.batch_start(rank, step) + u64::from(j)) };
+        // The rank's real slots are its first `real` (pads only ever trail); they are permuted
+        // among themselves, and slot t' stands for the anchor's slot t' of the same rank.
+        let t = step * b + u64::from(j);
+        let real = self.rank_sample_count(rank).unwrap_or(0);
+        if t >= real {
+            return Slot::Pad;
+        }
+        let shuffle = Permutation::new(
+            real,
+            self.seed ^ (u64::from(rank) + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            self.epoch.into(),
+        );
+        let t2 = shuffle.get(t).unwrap_or(t);
+        self.slot(self.batch_start(rank, t2 / b) + t2 % b)
     }
 
     pub fn seed(&self) -> u64 {
@@ -280,7 +331,8 @@ impl EpochPlan {
         self.steps
     }
 
-    /// The sample at position `position` of the epoch's order.
+    /// The sample at position `position` of the epoch's order (of the anchor epoch's, in an
+    /// affinity plan).
     pub fn sample_at(&self, position: u64) -> Result<u64, PlanError> {
         self.perm.get(position).ok_or(PlanError::PositionOutOfRange { position, num_samples: self.num_samples() })
     }
@@ -296,7 +348,18 @@ impl EpochPlan {
         let (step, within) = (position / self.global_batch(), position % self.global_batch());
         let b = u64::from(self.batch_size);
         // `within < world_size * batch_size`, so both quotients fit their u32 inputs' ranges.
-        Ok(((within / b) as u32, step, (within % b) as u32))
+        let (rank, j) = ((within / b) as u32, within % b);
+        if self.affinity.is_none() {
+            return Ok((rank, step, j as u32));
+        }
+        let real = self.rank_sample_count(rank)?;
+        let shuffle = Permutation::new(
+            real,
+            self.seed ^ (u64::from(rank) + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            self.epoch.into(),
+        );
+        let t = shuffle.index_of(step * b + j).unwrap_or(step * b + j);
+        Ok((rank, t / b, (t % b) as u32))
     }
 
     fn check_rank(&self, rank: u32) -> Result<(), PlanError> {
@@ -330,8 +393,7 @@ impl EpochPlan {
     pub fn rank_batch(&self, rank: u32, step: u64) -> Result<Vec<Slot>, PlanError> {
         self.check_rank(rank)?;
         self.check_step(step)?;
-        let start = self.batch_start(rank, step);
-        Ok((start..start + u64::from(self.batch_size)).map(|p| self.slot(p)).collect())
+        Ok((0..self.batch_size).map(|j| self.rank_slot(rank, step, j)).collect())
     }
 
     /// Real samples in `rank`'s batch at `step` (the rest are pads).
@@ -410,7 +472,7 @@ impl Iterator for RankSlots {
         if self.step >= self.plan.steps {
             return None;
         }
-        let slot = self.plan.slot(self.plan.batch_start(self.rank, self.step) + u64::from(self.index));
+        let slot = self.plan.rank_slot(self.rank, self.step, self.index);
         self.index += 1;
         if self.index == self.plan.batch_size {
             self.index = 0;
@@ -676,5 +738,46 @@ mod tests {
             assert_eq!(p.locate(sample).unwrap().1, 12_345);
         }
         assert!(std::mem::size_of::<EpochPlan>() <= 128);
+    }
+
+    #[test]
+    fn affinity_keeps_each_ranks_samples_and_reshuffles_them() {
+        // 1003 samples, 3 ranks of batch 16: 21 steps, the last one partly pads.
+        let (n, world, batch) = (1003u64, 3u32, 16u32);
+        let anchor = EpochPlan::new(7, 2, n, world, batch).unwrap();
+        let share = |p: &EpochPlan, r: u32| {
+            let mut v: Vec<u64> = p.rank_samples(r).unwrap().collect();
+            v.sort_unstable();
+            v
+        };
+        for epoch in [2u32, 3, 9] {
+            let p = EpochPlan::new(7, epoch, n, world, batch).unwrap().with_affinity(2).unwrap();
+            let mut all = Vec::new();
+            for r in 0..world {
+                // The same samples as the anchor gave the rank, every epoch.
+                assert_eq!(share(&p, r), share(&anchor, r), "epoch {epoch} rank {r}");
+                for step in 0..p.steps_per_rank() {
+                    let b = p.rank_batch(r, step).unwrap();
+                    // Pads stay where the anchor has them, so the step counts agree.
+                    assert_eq!(
+                        b.iter().filter(|s| !s.is_pad()).count() as u32,
+                        anchor.rank_real_count(r, step).unwrap()
+                    );
+                    for (j, s) in b.iter().enumerate() {
+                        if let Some(x) = s.sample() {
+                            assert_eq!(p.locate(x).unwrap(), (r, step, j as u32));
+                            all.push(x);
+                        }
+                    }
+                }
+            }
+            all.sort_unstable();
+            assert_eq!(all, (0..n).collect::<Vec<_>>(), "every sample exactly once in epoch {epoch}");
+        }
+        // A later epoch trains the rank's samples in another order.
+        let a = EpochPlan::new(7, 3, n, world, batch).unwrap().with_affinity(2).unwrap();
+        let b = EpochPlan::new(7, 4, n, world, batch).unwrap().with_affinity(2).unwrap();
+        assert_ne!(a.rank_batch(0, 0).unwrap(), b.rank_batch(0, 0).unwrap());
+        assert!(EpochPlan::new(7, 1, n, world, batch).unwrap().with_affinity(2).is_err());
     }
 }

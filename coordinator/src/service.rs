@@ -19,6 +19,7 @@ use tonic::{Request, Response, Status};
 use crate::core::{Command, Coordinator, CoreError, ErrorKind, JobView, JoinPoll};
 use crate::job::JobState;
 use crate::metrics::EpochMetrics;
+use crate::spec::{BnPolicy, LrSchedule, Stage};
 use crate::store::StateStore;
 
 /// The one mapping from core errors to gRPC status codes.
@@ -228,6 +229,7 @@ impl Workers for WorkersService {
                 &r.collective_addr,
                 r.num_train_samples,
                 &r.nccl_unique_id,
+                &r.layer_groups,
                 Instant::now(),
                 now_ms(),
             )
@@ -285,7 +287,8 @@ impl Workers for WorkersService {
             world_size: p.world_size,
             batch_size: p.batch_size,
             steps: p.steps,
-            stage: None,
+            stage: p.stage.as_ref().map(stage_to_proto),
+            affinity_epoch: p.affinity_epoch,
         }))
     }
 
@@ -348,4 +351,48 @@ pub async fn serve(
         tracing::error!(jobs = unsaved, "stopping with jobs the state store could not write");
     }
     result
+}
+
+/// A schedule stage as the worker protocol carries it.
+pub fn stage_to_proto(s: &Stage) -> pb::FreezeStage {
+    pb::FreezeStage {
+        index: s.index as u32,
+        first_epoch: s.epochs.start as u32,
+        end_epoch: s.epochs.end as u32,
+        trainable: s.trainable.clone(),
+        group_lr: s.group_lr.clone(),
+        bn_policy: s.bn.as_str().to_string(),
+        warmup_steps: s.warmup_steps as u64,
+        lr_schedule: s.lr_schedule.as_str().to_string(),
+    }
+}
+
+/// The stage a coordinator sent, checked.
+pub fn stage_from_proto(p: &pb::FreezeStage) -> Result<Stage, String> {
+    let bn = BnPolicy::parse(&p.bn_policy).ok_or_else(|| format!("unknown BatchNorm policy `{}`", p.bn_policy))?;
+    let lr_schedule = match p.lr_schedule.as_str() {
+        "constant" => LrSchedule::Constant,
+        "cosine" => LrSchedule::Cosine,
+        "one_cycle" => LrSchedule::OneCycle,
+        other => return Err(format!("unknown lr schedule `{other}`")),
+    };
+    if p.trainable.len() != p.group_lr.len() || p.first_epoch >= p.end_epoch {
+        return Err(format!(
+            "malformed stage {}: {} groups, {} rates, epochs {}..{}",
+            p.index,
+            p.trainable.len(),
+            p.group_lr.len(),
+            p.first_epoch,
+            p.end_epoch
+        ));
+    }
+    Ok(Stage {
+        index: p.index as usize,
+        epochs: p.first_epoch as usize..p.end_epoch as usize,
+        trainable: p.trainable.clone(),
+        group_lr: p.group_lr.clone(),
+        bn,
+        warmup_steps: p.warmup_steps as usize,
+        lr_schedule,
+    })
 }

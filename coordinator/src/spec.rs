@@ -12,6 +12,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::schedule::RawSchedule;
+pub use crate::schedule::{BnPolicy, GroupSel, Schedule, Stage, StageSpec, Strategy};
+
 /// A rejected spec: which field, which value, and why.
 #[derive(Debug, thiserror::Error)]
 pub enum SpecError {
@@ -23,7 +26,7 @@ pub enum SpecError {
     Invalid { field: &'static str, value: String, reason: String },
 }
 
-fn invalid(field: &'static str, value: impl std::fmt::Display, reason: impl Into<String>) -> SpecError {
+pub fn invalid(field: &'static str, value: impl std::fmt::Display, reason: impl Into<String>) -> SpecError {
     SpecError::Invalid { field, value: value.to_string(), reason: reason.into() }
 }
 
@@ -77,69 +80,6 @@ pub enum DataFormat {
     Folder,
 }
 
-/// Which layer groups train. The schedule work extends this with progressive unfreezing and
-/// explicit stages; these are the fixed patterns.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", tag = "strategy")]
-pub enum Strategy {
-    /// Small data, similar to ImageNet: only the new head trains; the pretrained trunk is frozen.
-    FeatureExtract,
-    /// Small data, different from ImageNet: the first `k` groups are frozen, the rest train.
-    FreezeBottom { k: usize },
-    /// Large data, similar: everything trains from the pretrained init (use a lower learning rate).
-    FinetuneAll,
-    /// Large data, different: everything trains from a random init (architecture only).
-    Scratch,
-    /// Explicitly named frozen groups.
-    Freeze { groups: Vec<String> },
-}
-
-impl Strategy {
-    pub fn name(&self) -> &'static str {
-        match self {
-            Strategy::FeatureExtract => "feature_extract",
-            Strategy::FreezeBottom { .. } => "freeze_bottom",
-            Strategy::FinetuneAll => "finetune_all",
-            Strategy::Scratch => "scratch",
-            Strategy::Freeze { .. } => "freeze",
-        }
-    }
-
-    /// Which of `groups` (input to output, the last being the head) are frozen.
-    pub fn frozen_mask(&self, groups: &[&str]) -> Result<Vec<bool>, SpecError> {
-        let n = groups.len();
-        Ok(match self {
-            Strategy::FeatureExtract => (0..n).map(|i| i + 1 < n).collect(),
-            Strategy::FreezeBottom { k } => {
-                if *k >= n {
-                    return Err(invalid(
-                        "schedule.k",
-                        k,
-                        format!(
-                            "the model has {n} groups ({}); k must leave at least the head trainable",
-                            groups.join(", ")
-                        ),
-                    ));
-                }
-                (0..n).map(|i| i < *k).collect()
-            }
-            Strategy::FinetuneAll | Strategy::Scratch => vec![false; n],
-            Strategy::Freeze { groups: frozen } => {
-                for g in frozen {
-                    if !groups.contains(&g.as_str()) {
-                        return Err(invalid(
-                            "schedule.groups",
-                            format!("\"{g}\""),
-                            format!("unknown layer group; the model's groups are: {}", groups.join(", ")),
-                        ));
-                    }
-                }
-                groups.iter().map(|g| frozen.iter().any(|f| f == g)).collect()
-            }
-        })
-    }
-}
-
 /// The optimizer and its hyper-parameters.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "kind")]
@@ -157,6 +97,18 @@ pub enum LrSchedule {
     Constant,
     /// Cosine decay from `lr` to 0 over all steps, after `warmup_steps` of linear warm-up.
     Cosine,
+    /// fastai's one-cycle: up from lr/25 to lr over 30% of the steps, then down to lr/250000.
+    OneCycle,
+}
+
+impl LrSchedule {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LrSchedule::Constant => "constant",
+            LrSchedule::Cosine => "cosine",
+            LrSchedule::OneCycle => "one_cycle",
+        }
+    }
 }
 
 /// A validated job spec: every field is present and known good; paths are absolute.
@@ -167,7 +119,7 @@ pub struct JobSpec {
     pub model: ModelSpec,
     pub data: DataSpec,
     pub train: TrainSpec,
-    pub schedule: Strategy,
+    pub schedule: Schedule,
     pub output: OutputSpec,
     pub distributed: DistributedSpec,
 }
@@ -258,6 +210,9 @@ pub struct TrainSpec {
     pub warmup_steps: usize,
     /// Label smoothing for the cross-entropy loss, in [0, 1).
     pub label_smoothing: f64,
+    /// Memory for cached outputs of a frozen prefix (per worker, both splits), in MB; beyond it
+    /// they spill to disk under the output directory. 0 turns feature caching off.
+    pub feature_cache_mb: f64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -342,14 +297,7 @@ struct RawTrain {
     lr_schedule: Option<LrSchedule>,
     warmup_steps: Option<usize>,
     label_smoothing: Option<f64>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawSchedule {
-    strategy: String,
-    k: Option<usize>,
-    groups: Option<Vec<String>>,
+    feature_cache_mb: Option<f64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -517,97 +465,23 @@ impl JobSpec {
             lr_schedule: t.lr_schedule.unwrap_or(LrSchedule::Constant),
             warmup_steps: t.warmup_steps.unwrap_or(0),
             label_smoothing,
+            feature_cache_mb: check_finite(
+                "train.feature_cache_mb",
+                t.feature_cache_mb.unwrap_or(2048.0),
+                0.0,
+                true,
+                Some(1e7),
+            )?,
         };
 
-        let schedule = match raw.schedule {
-            None => {
-                if model.weights.is_pretrained() {
-                    Strategy::FinetuneAll
-                } else {
-                    Strategy::Scratch
-                }
-            }
-            Some(s) => {
-                let extra = |field: &'static str, set: bool| -> Result<(), SpecError> {
-                    if set {
-                        Err(invalid(field, "set", format!("does not apply to strategy \"{}\"", s.strategy)))
-                    } else {
-                        Ok(())
-                    }
-                };
-                match s.strategy.as_str() {
-                    "feature_extract" | "finetune_all" | "scratch" => {
-                        extra("schedule.k", s.k.is_some())?;
-                        extra("schedule.groups", s.groups.is_some())?;
-                        match s.strategy.as_str() {
-                            "feature_extract" => Strategy::FeatureExtract,
-                            "finetune_all" => Strategy::FinetuneAll,
-                            _ => Strategy::Scratch,
-                        }
-                    }
-                    "freeze_bottom" => {
-                        extra("schedule.groups", s.groups.is_some())?;
-                        match s.k {
-                            Some(k) if k >= 1 => Strategy::FreezeBottom { k },
-                            Some(k) => {
-                                return Err(invalid(
-                                    "schedule.k",
-                                    k,
-                                    "freeze_bottom needs k >= 1 frozen groups (k = 0 is finetune_all)",
-                                ))
-                            }
-                            None => {
-                                return Err(invalid(
-                                    "schedule.k",
-                                    "missing",
-                                    "freeze_bottom needs k, the number of frozen groups from the input",
-                                ))
-                            }
-                        }
-                    }
-                    "freeze" => {
-                        extra("schedule.k", s.k.is_some())?;
-                        match s.groups {
-                            Some(g) if !g.is_empty() => Strategy::Freeze { groups: g },
-                            _ => {
-                                return Err(invalid(
-                                    "schedule.groups",
-                                    "missing",
-                                    "strategy \"freeze\" needs a non-empty list of group names",
-                                ))
-                            }
-                        }
-                    }
-                    other => {
-                        return Err(invalid(
-                            "schedule.strategy",
-                            format!("\"{other}\""),
-                            "expected one of feature_extract, freeze_bottom, finetune_all, scratch, freeze",
-                        ))
-                    }
-                }
-            }
-        };
-        match (&schedule, &model.weights) {
-            (Strategy::Scratch, w) if w.is_pretrained() => {
-                return Err(invalid(
-                    "model.weights",
-                    format!("\"{}\"", w.as_spec_str()),
-                    "strategy \"scratch\" trains from a random init; set weights = \"none\"",
-                ))
-            }
-            (Strategy::FeatureExtract | Strategy::FreezeBottom { .. } | Strategy::Freeze { .. }, WeightsSpec::None) => {
-                return Err(invalid(
-                    "model.weights",
-                    "\"none\"",
-                    format!(
-                        "strategy \"{}\" freezes layers, which only makes sense with pretrained weights",
-                        schedule.name()
-                    ),
-                ))
-            }
-            _ => {}
+        if train.lr_schedule == LrSchedule::OneCycle && train.warmup_steps > 0 {
+            return Err(invalid(
+                "train.warmup_steps",
+                train.warmup_steps,
+                "one_cycle has its own warm-up; set it to 0",
+            ));
         }
+        let schedule = Schedule::from_raw(raw.schedule, &model.weights)?;
 
         let output = OutputSpec {
             dir: resolve(base, raw.output.dir.as_deref().unwrap_or(&format!("runs/{name}"))),
@@ -710,24 +584,14 @@ impl JobSpec {
                 s += &format!("optimizer = \"adamw\"\nbetas = [{beta1:?}, {beta2:?}]\neps = {eps:?}\nweight_decay = {weight_decay:?}\n")
             }
         }
-        let sched = match t.lr_schedule {
-            LrSchedule::Constant => "constant",
-            LrSchedule::Cosine => "cosine",
-        };
         s += &format!(
-            "lr_schedule = {}\nwarmup_steps = {}\nlabel_smoothing = {:?}\n",
-            q(sched),
+            "lr_schedule = {}\nwarmup_steps = {}\nlabel_smoothing = {:?}\nfeature_cache_mb = {:?}\n",
+            q(t.lr_schedule.as_str()),
             t.warmup_steps,
-            t.label_smoothing
+            t.label_smoothing,
+            t.feature_cache_mb
         );
-        s += &format!("\n[schedule]\nstrategy = {}\n", q(self.schedule.name()));
-        match &self.schedule {
-            Strategy::FreezeBottom { k } => s += &format!("k = {k}\n"),
-            Strategy::Freeze { groups } => {
-                s += &format!("groups = [{}]\n", groups.iter().map(|g| q(g)).collect::<Vec<_>>().join(", "))
-            }
-            _ => {}
-        }
+        s += &self.schedule.to_toml();
         s += &format!(
             "\n[output]\ndir = {}\ncheckpoint_every_steps = {}\n",
             q(&self.output.dir.display().to_string()),
@@ -781,7 +645,7 @@ strategy = "feature_extract"
         let up = parse(&GOOD.replace("data/fmnist", "../data/./fmnist")).unwrap();
         assert_eq!(up.data.root, PathBuf::from("/data/fmnist"));
         assert_eq!(s.model.weights, WeightsSpec::Imagenet);
-        assert_eq!(s.schedule, Strategy::FeatureExtract);
+        assert_eq!(s.schedule.strategy, Strategy::FeatureExtract);
         assert_eq!(s.train.optimizer, OptimizerSpec::Sgd { momentum: 0.9, nesterov: false, weight_decay: 0.0 });
     }
 
@@ -834,18 +698,6 @@ strategy = "feature_extract"
         let ok = parse(
             &GOOD.replace("\"feature_extract\"", "\"scratch\"").replace("arch = ", "weights = \"none\"\narch = "),
         );
-        assert_eq!(ok.unwrap().schedule, Strategy::Scratch);
-    }
-
-    #[test]
-    fn frozen_masks_per_strategy() {
-        let groups = ["stem", "layer1", "layer2", "head"];
-        assert_eq!(Strategy::FeatureExtract.frozen_mask(&groups).unwrap(), [true, true, true, false]);
-        assert_eq!(Strategy::FreezeBottom { k: 2 }.frozen_mask(&groups).unwrap(), [true, true, false, false]);
-        assert_eq!(Strategy::FinetuneAll.frozen_mask(&groups).unwrap(), [false; 4]);
-        let err = Strategy::FreezeBottom { k: 4 }.frozen_mask(&groups).unwrap_err().to_string();
-        assert!(err.contains("schedule.k") && err.contains("stem, layer1, layer2, head"), "{err}");
-        let err = Strategy::Freeze { groups: vec!["layer9".into()] }.frozen_mask(&groups).unwrap_err().to_string();
-        assert!(err.contains("\"layer9\"") && err.contains("stem, layer1"), "{err}");
+        assert_eq!(ok.unwrap().schedule.strategy, Strategy::Scratch);
     }
 }

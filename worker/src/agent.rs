@@ -21,6 +21,8 @@ use tonic::transport::Channel;
 use crate::checkpoint::EpochMetrics;
 use crate::collective::{Collective, RingCollective};
 use crate::train::{Control, DistOutcome, TrainError, Trainer};
+use thaw_coordinator::service::stage_from_proto;
+use thaw_coordinator::spec::Stage;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -99,6 +101,8 @@ struct GrpcControl {
     job: String,
     rank: u32,
     stop: Arc<Mutex<Option<String>>>,
+    /// The stage the coordinator sent with the last epoch plan.
+    stage: Option<(u32, pb::FreezeStage)>,
 }
 
 impl Control for GrpcControl {
@@ -110,8 +114,25 @@ impl Control for GrpcControl {
             .block_on(w.get_epoch_plan(req))
             .map_err(|s| TrainError::Invalid(format!("epoch plan {epoch}: {}", s.message())))?
             .into_inner();
-        EpochPlan::new(p.seed, p.epoch, p.num_samples, p.world_size, p.batch_size)
-            .map_err(|e| TrainError::Invalid(e.to_string()))
+        self.stage = p.stage.clone().map(|s| (epoch, s));
+        let plan = EpochPlan::new(p.seed, p.epoch, p.num_samples, p.world_size, p.batch_size);
+        match p.affinity_epoch {
+            Some(anchor) => plan.and_then(|plan| plan.with_affinity(anchor)),
+            None => plan,
+        }
+        .map_err(|e| TrainError::Invalid(e.to_string()))
+    }
+
+    fn stage(&mut self, epoch: u32) -> Option<Stage> {
+        let (at, stage) = self.stage.as_ref().filter(|(at, _)| *at == epoch)?;
+        match stage_from_proto(stage) {
+            Ok(stage) => Some(stage),
+            Err(e) => {
+                // The local expansion of the same spec takes over; say so.
+                tracing::warn!(epoch = at + 1, error = %e, "ignoring a malformed stage from the coordinator");
+                None
+            }
+        }
     }
 
     fn progress(&mut self, epoch: u32, step: u64, samples_done: u64, metrics: Option<&EpochMetrics>) {
@@ -165,6 +186,7 @@ pub fn run(opts: AgentOptions) -> Result<AgentOutcome, AgentError> {
         collective_addr: addr.to_string(),
         nccl_unique_id,
         num_train_samples: trainer.splits.train.len() as u64,
+        layer_groups: trainer.net.group_names().iter().map(|g| g.to_string()).collect(),
     };
     let a = rt.block_on(clients.workers.join(join)).map_err(rpc("the join"))?.into_inner();
     tracing::info!(rank = a.rank, world_size = a.world_size, peers = ?a.peer_addrs, "joined");
@@ -227,8 +249,14 @@ pub fn run(opts: AgentOptions) -> Result<AgentOutcome, AgentError> {
             }
         })
     };
-    let mut ctl =
-        GrpcControl { rt: rt.clone(), workers: clients.workers.clone(), job: opts.job.clone(), rank: a.rank, stop };
+    let mut ctl = GrpcControl {
+        rt: rt.clone(),
+        workers: clients.workers.clone(),
+        job: opts.job.clone(),
+        rank: a.rank,
+        stop,
+        stage: None,
+    };
     let result = trainer.run_distributed(a.rank, collective.as_mut(), &mut ctl, bucket_bytes);
     hb.abort();
     signals.abort();

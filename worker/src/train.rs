@@ -12,18 +12,20 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
-use thaw_coordinator::spec::{JobSpec, LrSchedule, SpecError, WeightsSpec};
+use thaw_coordinator::schedule::stage_of;
+use thaw_coordinator::spec::{BnPolicy, JobSpec, SpecError, Stage, WeightsSpec};
 
 use thaw_coordinator::plan::EpochPlan;
 
 use crate::buckets::Buckets;
 use crate::checkpoint::{Checkpoint, CheckpointError, CheckpointPolicy, Cursor, EpochMetrics};
 use crate::collective::{Collective, CollectiveError};
-use crate::data::loader::{Loader, LoaderConfig};
+use crate::data::loader::{Batch, Loader, LoaderConfig};
 use crate::data::transform::Transform;
 use crate::data::{self, DataError, Dataset, Splits};
 use crate::optim::{Optimizer, Param};
 use crate::progress::Progress;
+use crate::stage_cache::{self, StageCache};
 use crate::weights::{self, WeightsError};
 use crate::zoo::{Arch, GroupMode, Network, UnknownArch};
 
@@ -54,6 +56,9 @@ pub struct Trainer {
     pub net: Network,
     pub splits: Splits,
     pub modes: Vec<GroupMode>,
+    /// The schedule's stages for this model, and the one in force.
+    pub stages: Vec<Stage>,
+    pub stage: Stage,
     /// Preprocessing for training and evaluation (random flips are the loader's, per epoch).
     pub transform: Transform,
     optimizer: Optimizer,
@@ -61,6 +66,14 @@ pub struct Trainer {
     history: Vec<EpochMetrics>,
     /// Where the weights came from, for the log.
     pub weights_source: String,
+    /// Outputs of the stage's frozen prefix, when it can be cached (see `stage_cache.rs`).
+    cache: Option<StageCache>,
+}
+
+/// Where an epoch's batches come from: decoded by the loader, or prefix outputs from the cache.
+enum Source {
+    Loader(Loader),
+    Cached { planned: Vec<Vec<usize>>, next: usize },
 }
 
 /// What a finished run reports.
@@ -106,10 +119,14 @@ impl Trainer {
         // Random init (and everything else drawn from libtorch's RNG) follows the spec's seed.
         tch::manual_seed(spec.seed as i64);
         let net = Network::new(arch, num_classes, device);
+        let mut net = net;
         let groups = net.group_names();
-        let frozen = spec.schedule.frozen_mask(&groups)?;
-        let modes: Vec<GroupMode> =
-            frozen.iter().map(|&f| if f { GroupMode::Frozen } else { GroupMode::Train }).collect();
+        let stages = spec.schedule.expand(&groups, &spec.train)?;
+        let groups = groups.len();
+        // The stage of the epoch a resumed run starts in (the last one once the run is over).
+        let start_epoch = ck.as_ref().map_or(0, |ck| ck.cursor.epoch);
+        let stage = stage_of(&stages, start_epoch).unwrap_or(&stages[stages.len() - 1]).clone();
+        let modes = modes_of(&stage);
 
         let weights_source = match (&ck, &spec.model.weights) {
             (Some(_), _) => "checkpoint".to_string(),
@@ -127,15 +144,10 @@ impl Trainer {
                 format!("{}{}", path.display(), if head_fits { "" } else { " (new head)" })
             }
         };
+        net.set_bn_policy(stage.bn);
         net.set_modes(&modes);
-
-        let params: Vec<Param> = (0..groups.len())
-            .filter(|&g| modes[g] == GroupMode::Train)
-            .flat_map(|g| {
-                net.group_parameters(g).into_iter().map(move |(name, tensor)| Param { name, tensor, group: g })
-            })
-            .collect();
-        let mut optimizer = Optimizer::new(spec.train.optimizer, params);
+        debug_assert_eq!(modes.len(), groups);
+        let mut optimizer = Optimizer::new(spec.train.optimizer, trainable_params(&net, &modes));
 
         let pre = arch.preprocess();
         let whole = splits.train.resize_whole();
@@ -150,7 +162,21 @@ impl Trainer {
             }
         };
 
-        Ok(Trainer { spec, arch, net, splits, modes, transform, optimizer, cursor, history, weights_source })
+        Ok(Trainer {
+            spec,
+            arch,
+            net,
+            splits,
+            modes,
+            stages,
+            stage,
+            transform,
+            optimizer,
+            cursor,
+            history,
+            weights_source,
+            cache: None,
+        })
     }
 
     /// The error for a loss that stopped being finite.
@@ -183,21 +209,93 @@ impl Trainer {
         self.splits.train.len().div_ceil(self.spec.train.batch_size)
     }
 
-    /// The learning rate at a global step of a run with `steps_per_epoch` steps in every epoch:
-    /// linear warm-up, then constant or cosine decay.
-    pub fn lr_at(&self, global_step: usize, steps_per_epoch: usize) -> f64 {
-        let t = &self.spec.train;
-        let total = (steps_per_epoch * t.epochs).max(1);
-        if global_step < t.warmup_steps {
-            return t.lr * (global_step + 1) as f64 / t.warmup_steps as f64;
-        }
-        match t.lr_schedule {
-            LrSchedule::Constant => t.lr,
-            LrSchedule::Cosine => {
-                let span = (total - t.warmup_steps.min(total)).max(1) as f64;
-                let done = (global_step - t.warmup_steps) as f64 / span;
-                t.lr * 0.5 * (1.0 + (std::f64::consts::PI * done.min(1.0)).cos())
+    /// The learning rate of each group at `step` of `epoch` (epochs of `steps_per_epoch` steps):
+    /// the stage's peak rate of the group times the stage's warm-up and decay at that point.
+    pub fn group_lrs(&self, epoch: usize, step: usize, steps_per_epoch: usize) -> Vec<f64> {
+        let st = &self.stage;
+        let at = (epoch.saturating_sub(st.epochs.start)) * steps_per_epoch + step;
+        let factor = st.lr_factor(at, st.epochs.len() * steps_per_epoch);
+        st.group_lr.iter().map(|lr| lr * factor).collect()
+    }
+
+    /// Moves to the stage of `epoch` if it is not the one in force; whether it changed.
+    fn enter_stage_of(&mut self, epoch: usize) -> Result<bool, TrainError> {
+        match stage_of(&self.stages, epoch) {
+            Some(st) if *st != self.stage => {
+                self.set_stage(st.clone())?;
+                Ok(true)
             }
+            _ => Ok(false),
+        }
+    }
+
+    /// Sets up (or drops) the feature cache for the stage in force, before an epoch of `rank`.
+    fn cache_for_stage(&mut self, rank: u32) {
+        let prefix = self.stage.frozen_prefix();
+        let budget = self.spec.train.feature_cache_mb;
+        if let Some(reason) = stage_cache::why_not(prefix, self.spec.data.hflip, budget) {
+            if let Some(old) = self.cache.take() {
+                tracing::info!(stage = old.stage + 1, "feature cache dropped");
+            }
+            tracing::debug!(stage = self.stage.index + 1, reason, "no feature cache");
+            return;
+        }
+        if self.cache.as_ref().is_some_and(|c| c.stage == self.stage.index) {
+            return;
+        }
+        let dir = self.spec.output.dir.join(format!("feature-cache-rank{rank}"));
+        let bytes = (budget * (1u64 << 20) as f64) as usize;
+        let (n_train, n_val) = (self.splits.train.len(), self.splits.val.len());
+        self.cache = Some(StageCache::new(self.stage.index, prefix, dir, bytes, n_train, n_val));
+        tracing::info!(
+            stage = self.stage.index + 1,
+            frozen_groups = prefix,
+            budget_mb = budget,
+            "caching the frozen prefix's outputs"
+        );
+    }
+
+    /// The source of an epoch whose batches (dataset indices) are `planned`, from `start_step`.
+    fn source(&self, planned: Vec<Vec<usize>>, start_step: usize, cfg: LoaderConfig) -> Source {
+        if self.cache.as_ref().is_some_and(|c| c.covers(&planned)) {
+            Source::Cached { planned, next: start_step }
+        } else {
+            Source::Loader(Loader::start_batches(
+                self.splits.train.clone(),
+                planned,
+                start_step,
+                self.transform.clone(),
+                cfg,
+            ))
+        }
+    }
+
+    fn next_batch(&self, source: &mut Source) -> Option<Result<Batch, TrainError>> {
+        match source {
+            Source::Loader(loader) => loader.next().map(Ok),
+            Source::Cached { planned, next } => {
+                let step = *next;
+                let indices = planned.get(step)?;
+                *next += 1;
+                let cache = self.cache.as_ref()?;
+                Some(cache.batch(&self.splits.train, step, indices))
+            }
+        }
+    }
+
+    /// The training forward pass of a batch: from cached prefix outputs, or through the prefix
+    /// (storing its outputs) when the stage caches, or through the whole network.
+    fn forward_batch(&mut self, xs: &Tensor, batch: &Batch, cached: bool) -> Result<Tensor, TrainError> {
+        let n = self.modes.len();
+        match &mut self.cache {
+            Some(c) if cached => Ok(self.net.forward_range(xs, &self.modes, c.prefix..n)),
+            Some(c) => {
+                c.mark_bad(batch.skipped_indices.iter().copied());
+                let feats = self.net.forward_range(xs, &self.modes, 0..c.prefix);
+                c.train.put_batch(&batch.indices, &feats)?;
+                Ok(self.net.forward_range(&feats, &self.modes, c.prefix..n))
+            }
+            None => Ok(self.net.forward_modes(xs, &self.modes)),
         }
     }
 
@@ -214,6 +312,10 @@ impl Trainer {
             optim: self.optimizer.state_tensors().into_iter().collect::<HashMap<_, _>>(),
         };
         ck.save(&path)?;
+        // The history as plain JSON beside it, for people and scripts.
+        let json = serde_json::to_string_pretty(&self.history).unwrap_or_default();
+        let metrics = self.spec.output.dir.join("metrics.json");
+        crate::tensor_io::write_atomic(&metrics, |f| std::io::Write::write_all(f, json.as_bytes()))?;
         Ok(path)
     }
 
@@ -235,6 +337,9 @@ impl Trainer {
         let device = self.net.vs.device();
         while self.cursor.epoch < self.spec.train.epochs && budget > 0 {
             let epoch = self.cursor.epoch;
+            if self.enter_stage_of(epoch)? {
+                self.log_stage();
+            }
             let order = data::permutation(self.splits.train.len(), self.spec.seed, 1000 + epoch as u64);
             let cfg = LoaderConfig {
                 batch_size: bs,
@@ -244,13 +349,17 @@ impl Trainer {
                 seed: self.spec.seed,
                 epoch: epoch as u64,
             };
-            let loader = Loader::start(self.splits.train.clone(), order, self.cursor.step, self.transform.clone(), cfg);
+            self.cache_for_stage(0);
+            let planned: Vec<Vec<usize>> = order.chunks(bs).map(<[usize]>::to_vec).collect();
+            let mut source = self.source(planned, self.cursor.step, cfg);
+            let cached = matches!(source, Source::Cached { .. });
             let started = Instant::now();
             let mut data_wait = 0.0;
             let mut progress =
                 Progress::new(format!("epoch {}/{}", epoch + 1, self.spec.train.epochs), (steps * bs) as u64, "img");
             let mut waited = Instant::now();
-            for batch in loader {
+            while let Some(batch) = self.next_batch(&mut source) {
+                let batch = batch?;
                 data_wait += waited.elapsed().as_secs_f64();
                 for e in &batch.skipped {
                     tracing::warn!(key = %e.key, reason = %e.reason, "skipping unreadable sample");
@@ -259,14 +368,14 @@ impl Trainer {
                 self.cursor.skipped += batch.skipped.len() as u64;
                 let n = batch.labels.size()[0];
                 if n > 0 {
-                    let lr = self.lr_at(epoch * steps + batch.step, steps);
+                    let lrs = self.group_lrs(epoch, batch.step, steps);
                     // Dropout masks are a function of (seed, epoch, step), so a resumed run
                     // draws exactly what an uninterrupted one would.
                     tch::manual_seed(step_seed(self.spec.seed, epoch, batch.step));
                     let xs = batch.images.to_device(device);
                     let ys = batch.labels.to_device(device);
                     self.optimizer.zero_grad();
-                    let logits = self.net.forward_modes(&xs, &self.modes);
+                    let logits = self.forward_batch(&xs, &batch, cached)?;
                     let loss = logits.cross_entropy_loss::<Tensor>(
                         &ys,
                         None,
@@ -275,7 +384,7 @@ impl Trainer {
                         self.spec.train.label_smoothing,
                     );
                     loss.backward();
-                    self.optimizer.step(&|_| lr);
+                    self.optimizer.step(&|g| lrs[g]);
                     let loss_v = loss.double_value(&[]);
                     if !loss_v.is_finite() {
                         return Err(self.diverged(loss_v, epoch, batch.step));
@@ -334,8 +443,15 @@ impl Trainer {
         Ok(RunSummary { history: self.history.clone(), checkpoint: self.checkpoint_path(), skipped_keys })
     }
 
-    /// Loss and accuracy on the validation split (eval mode, no gradients).
-    pub fn evaluate(&self) -> Result<(f64, f64), TrainError> {
+    /// Loss and accuracy on the validation split (eval mode, no gradients), through the feature
+    /// cache when the stage has one.
+    pub fn evaluate(&mut self) -> Result<(f64, f64), TrainError> {
+        let (bs, threads) = (self.spec.train.batch_size, self.spec.data.loader_threads);
+        if let Some(c) = &mut self.cache {
+            let r = c.evaluate(&self.net, self.splits.val.clone(), &self.transform, bs, threads);
+            tracing::info!(cache = %c.describe(), "feature cache");
+            return r;
+        }
         evaluate(
             &self.net,
             self.splits.val.clone(),
@@ -346,11 +462,26 @@ impl Trainer {
     }
 }
 
-/// The parameters of the groups that train under `modes`, input to output.
+/// Group modes of a stage.
+fn modes_of(stage: &Stage) -> Vec<GroupMode> {
+    stage.trainable.iter().map(|&t| if t { GroupMode::Train } else { GroupMode::Frozen }).collect()
+}
+
+/// The parameters that train under `modes` and the network's BatchNorm policy, input to output:
+/// every parameter of a trainable group and, under `train_affine`, the BatchNorm parameters of
+/// frozen groups.
 fn trainable_params(net: &Network, modes: &[GroupMode]) -> Vec<Param> {
+    let affine = net.bn_policy() == BnPolicy::TrainAffine;
     (0..modes.len())
-        .filter(|&g| modes[g] == GroupMode::Train)
-        .flat_map(|g| net.group_parameters(g).into_iter().map(move |(name, tensor)| Param { name, tensor, group: g }))
+        .flat_map(|g| {
+            match modes[g] {
+                GroupMode::Train => net.group_parameters(g),
+                GroupMode::Frozen if affine => net.bn_parameters(g),
+                GroupMode::Frozen => Vec::new(),
+            }
+            .into_iter()
+            .map(move |(name, tensor)| Param { name, tensor, group: g })
+        })
         .collect()
 }
 
@@ -405,9 +536,9 @@ pub trait Control {
     fn progress(&mut self, epoch: u32, step: u64, samples_done: u64, metrics: Option<&EpochMetrics>);
     /// Set when the coordinator asked this worker to stop (job cancelled or failed).
     fn stop_requested(&self) -> Option<String>;
-    /// The frozen mask (one entry per layer group) of `epoch`'s freeze stage, when the schedule
-    /// changes it; `None` keeps the current one.
-    fn stage(&mut self, _epoch: u32) -> Option<Vec<bool>> {
+    /// The stage of `epoch` as the coordinator decided it (asked after `epoch_plan`); `None`
+    /// leaves it to the trainer's own expansion of the spec's schedule.
+    fn stage(&mut self, _epoch: u32) -> Option<Stage> {
         None
     }
     /// The dataset indices this rank trained on at `step` of `epoch` (for audits and tests).
@@ -426,25 +557,52 @@ fn to_vec(t: &Tensor) -> Vec<f32> {
 }
 
 impl Trainer {
-    /// Applies a freeze stage in place: frozen groups stop training, the optimizer keeps the state
-    /// of parameters that stay trainable. Callers rebuild their gradient buckets after this.
-    pub fn set_frozen(&mut self, frozen: &[bool]) -> Result<(), TrainError> {
-        if frozen.len() != self.modes.len() {
+    /// Applies a stage in place: frozen groups stop training, the BatchNorm policy and learning
+    /// rates change, the optimizer keeps the state of parameters that stay trainable. Callers
+    /// rebuild their gradient buckets after this.
+    pub fn set_stage(&mut self, stage: Stage) -> Result<(), TrainError> {
+        if stage.trainable.len() != self.modes.len() || stage.group_lr.len() != self.modes.len() {
             return Err(TrainError::Invalid(format!(
-                "a freeze stage names {} groups, the model has {} ({})",
-                frozen.len(),
+                "stage {} names {} groups, the model has {} ({})",
+                stage.index + 1,
+                stage.trainable.len(),
                 self.modes.len(),
                 self.net.group_names().join(", ")
             )));
         }
-        self.modes = frozen.iter().map(|&f| if f { GroupMode::Frozen } else { GroupMode::Train }).collect();
+        self.modes = modes_of(&stage);
+        self.net.set_bn_policy(stage.bn);
         self.net.set_modes(&self.modes);
         self.optimizer.set_params(trainable_params(&self.net, &self.modes));
+        self.stage = stage;
         Ok(())
     }
 
+    /// Logs the stage in force.
+    fn log_stage(&self) {
+        let groups = self.net.group_names();
+        tracing::info!(
+            stage = self.stage.index + 1,
+            epochs = format!("{}-{}", self.stage.epochs.start + 1, self.stage.epochs.end),
+            trainable = self.stage.trainable_names(&groups).join(","),
+            parameters = self.trainable_parameters(),
+            bn = self.stage.bn.as_str(),
+            "stage"
+        );
+    }
+
+    /// Names of the parameters the optimizer updates in the stage in force.
+    pub fn trainable_names(&self) -> Vec<String> {
+        self.optimizer.params().iter().map(|p| p.name.clone()).collect()
+    }
+
+    /// The optimizer's state tensors (momentum or Adam moments, step counts) by name.
+    pub fn optimizer_state(&self) -> Vec<(String, Tensor)> {
+        self.optimizer.state_tensors()
+    }
+
     /// The trainable parameters (handles onto the optimizer's), for bucketing.
-    fn bucket_params(&self) -> Vec<Param> {
+    pub fn bucket_params(&self) -> Vec<Param> {
         self.optimizer
             .params()
             .iter()
@@ -504,23 +662,19 @@ impl Trainer {
         let mut stopped = None;
         while self.cursor.epoch < self.spec.train.epochs && stopped.is_none() {
             let epoch = self.cursor.epoch;
-            if let Some(frozen) = ctl.stage(epoch as u32) {
-                let now: Vec<bool> = self.modes.iter().map(|m| *m == GroupMode::Frozen).collect();
-                if frozen != now {
-                    // A stage boundary: optimizer groups and buckets follow the trainable set.
-                    self.set_frozen(&frozen)?;
-                    params = self.bucket_params();
-                    Buckets::ensure_grads(&params);
-                    buckets = Buckets::new(&params, bucket_bytes);
-                    tracing::info!(
-                        epoch = epoch + 1,
-                        trainable = params.len(),
-                        buckets = buckets.buckets.len(),
-                        "freeze stage changed"
-                    );
-                }
-            }
             let plan = ctl.epoch_plan(epoch as u32)?;
+            let wanted = ctl.stage(epoch as u32).or_else(|| stage_of(&self.stages, epoch).cloned());
+            if let Some(stage) = wanted.filter(|st| *st != self.stage) {
+                // A stage boundary: optimizer groups and buckets follow the trainable set.
+                self.set_stage(stage)?;
+                params = self.bucket_params();
+                Buckets::ensure_grads(&params);
+                buckets = Buckets::new(&params, bucket_bytes);
+                if rank == 0 {
+                    self.log_stage();
+                }
+                tracing::debug!(trainable = params.len(), buckets = buckets.buckets.len(), "buckets rebuilt");
+            }
             let steps = plan.steps_per_rank() as usize;
             let batches: Vec<Vec<usize>> = (0..plan.steps_per_rank())
                 .map(|s| {
@@ -537,13 +691,9 @@ impl Trainer {
                 seed: self.spec.seed,
                 epoch: epoch as u64,
             };
-            let loader = Loader::start_batches(
-                self.splits.train.clone(),
-                batches,
-                self.cursor.step,
-                self.transform.clone(),
-                cfg,
-            );
+            self.cache_for_stage(rank);
+            let mut source = self.source(batches, self.cursor.step, cfg);
+            let cached = matches!(source, Source::Cached { .. });
             let started = Instant::now();
             let mut progress = Progress::new(
                 format!("rank {rank} epoch {}/{}", epoch + 1, self.spec.train.epochs),
@@ -553,7 +703,8 @@ impl Trainer {
             let mut data_wait = 0.0;
             let mut waited = Instant::now();
             let mut last_report = Instant::now();
-            for batch in loader {
+            while let Some(batch) = self.next_batch(&mut source) {
+                let batch = batch?;
                 data_wait += waited.elapsed().as_secs_f64();
                 for e in &batch.skipped {
                     tracing::warn!(key = %e.key, reason = %e.reason, "skipping unreadable sample");
@@ -568,7 +719,7 @@ impl Trainer {
                     tch::manual_seed(step_seed(self.spec.seed, epoch, batch.step) ^ rank as i64);
                     let xs = batch.images.to_device(device);
                     let ys = batch.labels.to_device(device);
-                    let logits = self.net.forward_modes(&xs, &self.modes);
+                    let logits = self.forward_batch(&xs, &batch, cached)?;
                     let sum = logits.cross_entropy_loss::<Tensor>(
                         &ys,
                         None,
@@ -585,8 +736,8 @@ impl Trainer {
                     c.all_reduce_mean(&mut buf)?;
                     buckets.scatter(b, &params, &Tensor::from_slice(&buf).to_device(device));
                 }
-                let lr = self.lr_at(epoch * steps + batch.step, steps);
-                self.optimizer.step(&|_| lr);
+                let lrs = self.group_lrs(epoch, batch.step, steps);
+                self.optimizer.step(&|g| lrs[g]);
                 // Step statistics and the stop flag, summed over ranks: every rank sees the same.
                 let stop_local = ctl.stop_requested();
                 // [loss, correct, samples, ranks asking to stop, sum of (asking rank + 1)]

@@ -24,6 +24,8 @@ pub struct Batch {
     pub indices: Vec<usize>,
     /// Samples of this batch that could not be used.
     pub skipped: Vec<SampleError>,
+    /// Dataset indices of the skipped samples, in the order of `skipped`.
+    pub skipped_indices: Vec<usize>,
 }
 
 #[derive(Clone, Debug)]
@@ -141,12 +143,16 @@ pub fn make_batch(ds: &dyn Dataset, idx: &[usize], step: usize, t: &Transform, c
         }
     });
     let mut skipped = Vec::new();
+    let mut skipped_indices = Vec::new();
     let mut indices = Vec::with_capacity(idx.len());
     let mut labels = Vec::with_capacity(idx.len());
     let mut write = 0;
     for (k, (&i, r)) in idx.iter().zip(results).enumerate() {
         match r {
-            Some(e) => skipped.push(e),
+            Some(e) => {
+                skipped.push(e);
+                skipped_indices.push(i);
+            }
             None => {
                 if write != k {
                     flat.copy_within(k * len..(k + 1) * len, write * len);
@@ -160,7 +166,7 @@ pub fn make_batch(ds: &dyn Dataset, idx: &[usize], step: usize, t: &Transform, c
     flat.truncate(write * len);
     let s = t.size as i64;
     let images = Tensor::from_slice(&flat).view([write as i64, t.channels as i64, s, s]);
-    Batch { step, images, labels: Tensor::from_slice(&labels), indices, skipped }
+    Batch { step, images, labels: Tensor::from_slice(&labels), indices, skipped, skipped_indices }
 }
 
 #[cfg(test)]

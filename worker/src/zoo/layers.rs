@@ -1,7 +1,28 @@
 //! Building blocks shared by the architectures: initialization schemes and conv + BatchNorm.
 
+use std::cell::Cell;
+
 use tch::nn::{self, init, Init, ModuleT};
 use tch::Tensor;
+
+thread_local! {
+    /// Overrides the train flag of BatchNorm layers (not of dropout) while set; see [`with_bn_mode`].
+    static BN_TRAIN: Cell<Option<bool>> = const { Cell::new(None) };
+}
+
+/// Runs `f` with every BatchNorm in training (`Some(true)`) or eval (`Some(false)`) mode whatever
+/// the train flag its module is called with, or following that flag (`None`). This is how a
+/// stage's BatchNorm policy reaches the layers without threading it through every architecture.
+pub fn with_bn_mode<T>(mode: Option<bool>, f: impl FnOnce() -> T) -> T {
+    let before = BN_TRAIN.with(|c| c.replace(mode));
+    let out = f();
+    BN_TRAIN.with(|c| c.set(before));
+    out
+}
+
+fn bn_train(train: bool) -> bool {
+    BN_TRAIN.with(|c| c.get()).unwrap_or(train)
+}
 
 /// He (Kaiming) normal init, fan-out, for convolutions followed by ReLU (torchvision's choice for
 /// ResNet, VGG and MobileNetV2).
@@ -93,7 +114,7 @@ impl ConvBn {
 
 impl ModuleT for ConvBn {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
-        let mut ys = xs.apply(&self.conv).apply_t(&self.bn, train);
+        let mut ys = xs.apply(&self.conv).apply_t(&self.bn, bn_train(train));
         // In place, as torchvision does: BatchNorm's backward needs its input, not its output, so
         // overwriting the output is safe and saves an allocation and a pass over memory.
         match self.act {

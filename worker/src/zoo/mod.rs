@@ -23,7 +23,9 @@ pub mod vgg;
 use std::collections::HashSet;
 use std::fmt;
 
+use layers::with_bn_mode;
 use tch::{nn, Device, Tensor};
+use thaw_coordinator::spec::BnPolicy;
 
 /// The architectures of the zoo.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -253,6 +255,8 @@ pub struct Network {
     pub vs: nn::VarStore,
     groups: Vec<Group>,
     unused: Vec<String>,
+    /// How BatchNorm layers behave in training forward passes (see [`BnPolicy`]).
+    bn: BnPolicy,
 }
 
 impl Network {
@@ -266,7 +270,7 @@ impl Network {
             (b.groups, b.extra, feature_dim)
         };
         debug_assert_eq!(groups.last().map(|g| g.name.as_str()), Some("head"));
-        Network { arch, num_classes, feature_dim, vs, groups, unused }
+        Network { arch, num_classes, feature_dim, vs, groups, unused, bn: BnPolicy::Train }
     }
 
     pub fn groups(&self) -> &[Group] {
@@ -304,6 +308,19 @@ impl Network {
         self.groups[i].params.iter().filter_map(|n| vars.get(n).map(|t| (n.clone(), t.shallow_clone()))).collect()
     }
 
+    /// BatchNorm affine parameters (weight, bias) of group `i`: those with running statistics
+    /// beside them.
+    pub fn bn_parameters(&self, i: usize) -> Vec<(String, Tensor)> {
+        let g = &self.groups[i];
+        self.group_parameters(i)
+            .into_iter()
+            .filter(|(name, _)| {
+                let stem = name.rsplit_once('.').map_or("", |(stem, _)| stem);
+                g.buffers.iter().any(|b| b.strip_suffix(".running_mean") == Some(stem))
+            })
+            .collect()
+    }
+
     /// Sets which groups train: parameters of frozen groups stop requiring gradients.
     pub fn set_modes(&self, modes: &[GroupMode]) {
         assert_eq!(modes.len(), self.groups.len(), "one mode per group");
@@ -315,31 +332,70 @@ impl Network {
                 }
             }
         }
+        if self.bn == BnPolicy::TrainAffine {
+            for (i, mode) in modes.iter().enumerate() {
+                if *mode == GroupMode::Frozen {
+                    for (_, t) in self.bn_parameters(i) {
+                        let _ = t.set_requires_grad(true);
+                    }
+                }
+            }
+        }
     }
 
-    /// Forward pass through the trunk and head with one mode per group. The longest frozen prefix
-    /// runs under `no_grad` (backward stops at its output); frozen groups run in eval mode.
+    /// Sets the BatchNorm policy of training forward passes; call [`Network::set_modes`] after it
+    /// (under `train_affine` the BatchNorm parameters of frozen groups require gradients).
+    pub fn set_bn_policy(&mut self, bn: BnPolicy) {
+        self.bn = bn;
+    }
+
+    pub fn bn_policy(&self) -> BnPolicy {
+        self.bn
+    }
+
+    /// Training forward pass through the trunk and head with one mode per group, under the
+    /// network's BatchNorm policy. The longest frozen prefix runs under `no_grad` (backward stops at
+    /// its output) unless `train_affine` trains BatchNorm parameters in it; frozen groups run in
+    /// eval mode.
     pub fn forward_modes(&self, xs: &Tensor, modes: &[GroupMode]) -> Tensor {
         self.forward_range(xs, modes, 0..self.groups.len())
     }
 
-    /// Runs groups `range` on `xs`; `modes` has one entry per group of the network.
+    /// Runs groups `range` on `xs` as [`Network::forward_modes`] does; `modes` has one entry per
+    /// group of the network.
     pub fn forward_range(&self, xs: &Tensor, modes: &[GroupMode], range: std::ops::Range<usize>) -> Tensor {
+        self.forward_range_bn(xs, modes, range, self.bn)
+    }
+
+    fn forward_range_bn(
+        &self,
+        xs: &Tensor,
+        modes: &[GroupMode],
+        range: std::ops::Range<usize>,
+        bn: BnPolicy,
+    ) -> Tensor {
         assert_eq!(modes.len(), self.groups.len(), "one mode per group");
-        let frozen_prefix = modes[range.clone()].iter().take_while(|m| **m == GroupMode::Frozen).count() + range.start;
-        let mut x = if frozen_prefix > range.start {
-            tch::no_grad(|| {
-                let mut x = xs.shallow_clone();
-                for g in &self.groups[range.start..frozen_prefix] {
-                    x = g.module.forward_t(&x, false);
-                }
-                x
-            })
+        let frozen = |i: usize| modes[i] == GroupMode::Frozen;
+        // BatchNorm of each group: following the group's mode, always stored statistics, or (for
+        // frozen groups under train_affine) always training.
+        let bn_mode = |i: usize| match bn {
+            BnPolicy::Train => None,
+            BnPolicy::FrozenStats => Some(false),
+            BnPolicy::TrainAffine => frozen(i).then_some(true),
+        };
+        let no_grad_end = if bn == BnPolicy::TrainAffine {
+            range.start
+        } else {
+            range.clone().take_while(|&i| frozen(i)).count() + range.start
+        };
+        let run = |x: Tensor, i: usize| with_bn_mode(bn_mode(i), || self.groups[i].module.forward_t(&x, !frozen(i)));
+        let mut x = if no_grad_end > range.start {
+            tch::no_grad(|| (range.start..no_grad_end).fold(xs.shallow_clone(), run))
         } else {
             xs.shallow_clone()
         };
-        for (i, g) in self.groups.iter().enumerate().take(range.end).skip(frozen_prefix) {
-            x = g.module.forward_t(&x, modes[i] == GroupMode::Train);
+        for i in no_grad_end..range.end {
+            x = run(x, i);
         }
         x
     }
@@ -360,10 +416,16 @@ impl Network {
         }
     }
 
+    /// Groups `range` in eval mode (stored BatchNorm statistics, no dropout), without gradients:
+    /// evaluation of a network split in two, e.g. from cached prefix outputs.
+    pub fn eval_range(&self, xs: &Tensor, range: std::ops::Range<usize>) -> Tensor {
+        tch::no_grad(|| range.fold(xs.shallow_clone(), |x, i| self.groups[i].module.forward_t(&x, false)))
+    }
+
     /// The feature-extractor form: pooled trunk features `[N, feature_dim]`, eval mode, no grad.
     pub fn features(&self, xs: &Tensor) -> Tensor {
         let modes = vec![GroupMode::Frozen; self.groups.len()];
-        self.forward_range(xs, &modes, 0..self.groups.len() - 1)
+        self.forward_range_bn(xs, &modes, 0..self.groups.len() - 1, BnPolicy::Train)
     }
 
     /// Expected tensors (name, shape) of this network, parameters and buffers, for weight import.
