@@ -70,6 +70,10 @@ enum Command {
         /// Stop after this many steps (a checkpoint is written); resume later with --resume.
         #[arg(long)]
         max_steps: Option<usize>,
+        /// End the run at the first step after this many seconds of training: that epoch is
+        /// evaluated and checkpointed with the images it saw. For comparing strategies at equal cost.
+        #[arg(long)]
+        time_budget: Option<f64>,
         /// Validate the spec, data and weights, print the plan, and exit without training.
         #[arg(long)]
         check: bool,
@@ -307,8 +311,8 @@ pub fn resolve_auto(mut spec: JobSpec) -> Result<JobSpec> {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Train { spec, resume, device, max_steps, check } => {
-            train(spec, resume, device.device()?, max_steps, check)
+        Command::Train { spec, resume, device, max_steps, time_budget, check } => {
+            train(spec, resume, device.device()?, max_steps, time_budget, check)
         }
         Command::Plan { spec, json } => plan::print(&spec, json),
         Command::Predict { model, weights, top_k, json, device, images } => {
@@ -439,6 +443,7 @@ fn train(
     resume: Option<PathBuf>,
     device: tch::Device,
     max_steps: Option<usize>,
+    time_budget: Option<f64>,
     check: bool,
 ) -> Result<()> {
     let mut trainer = match (spec, resume) {
@@ -480,6 +485,12 @@ fn train(
     }
     if trainer.cursor().epoch > 0 || trainer.cursor().step > 0 {
         eprintln!("resuming at epoch {}, step {}", trainer.cursor().epoch + 1, trainer.cursor().step);
+    }
+    if let Some(secs) = time_budget {
+        if !(secs.is_finite() && secs > 0.0) {
+            bail!("--time-budget {secs}: must be a positive number of seconds");
+        }
+        trainer.set_time_budget(std::time::Duration::from_secs_f64(secs));
     }
     let summary = trainer.run(max_steps)?;
     if !summary.history.is_empty() {

@@ -217,3 +217,26 @@ fn strategy_auto_is_resolved_by_the_recommendation_before_anything_runs() {
     assert!(stderr(&o).contains("strategy \"auto\" resolved"), "{}", stderr(&o));
     assert!(plan["stages"][0]["frozen_prefix"].as_u64().unwrap() >= 1);
 }
+
+#[test]
+fn a_time_budget_ends_the_run_at_a_step_with_an_evaluated_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("budget");
+    let text = format!(
+        "name = \"budget\"\n[model]\narch = \"lenet5\"\nweights = \"none\"\n[data]\nformat = \"idx\"\nroot = \"{}\"\n\
+         train_limit = 2000\nval_limit = 200\n[train]\nepochs = 10000\nbatch_size = 32\nlr = 0.05\n\
+         [schedule]\nstrategy = \"scratch\"\n[output]\ndir = \"{}\"\n",
+        fashion_mnist().display(),
+        out.display()
+    );
+    let spec = write_spec(dir.path(), "budget", &text);
+    let started = std::time::Instant::now();
+    ok(thaw(&["train", spec.to_str().unwrap(), "--time-budget", "3"]));
+    assert!(started.elapsed().as_secs() < 120, "took {:?}", started.elapsed());
+    let history: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    assert!(!history.is_empty() && history.len() < 10_000, "{} epochs", history.len());
+    assert!(history.last().unwrap()["val_acc"].as_f64().unwrap() > 0.0);
+    let err = fails(thaw(&["train", spec.to_str().unwrap(), "--time-budget=0"]));
+    assert!(err.contains("--time-budget 0"), "{err}");
+}

@@ -21,8 +21,7 @@ use crate::data::loader::{Batch, Loader, LoaderConfig};
 use crate::data::transform::Transform;
 use crate::data::Dataset;
 use crate::feature_cache::{CacheError, FeatureCache};
-use crate::progress::Progress;
-use crate::train::TrainError;
+use crate::train::{Scores, TrainError};
 use crate::zoo::Network;
 
 impl From<CacheError> for TrainError {
@@ -113,18 +112,7 @@ impl StageCache {
         let n = net.groups().len();
         let device = net.vs.device();
         let order: Vec<usize> = (0..ds.len()).collect();
-        let total = ds.len() as u64;
-        let mut progress = Progress::new("evaluate", total, "img");
-        let (mut loss_sum, mut correct, mut seen) = (0.0, 0i64, 0i64);
-        let prefix = self.prefix;
-        // (summed loss, correct, count) of a batch of prefix outputs.
-        let score = |feats: &Tensor, labels: &Tensor| {
-            let ys = labels.to_device(device);
-            let logits = net.eval_range(&feats.to_device(device), prefix..n);
-            let k = ys.size()[0];
-            let loss = logits.cross_entropy_for_logits(&ys).double_value(&[]) * k as f64;
-            (loss, logits.argmax(-1, false).eq_tensor(&ys).sum(Kind::Int64).int64_value(&[]), k)
-        };
+        let mut scores = Scores::new(ds.len());
         let complete = order.iter().all(|&i| self.val.contains(i) || self.bad_val.contains(&i));
         if complete {
             for chunk in order.chunks(batch_size) {
@@ -136,9 +124,8 @@ impl StageCache {
                     TrainError::Invalid("feature cache lost a validation entry; this is a bug".into())
                 })?;
                 let labels: Vec<i64> = indices.iter().map(|&i| ds.label(i)).collect();
-                let (l, c, k) = score(&feats, &Tensor::from_slice(&labels));
-                (loss_sum, correct, seen) = (loss_sum + l, correct + c, seen + k);
-                progress.update(seen as u64, || format!("acc {:.3} (cached)", correct as f64 / seen as f64));
+                let logits = net.eval_range(&feats.to_device(device), self.prefix..n);
+                scores.add(&logits, &Tensor::from_slice(&labels).to_device(device));
             }
         } else {
             let cfg = LoaderConfig { batch_size, threads, prefetch: 2, hflip: false, seed: 0, epoch: 0 };
@@ -149,16 +136,11 @@ impl StageCache {
                 }
                 let feats = net.eval_range(&batch.images.to_device(device), 0..self.prefix);
                 self.val.put_batch(&batch.indices, &feats)?;
-                let (l, c, k) = score(&feats, &batch.labels);
-                (loss_sum, correct, seen) = (loss_sum + l, correct + c, seen + k);
-                progress.update(seen as u64, || format!("acc {:.3}", correct as f64 / seen as f64));
+                let logits = net.eval_range(&feats, self.prefix..n);
+                scores.add(&logits, &batch.labels.to_device(device));
             }
         }
-        progress.finish();
-        if seen == 0 {
-            return Err(TrainError::Invalid("no validation sample could be read".into()));
-        }
-        Ok((loss_sum / seen as f64, correct as f64 / seen as f64))
+        scores.finish()
     }
 
     /// One line for the log.

@@ -68,6 +68,8 @@ pub struct Trainer {
     pub weights_source: String,
     /// Outputs of the stage's frozen prefix, when it can be cached (see `stage_cache.rs`).
     cache: Option<StageCache>,
+    /// `run` stops at the first step boundary after this much training, then evaluates.
+    time_budget: Option<std::time::Duration>,
 }
 
 /// Where an epoch's batches come from: decoded by the loader, or prefix outputs from the cache.
@@ -176,6 +178,7 @@ impl Trainer {
             history,
             weights_source,
             cache: None,
+            time_budget: None,
         })
     }
 
@@ -326,8 +329,17 @@ impl Trainer {
         Ok(crate::tensor_io::write_atomic(&path, |f| std::io::Write::write_all(f, text.as_bytes()))?)
     }
 
+    /// Makes [`Trainer::run`] stop at the first step boundary after `budget` of wall-clock time:
+    /// the epoch in progress ends there (it is evaluated and checkpointed as finished, with the
+    /// images it saw), and so does the run. For comparing strategies at equal cost.
+    pub fn set_time_budget(&mut self, budget: std::time::Duration) {
+        self.time_budget = Some(budget);
+    }
+
     /// Trains up to `max_steps` more steps (or to the end), evaluating and checkpointing each epoch.
     pub fn run(&mut self, max_steps: Option<usize>) -> Result<RunSummary, TrainError> {
+        let deadline = self.time_budget.map(|b| Instant::now() + b);
+        let out_of_time = || deadline.is_some_and(|d| Instant::now() >= d);
         self.write_resolved_spec()?;
         let policy = CheckpointPolicy { every_steps: self.spec.output.checkpoint_every_steps };
         let steps = self.steps_per_epoch();
@@ -405,6 +417,14 @@ impl Trainer {
                 });
                 budget -= 1;
                 let epoch_done = self.cursor.step == steps;
+                if !epoch_done && out_of_time() {
+                    tracing::info!(
+                        epoch = epoch + 1,
+                        step = self.cursor.step,
+                        "time budget spent; ending the run here"
+                    );
+                    break;
+                }
                 if !epoch_done && (policy.after_step(batch.step, steps) || budget == 0) {
                     self.save_checkpoint()?;
                 }
@@ -414,8 +434,9 @@ impl Trainer {
                 waited = Instant::now();
             }
             progress.finish();
-            if self.cursor.step < steps {
-                break; // out of budget mid-epoch; the checkpoint above holds the cursor
+            let timed_out = out_of_time();
+            if self.cursor.step < steps && !timed_out {
+                break; // out of steps mid-epoch; the checkpoint above holds the cursor
             }
             let (val_loss, val_acc) = self.evaluate()?;
             let m = self.cursor.epoch_metrics(
@@ -439,6 +460,9 @@ impl Trainer {
             self.history.push(m);
             self.cursor = Cursor { epoch: epoch + 1, ..Cursor::default() };
             self.save_checkpoint()?;
+            if timed_out {
+                break;
+            }
         }
         Ok(RunSummary { history: self.history.clone(), checkpoint: self.checkpoint_path(), skipped_keys })
     }
@@ -492,6 +516,39 @@ fn step_seed(seed: u64, epoch: usize, step: usize) -> i64 {
     (h.wrapping_mul(0xBF58_476D_1CE4_E5B9) >> 1) as i64
 }
 
+/// Running loss and accuracy of an evaluation, with its progress display.
+pub(crate) struct Scores {
+    loss_sum: f64,
+    correct: i64,
+    seen: i64,
+    progress: Progress,
+}
+
+impl Scores {
+    pub(crate) fn new(total: usize) -> Scores {
+        Scores { loss_sum: 0.0, correct: 0, seen: 0, progress: Progress::new("evaluate", total as u64, "img") }
+    }
+
+    /// Adds a batch's logits against its labels (both on the same device).
+    pub(crate) fn add(&mut self, logits: &Tensor, ys: &Tensor) {
+        let n = ys.size()[0];
+        self.loss_sum += logits.cross_entropy_for_logits(ys).double_value(&[]) * n as f64;
+        self.correct += logits.argmax(-1, false).eq_tensor(ys).sum(Kind::Int64).int64_value(&[]);
+        self.seen += n;
+        let (correct, seen) = (self.correct, self.seen);
+        self.progress.update(seen as u64, || format!("acc {:.3}", correct as f64 / seen as f64));
+    }
+
+    /// (mean loss, accuracy); an error if no sample could be read.
+    pub(crate) fn finish(self) -> Result<(f64, f64), TrainError> {
+        self.progress.finish();
+        if self.seen == 0 {
+            return Err(TrainError::Invalid("no validation sample could be read".into()));
+        }
+        Ok((self.loss_sum / self.seen as f64, self.correct as f64 / self.seen as f64))
+    }
+}
+
 /// Loss and accuracy of `net` on `ds` (eval mode, no gradients).
 pub fn evaluate(
     net: &Network,
@@ -501,30 +558,18 @@ pub fn evaluate(
     threads: usize,
 ) -> Result<(f64, f64), TrainError> {
     let cfg = LoaderConfig { batch_size, threads, prefetch: 2, hflip: false, seed: 0, epoch: 0 };
-    let order: Vec<usize> = (0..ds.len()).collect();
-    let total = ds.len() as u64;
-    let mut progress = Progress::new("evaluate", total, "img");
-    let (mut loss_sum, mut correct, mut seen) = (0.0, 0i64, 0i64);
+    let mut scores = Scores::new(ds.len());
     let device = net.vs.device();
     tch::no_grad(|| {
-        for batch in Loader::start(ds, order, 0, t.clone(), cfg) {
-            let n = batch.labels.size()[0];
-            if n == 0 {
+        for batch in Loader::start(ds.clone(), (0..ds.len()).collect(), 0, t.clone(), cfg) {
+            if batch.indices.is_empty() {
                 continue;
             }
-            let ys = batch.labels.to_device(device);
             let logits = net.forward_t(&batch.images.to_device(device), false);
-            loss_sum += logits.cross_entropy_for_logits(&ys).double_value(&[]) * n as f64;
-            correct += logits.argmax(-1, false).eq_tensor(&ys).sum(Kind::Int64).int64_value(&[]);
-            seen += n;
-            progress.update(seen as u64, || format!("acc {:.3}", correct as f64 / seen as f64));
+            scores.add(&logits, &batch.labels.to_device(device));
         }
     });
-    progress.finish();
-    if seen == 0 {
-        return Err(TrainError::Invalid("no validation sample could be read".into()));
-    }
-    Ok((loss_sum / seen as f64, correct as f64 / seen as f64))
+    scores.finish()
 }
 
 /// The coordinator as the data-parallel trainer sees it; the worker agent implements it over gRPC.
