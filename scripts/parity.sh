@@ -3,7 +3,8 @@
 # each seed given (default: 1 2 3). Each run is a real `thaw launch`; results go to runs/parity/ and
 # a table to stdout. BN=frozen_stats (or train_affine) sets the schedule's BatchNorm policy; the
 # default, train, is DDP's: statistics per replica, so 2 x 32 normalises over 32 images, not 64.
-#   [BN=POLICY] bash scripts/parity.sh [SEED...]
+# LR=... overrides the learning rate (frozen_stats needs a lower one: 0.001).
+#   [BN=POLICY] [LR=RATE] bash scripts/parity.sh [SEED...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seeds=("$@")
@@ -21,7 +22,8 @@ for seed in "${seeds[@]}"; do
     # Same spec, another seed and output directory; paths made absolute.
     sed -e "s|^name = .*|name = \"$name\"|" -e "s|^seed = .*|seed = $seed|" \
         -e "s|^dir = .*|dir = \"$out\"|" -e "s|\"\.\./|\"$PWD/|g" \
-        -e "s|^strategy = .*|&\nbn = \"$bn\"|" "examples/$base.toml" >"$specs/$name.toml"
+        -e "s|^strategy = .*|&\nbn = \"$bn\"|" ${LR:+-e "s|^lr = .*|lr = $LR|"} \
+        "examples/$base.toml" >"$specs/$name.toml"
     start=$(date +%s)
     ./target/release/thaw launch --nproc "$nproc" "$specs/$name.toml" >"$specs/$name.out"
     acc=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))[-1]['val_acc'])" "$out/metrics.json")

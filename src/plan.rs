@@ -24,8 +24,10 @@ struct PlannedStage {
     bn: &'static str,
     lr_schedule: &'static str,
     warmup_steps: usize,
-    /// Groups `0..frozen_prefix` are frozen with fixed statistics: their outputs can be cached.
+    /// Groups `0..frozen_prefix` are frozen with fixed statistics.
     frozen_prefix: usize,
+    /// Whether workers cache the frozen prefix's outputs in this stage (no random flips, cache on).
+    caches: bool,
 }
 
 #[derive(Serialize)]
@@ -74,6 +76,7 @@ fn plan(spec: &JobSpec) -> Result<Plan> {
             lr_schedule: s.lr_schedule.as_str(),
             warmup_steps: s.warmup_steps,
             frozen_prefix: s.frozen_prefix(),
+            caches: s.caches(spec.data.hflip, spec.train.feature_cache_mb),
         }
     };
     let stages = stages.iter().map(planned).collect();
