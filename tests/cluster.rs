@@ -404,3 +404,34 @@ fn interrupting_launch_cancels_keeps_a_checkpoint_and_leaves_no_worker() {
     );
     let _: PathBuf = out;
 }
+
+#[test]
+fn the_coordinators_schedule_reaches_every_worker_with_cached_affine_epochs() {
+    // Progressive unfreezing over 3 epochs on 2 workers: stage 1 (epochs 1-2) trains the head from
+    // cached trunk outputs, stage 2 (epoch 3) also trains stage7. Every worker applies the stages
+    // the coordinator sends, and caches only its own samples (rank affinity): its second epoch
+    // hits on every sample it cached.
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("prog");
+    let text = format!(
+        "name = \"prog2\"\nseed = 5\n[model]\narch = \"mobilenet_v2\"\nweights = \"imagenet\"\n[data]\nformat = \"idx\"\n\
+         root = \"{}\"\nimage_size = 32\ntrain_limit = 256\nval_limit = 64\n[train]\nepochs = 3\nbatch_size = 32\nlr = 0.01\n\
+         [schedule]\nstrategy = \"progressive\"\nevery = 2\n[distributed]\nworkers = 2\n[output]\ndir = \"{}\"\n",
+        fashion_mnist().display(),
+        out.display()
+    );
+    let spec = write_spec(dir.path(), "prog2", &text);
+    let o = ok(launch(&spec, 2));
+    assert!(stdout(&o).contains("succeeded"), "{}", stdout(&o));
+    for rank in 0..2 {
+        let log = std::fs::read_to_string(out.join(format!("logs/worker-{rank}.log"))).unwrap();
+        // 256 samples, 2 ranks x 32: each rank caches its 128 and reads them all in epoch 2.
+        assert!(log.contains("128 training entries") && log.contains("128 hits"), "rank {rank}: {log}");
+    }
+    let log0 = std::fs::read_to_string(out.join("logs/worker-0.log")).unwrap();
+    let stages: Vec<&str> = log0.lines().filter(|l| l.contains(" stage ") || l.contains("INFO stage")).collect();
+    assert!(
+        stages.iter().any(|l| l.contains("trainable=\"stage7,head\"") || l.contains("trainable=stage7,head")),
+        "{log0}"
+    );
+}

@@ -258,6 +258,13 @@ impl Trainer {
         );
     }
 
+    /// Logs the feature cache's state (after an epoch).
+    fn log_cache(&self) {
+        if let Some(c) = &self.cache {
+            tracing::info!(cache = %c.describe(), "feature cache");
+        }
+    }
+
     /// The source of an epoch whose batches (dataset indices) are `planned`, from `start_step`.
     fn source(&self, planned: Vec<Vec<usize>>, start_step: usize, cfg: LoaderConfig) -> Source {
         if self.cache.as_ref().is_some_and(|c| c.covers(&planned)) {
@@ -434,6 +441,7 @@ impl Trainer {
                 waited = Instant::now();
             }
             progress.finish();
+            self.log_cache();
             let timed_out = out_of_time();
             if self.cursor.step < steps && !timed_out {
                 break; // out of steps mid-epoch; the checkpoint above holds the cursor
@@ -472,9 +480,7 @@ impl Trainer {
     pub fn evaluate(&mut self) -> Result<(f64, f64), TrainError> {
         let (bs, threads) = (self.spec.train.batch_size, self.spec.data.loader_threads);
         if let Some(c) = &mut self.cache {
-            let r = c.evaluate(&self.net, self.splits.val.clone(), &self.transform, bs, threads);
-            tracing::info!(cache = %c.describe(), "feature cache");
-            return r;
+            return c.evaluate(&self.net, self.splits.val.clone(), &self.transform, bs, threads);
         }
         evaluate(
             &self.net,
@@ -834,6 +840,7 @@ impl Trainer {
                 }
                 break;
             }
+            self.log_cache();
             let seconds = started.elapsed().as_secs_f64();
             let mut totals = [self.cursor.skipped as f32];
             c.all_reduce_sum(&mut totals)?;
