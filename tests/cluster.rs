@@ -423,15 +423,14 @@ fn the_coordinators_schedule_reaches_every_worker_with_cached_affine_epochs() {
     let spec = write_spec(dir.path(), "prog2", &text);
     let o = ok(launch(&spec, 2));
     assert!(stdout(&o).contains("succeeded"), "{}", stdout(&o));
-    for rank in 0..2 {
-        let log = std::fs::read_to_string(out.join(format!("logs/worker-{rank}.log"))).unwrap();
+    // Worker i is not necessarily rank i: ranks follow the order of joining.
+    let logs: Vec<String> =
+        (0..2).map(|i| std::fs::read_to_string(out.join(format!("logs/worker-{i}.log"))).unwrap()).collect();
+    for log in &logs {
         // 256 samples, 2 ranks x 32: each rank caches its 128 and reads them all in epoch 2.
-        assert!(log.contains("128 training entries") && log.contains("128 hits"), "rank {rank}: {log}");
+        assert!(log.contains("128 training entries") && log.contains("128 hits"), "{log}");
     }
-    let log0 = std::fs::read_to_string(out.join("logs/worker-0.log")).unwrap();
-    let stages: Vec<&str> = log0.lines().filter(|l| l.contains(" stage ") || l.contains("INFO stage")).collect();
-    assert!(
-        stages.iter().any(|l| l.contains("trainable=\"stage7,head\"") || l.contains("trainable=stage7,head")),
-        "{log0}"
-    );
+    // Rank 0 logs the stage change of epoch 3.
+    let stage2 = logs.iter().flat_map(|l| l.lines()).find(|l| l.contains("INFO stage") && l.contains("stage=2"));
+    assert!(stage2.is_some_and(|l| l.contains("trainable=\"stage7,head\"")), "{logs:?}");
 }
