@@ -2,6 +2,7 @@
 //! coordinator crates; no training logic lives here.
 
 mod cluster;
+mod data_cli;
 mod plan;
 
 use std::path::{Path, PathBuf};
@@ -129,6 +130,11 @@ enum Command {
         threads: usize,
         #[arg(long, value_enum, default_value = "auto")]
         device: DeviceArg,
+    },
+    /// Packed datasets: pack an image tree into WebDataset shards, inspect, verify, or synthesize one.
+    Data {
+        #[command(subcommand)]
+        command: data_cli::DataCommand,
     },
     /// Manage pretrained weights.
     Weights {
@@ -336,6 +342,7 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
+        Command::Data { command } => data_cli::run(command),
         Command::Weights { command: WeightsCommand::Import { file, arch, out } } => {
             let arch = Arch::from_name(&arch)?;
             let out = match out {

@@ -11,6 +11,7 @@
 pub mod folder;
 pub mod idx;
 pub mod loader;
+pub mod shards;
 pub mod transform;
 
 use std::path::{Path, PathBuf};
