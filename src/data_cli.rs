@@ -5,15 +5,20 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use clap::Subcommand;
+use thaw_worker::data::idx::Split;
 use thaw_worker::data::shards::{self, ShardIndex};
 
 #[derive(Subcommand)]
 pub enum DataCommand {
-    /// Pack an image-folder tree (`SRC/<class>/<image>`) into WebDataset tar shards plus an index.
+    /// Pack an image-folder tree (`SRC/<class>/<image>`) or an IDX dataset (MNIST-style files)
+    /// into WebDataset tar shards plus an index.
     Pack {
         src: PathBuf,
         #[arg(long)]
         out: PathBuf,
+        /// For IDX data: `train` or `test`.
+        #[arg(long, default_value = "train")]
+        split: String,
         /// Target shard size: bytes, or with a KB/MB/GB suffix.
         #[arg(long, default_value = "256MB")]
         shard_size: String,
@@ -65,9 +70,14 @@ fn parse_size(s: &str) -> Result<u64> {
 
 pub fn run(cmd: DataCommand) -> Result<()> {
     match cmd {
-        DataCommand::Pack { src, out, shard_size } => {
+        DataCommand::Pack { src, out, shard_size, split } => {
             let bytes = parse_size(&shard_size)?;
-            let r = shards::pack(&src, &out, bytes)?;
+            let split = match split.as_str() {
+                "train" => Split::Train,
+                "test" => Split::Test,
+                other => bail!("--split {other}: expected `train` or `test`"),
+            };
+            let r = shards::pack(&src, &out, bytes, split)?;
             println!(
                 "packed {} images of {} classes into {} shards ({} bytes) in {}",
                 r.samples,

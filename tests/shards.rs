@@ -115,3 +115,38 @@ fn packing_restarts_cleanly_over_leftovers_and_bad_input_is_named() {
     let err = fails(thaw(&["data", "verify", path(&src)]));
     assert!(err.contains("not a packed directory"), "{err}");
 }
+
+#[test]
+fn fashion_mnist_packs_as_png_with_its_labels() {
+    use thaw_worker::data::idx::{IdxDataset, Split};
+    use thaw_worker::data::Dataset;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("fmnist-test");
+    let o = ok(thaw(&[
+        "data",
+        "pack",
+        path(&fashion_mnist()),
+        "--split",
+        "test",
+        "--out",
+        path(&out),
+        "--shard-size",
+        "1MB",
+    ]));
+    assert!(stdout(&o).contains("packed 10000 images of 10 classes"), "{}", stdout(&o));
+    let o = ok(thaw(&["data", "verify", path(&out)]));
+    assert!(stdout(&o).contains("10000 samples, 10000 decoded, 0 problems"), "{}", stdout(&o));
+    let ds = IdxDataset::open(&fashion_mnist(), Split::Test).unwrap();
+    let back = shards::read_all(&out).unwrap();
+    assert_eq!(back.len(), ds.len());
+    for (i, (key, label, bytes)) in back.iter().enumerate() {
+        assert_eq!(*label, ds.label(i), "{key}");
+        if i % 997 == 0 {
+            // Lossless: the PNG decodes to the IDX pixels.
+            let png = image::load_from_memory(bytes).unwrap().to_luma8();
+            assert_eq!(png.as_raw(), ds.load(i).unwrap().to_luma8().as_raw(), "{key}");
+        }
+    }
+    let err = fails(thaw(&["data", "pack", path(&fashion_mnist()), "--split", "dev", "--out", path(&out)]));
+    assert!(err.contains("--split dev"), "{err}");
+}

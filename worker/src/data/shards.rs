@@ -1,5 +1,6 @@
-//! Packed shards: an image-folder tree packed into WebDataset-compatible tar files, so that workers
-//! read a few large files sequentially instead of millions of small ones.
+//! Packed shards: an image-folder tree (or one split of an IDX dataset) packed into
+//! WebDataset-compatible tar files, so that workers read a few large files sequentially instead of
+//! millions of small ones.
 //!
 //! Layout of a packed directory:
 //! - `shard-000000.tar`, `shard-000001.tar`, ...: each sample is two tar members with the same key,
@@ -21,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::folder::FolderDataset;
+use super::idx::{IdxDataset, Split};
 use super::{DataError, Dataset};
 use crate::progress::Progress;
 
@@ -154,22 +156,45 @@ fn hash_file(path: &Path) -> Result<(u64, String), DataError> {
     Ok((total, format!("{:x}", h.finalize())))
 }
 
-/// Packs the image-folder tree `src` (`<class>/<image>`) into shards of about `shard_bytes` in
-/// `out`. Samples keep the folder's order (classes sorted, files sorted); labels are the folder's.
-pub fn pack(src: &Path, out: &Path, shard_bytes: u64) -> Result<PackReport, DataError> {
-    let ds = FolderDataset::open(src)?;
+/// Whether `dir` holds IDX files (MNIST-style).
+pub fn is_idx(dir: &Path) -> bool {
+    ["train-images-idx3-ubyte", "train-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte", "t10k-images-idx3-ubyte.gz"]
+        .iter()
+        .any(|f| dir.join(f).is_file())
+}
+
+/// A sample's bytes as packed, and their extension: a folder's files as they are, IDX images
+/// encoded as PNG (lossless).
+fn sample_bytes(ds: &dyn Dataset, idx: bool, i: usize) -> Result<(Vec<u8>, &'static str), DataError> {
+    if idx {
+        let img = ds.load(i).map_err(|e| invalid(Path::new(&e.key), e.reason))?;
+        let mut buf = std::io::Cursor::new(Vec::new());
+        img.write_to(&mut buf, image::ImageFormat::Png).map_err(|e| invalid(Path::new(&ds.key(i)), e.to_string()))?;
+        return Ok((buf.into_inner(), "png"));
+    }
+    let path = PathBuf::from(ds.key(i));
+    let data = std::fs::read(&path).map_err(io(&path))?;
+    let ext = match path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref() {
+        Some("png") => "png",
+        _ => "jpg",
+    };
+    Ok((data, ext))
+}
+
+/// Packs `src` into shards of about `shard_bytes` in `out`: an image-folder tree
+/// (`<class>/<image>`; samples in the folder's order, classes and files sorted, labels the
+/// folder's), or the `split` of an IDX dataset.
+pub fn pack(src: &Path, out: &Path, shard_bytes: u64, split: Split) -> Result<PackReport, DataError> {
+    let idx = is_idx(src);
+    let ds: Box<dyn Dataset> =
+        if idx { Box::new(IdxDataset::open(src, split)?) } else { Box::new(FolderDataset::open(src)?) };
     std::fs::create_dir_all(out).map_err(io(out))?;
     clean(out)?;
     let mut progress = Progress::new("pack", ds.len() as u64, "img");
     let mut shards = Vec::new();
     let mut open: Option<OpenShard> = None;
     for i in 0..ds.len() {
-        let path = PathBuf::from(ds.key(i));
-        let data = std::fs::read(&path).map_err(io(&path))?;
-        let ext = match path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref() {
-            Some("png") => "png",
-            _ => "jpg",
-        };
+        let (data, ext) = sample_bytes(ds.as_ref(), idx, i)?;
         if open.as_ref().is_some_and(|s| s.written > 0 && s.written + data.len() as u64 > shard_bytes) {
             if let Some(s) = open.take() {
                 shards.push(s.finish()?);
