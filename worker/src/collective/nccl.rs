@@ -176,19 +176,8 @@ impl NcclCollective {
         self.run(Call::Mean, len, |gpu, deadline, timeout| {
             if len > 0 {
                 // SAFETY: `ptr` holds `len` f32 on this GPU (checked above), borrowed mutably
-                // until this returns, and the operation is complete when `wait` returns.
-                gpu.enqueue(deadline, timeout, "ncclAllReduce", |comm, stream| unsafe {
-                    nccl::ncclAllReduce(
-                        ptr as *const c_void,
-                        ptr as *mut c_void,
-                        len,
-                        nccl::ncclDataType_t::ncclFloat32,
-                        nccl::ncclRedOp_t::ncclSum,
-                        comm,
-                        stream,
-                    )
-                })?;
-                gpu.wait(deadline, timeout)?;
+                // until this returns.
+                unsafe { gpu.sum_in_place(ptr, len, deadline, timeout)? };
             }
             Ok(())
         })?;
@@ -237,20 +226,8 @@ impl NcclCollective {
             }
             let dev = gpu.staging(len)?;
             gpu.upload(dev, buf)?;
-            // SAFETY: `dev` holds at least `len` f32 and is only used by this operation, which is
-            // complete when `wait` returns.
-            gpu.enqueue(deadline, timeout, "ncclAllReduce", |comm, stream| unsafe {
-                nccl::ncclAllReduce(
-                    dev as *const c_void,
-                    dev as *mut c_void,
-                    len,
-                    nccl::ncclDataType_t::ncclFloat32,
-                    nccl::ncclRedOp_t::ncclSum,
-                    comm,
-                    stream,
-                )
-            })?;
-            gpu.wait(deadline, timeout)?;
+            // SAFETY: `dev` holds at least `len` f32 and is only used by this operation.
+            unsafe { gpu.sum_in_place(dev, len, deadline, timeout)? };
             gpu.download(buf, dev, deadline, timeout)
         })
     }
@@ -466,6 +443,32 @@ impl Gpu {
             nccl::ncclResult_t::ncclInProgress => self.wait_comm(deadline, timeout, what),
             e => Err(nccl_failure(e, what, self.comm)),
         }
+    }
+
+    /// Sums `len` f32 at `ptr` over the group, in place, and waits until it is done.
+    ///
+    /// # Safety
+    /// `ptr` must hold at least `len` f32 on this GPU, used by nothing else until this returns.
+    unsafe fn sum_in_place(
+        &self,
+        ptr: cu_sys::CUdeviceptr,
+        len: usize,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        // SAFETY: the caller's guarantee; the operation is complete when `wait` returns.
+        self.enqueue(deadline, timeout, "ncclAllReduce", |comm, stream| unsafe {
+            nccl::ncclAllReduce(
+                ptr as *const c_void,
+                ptr as *mut c_void,
+                len,
+                nccl::ncclDataType_t::ncclFloat32,
+                nccl::ncclRedOp_t::ncclSum,
+                comm,
+                stream,
+            )
+        })?;
+        self.wait(deadline, timeout)
     }
 
     /// The communicator's state: `Ok(true)` when idle, `Ok(false)` while it is still working in the
