@@ -215,7 +215,20 @@ impl Stage {
     /// training inputs are not randomly flipped, and caching is not turned off. Such a stage is
     /// planned with rank affinity (each rank keeps its samples, so its cache hits).
     pub fn caches(&self, hflip: bool, feature_cache_mb: f64) -> bool {
-        self.frozen_prefix() > 0 && !hflip && feature_cache_mb > 0.0
+        self.why_not_cached(hflip, feature_cache_mb).is_none()
+    }
+
+    /// Why this stage does not cache (see [`Stage::caches`]), or `None` if it does.
+    pub fn why_not_cached(&self, hflip: bool, feature_cache_mb: f64) -> Option<&'static str> {
+        if feature_cache_mb <= 0.0 {
+            Some("train.feature_cache_mb = 0")
+        } else if self.frozen_prefix() == 0 {
+            Some("the stage has no frozen prefix with fixed BatchNorm statistics")
+        } else if hflip {
+            Some("random flips change the prefix's input every epoch (data.hflip)")
+        } else {
+            None
+        }
     }
 
     /// Groups `0..p` are frozen and their outputs deterministic per sample (their BatchNorm

@@ -30,19 +30,6 @@ impl From<CacheError> for TrainError {
     }
 }
 
-/// Why a stage cannot cache, or `None` if it can.
-pub fn why_not(prefix: usize, hflip: bool, budget_mb: f64) -> Option<&'static str> {
-    if budget_mb <= 0.0 {
-        Some("train.feature_cache_mb = 0")
-    } else if prefix == 0 {
-        Some("the stage has no frozen prefix with fixed BatchNorm statistics")
-    } else if hflip {
-        Some("random flips change the prefix's input every epoch (data.hflip)")
-    } else {
-        None
-    }
-}
-
 /// The caches of one stage: groups `0..prefix` frozen.
 pub struct StageCache {
     pub stage: usize,

@@ -25,7 +25,7 @@ use crate::data::transform::Transform;
 use crate::data::{self, DataError, Dataset, Splits};
 use crate::optim::{Optimizer, Param};
 use crate::progress::Progress;
-use crate::stage_cache::{self, StageCache};
+use crate::stage_cache::StageCache;
 use crate::weights::{self, WeightsError};
 use crate::zoo::{Arch, GroupMode, Network, UnknownArch};
 
@@ -120,8 +120,7 @@ impl Trainer {
 
         // Random init (and everything else drawn from libtorch's RNG) follows the spec's seed.
         tch::manual_seed(spec.seed as i64);
-        let net = Network::new(arch, num_classes, device);
-        let mut net = net;
+        let mut net = Network::new(arch, num_classes, device);
         let groups = net.group_names();
         let stages = spec.schedule.expand(&groups, &spec.train)?;
         let groups = groups.len();
@@ -236,7 +235,7 @@ impl Trainer {
     fn cache_for_stage(&mut self, rank: u32) {
         let prefix = self.stage.frozen_prefix();
         let budget = self.spec.train.feature_cache_mb;
-        if let Some(reason) = stage_cache::why_not(prefix, self.spec.data.hflip, budget) {
+        if let Some(reason) = self.stage.why_not_cached(self.spec.data.hflip, budget) {
             if let Some(old) = self.cache.take() {
                 tracing::info!(stage = old.stage + 1, "feature cache dropped");
             }
