@@ -8,6 +8,11 @@
 //! Both use the same layout (global batch k is positions [k·W·B, (k+1)·W·B), rank r takes its
 //! B-slice), and each checks that it covered every sample exactly once by summing the indices.
 //!
+//! A third row is the blocked layout of packed shards (`with_blocks(256, 1024)`): the same
+//! measures, and for every approach the mean length of the runs of consecutive sample indices in
+//! one rank's epoch (consecutive indices are consecutive bytes in the shards: the sequential read
+//! size, in samples).
+//!
 //! `THAW_BENCH_REPS` overrides the number of timed repetitions (median reported).
 
 use std::hint::black_box;
@@ -79,6 +84,7 @@ fn fmt_bytes(b: u64) -> String {
 
 struct Row {
     name: &'static str,
+    mean_run: f64,
     build: Duration,
     one_rank: Duration,
     all_ranks: Duration,
@@ -109,6 +115,14 @@ fn naive_build() -> Vec<u64> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(SEED ^ u64::from(EPOCH).wrapping_mul(0x9E37_79B9_7F4A_7C15));
     order.shuffle(&mut rng);
     order
+}
+
+/// Mean length of the runs of consecutive indices among a rank's samples.
+fn mean_run(slots: impl Iterator<Item = Slot>) -> f64 {
+    let mut v: Vec<u64> = slots.filter_map(Slot::sample).collect();
+    v.sort_unstable();
+    let runs = 1 + v.windows(2).filter(|w| w[1] != w[0] + 1).count();
+    v.len() as f64 / runs as f64
 }
 
 fn check_cover(name: &str, (sum, pads): (u64, u64), steps: u64) {
@@ -149,6 +163,34 @@ fn main() {
     check_cover("feistel", cover, steps);
     let thaw = Row {
         name: "thaw EpochPlan (Feistel)",
+        mean_run: mean_run(plan.rank_slots(mid_rank).expect("rank in range")),
+        build,
+        one_rank,
+        all_ranks,
+        state_bytes: std::mem::size_of::<EpochPlan>() as u64,
+        peak: peak_rss(),
+    };
+
+    reset_peak_rss();
+    let blocked = plan.with_blocks(256, 1024).expect("valid blocks");
+    let (build, _) = time(reps, || {
+        for epoch in 0..1000 {
+            black_box(
+                EpochPlan::new(SEED, black_box(epoch), N, WORLD, BATCH).and_then(|p| p.with_blocks(256, 1024)).ok(),
+            );
+        }
+    });
+    let build = build / 1000;
+    let (one_rank, _) = time(reps, || fold_slots(blocked.rank_slots(mid_rank).expect("rank in range")));
+    let (all_ranks, cover) = time(reps.min(3), || {
+        (0..WORLD)
+            .map(|r| fold_slots(blocked.rank_slots(r).expect("rank in range")))
+            .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
+    });
+    check_cover("blocked", cover, blocked.steps_per_rank());
+    let block_row = Row {
+        name: "thaw blocked (256, 1024)",
+        mean_run: mean_run(blocked.rank_slots(mid_rank).expect("rank in range")),
         build,
         one_rank,
         all_ranks,
@@ -165,6 +207,7 @@ fn main() {
     check_cover("naive", cover, steps);
     let naive = Row {
         name: "naive Vec + shuffle + split",
+        mean_run: mean_run(naive_rank_slots(&order, mid_rank)),
         build,
         one_rank,
         all_ranks,
@@ -174,18 +217,19 @@ fn main() {
     drop(order);
 
     println!(
-        "\n{:<28} {:>12} {:>16} {:>14} {:>16} {:>12}",
-        "approach", "build", "one rank epoch", "all ranks", "state per rank", "peak RSS"
+        "\n{:<28} {:>12} {:>16} {:>14} {:>16} {:>12} {:>10}",
+        "approach", "build", "one rank epoch", "all ranks", "state per rank", "peak RSS", "mean run"
     );
-    for row in [&thaw, &naive] {
+    for row in [&thaw, &block_row, &naive] {
         println!(
-            "{:<28} {:>12} {:>16} {:>14} {:>16} {:>12}",
+            "{:<28} {:>12} {:>16} {:>14} {:>16} {:>12} {:>10.1}",
             row.name,
             fmt_duration(row.build),
             fmt_duration(row.one_rank),
             fmt_duration(row.all_ranks),
             fmt_bytes(row.state_bytes),
-            row.peak.map_or("n/a".into(), fmt_bytes)
+            row.peak.map_or("n/a".into(), fmt_bytes),
+            row.mean_run
         );
     }
     let slots = steps * plan.global_batch();

@@ -24,7 +24,8 @@
 //!   count of real samples of the step ([`EpochPlan::step_real_count`]) their summed gradients are
 //!   those of the single worker.
 //! - **Prefix progress.** After `k` global steps the samples done are exactly the positions
-//!   `[0, k·W·B)`, whatever the rank count: a cursor is one step number.
+//!   `[0, k·W·B)`, whatever the rank count: a cursor is one step number (in the blocked layout
+//!   below, each rank's first `k·B` slots: still one step number).
 //! - **Affinity** ([`EpochPlan::with_affinity`]), for stages that cache per-sample features of a
 //!   frozen prefix: each rank keeps, epoch after epoch, the samples the stage's first (anchor)
 //!   epoch gave it, in a new order every epoch (a per-rank permutation of its real slots, keyed by
@@ -32,10 +33,26 @@
 //!   "the same global batches as one worker", since samples no longer move between ranks. This is
 //!   what makes a rank's cache hit from the second epoch on.
 //!
+//! - **Blocked layout** ([`EpochPlan::with_blocks`]), for packed shards, where what matters is that
+//!   each rank reads long sequential runs. The order is made of *blocks* of `block` consecutive
+//!   sample indices (consecutive indices are consecutive bytes in the shards), the blocks in a
+//!   pseudo-random order keyed by (seed, epoch). Rank `r` takes the contiguous range
+//!   `[⌊r·N/W⌋, ⌊(r+1)·N/W⌋)` of that order: block granularity wherever it can, sample granularity
+//!   at the `W - 1` rank boundaries, which is what makes the shares equal to within one sample.
+//!   Within its range a rank trains in windows of `window` positions (a few blocks), each window in
+//!   a keyed random order: a shuffle buffer whose reads are still runs of `block` samples. Every
+//!   rank takes `⌈⌈N/W⌉/B⌉` steps, pads trail in each rank's last step, and every sample is still
+//!   in exactly one rank's batch at one step. What is given up is "the same global batches as one
+//!   worker" (a rank's batches come from its own range); the loss is still normalized by the
+//!   step's global count of real samples ([`EpochPlan::step_real_count`]).
+//!
 //! This module never reads the clock, never touches the network or the disk, and never allocates
 //! in proportion to the dataset.
 
 use std::iter::FusedIterator;
+
+/// Keys the block order of a blocked plan apart from the sample order of the same seed.
+const BLOCKS_KEY: u64 = 0xB10C_5EED_0F5A_4D11;
 
 /// Feistel rounds of the permutation. Four rounds of a good round function already make a strong
 /// pseudo-random permutation (Luby–Rackoff); eight leave a margin for the cheap hash used here.
@@ -220,6 +237,17 @@ pub struct EpochPlan {
     perm: Permutation,
     /// The anchor epoch whose rank shares this epoch keeps (see the module documentation).
     affinity: Option<u32>,
+    /// The blocked layout, if any (see the module documentation).
+    blocks: Option<Blocks>,
+}
+
+/// The blocked layout: runs of `block` samples in the order of `order` (a permutation of the
+/// blocks), each rank a contiguous range, shuffled within windows of `window` positions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Blocks {
+    block: u64,
+    window: u64,
+    order: Permutation,
 }
 
 impl EpochPlan {
@@ -255,7 +283,41 @@ impl EpochPlan {
             steps,
             perm: Permutation::new(num_samples, seed, epoch.into()),
             affinity: None,
+            blocks: None,
         })
+    }
+
+    /// This plan in the blocked layout: runs of `block` consecutive samples, each rank a contiguous
+    /// range of them, shuffled within windows of `window` positions (see the module
+    /// documentation). Apply before [`EpochPlan::with_affinity`].
+    pub fn with_blocks(self, block: u32, window: u32) -> Result<Self, PlanError> {
+        if block == 0 {
+            return Err(PlanError::Invalid { field: "block", value: 0, reason: "a block holds at least 1 sample" });
+        }
+        if window == 0 {
+            return Err(PlanError::Invalid { field: "window", value: 0, reason: "a window holds at least 1 sample" });
+        }
+        let n = self.num_samples();
+        let w = u64::from(self.world_size);
+        let per_rank = n.div_ceil(w);
+        let steps = per_rank.div_ceil(u64::from(self.batch_size));
+        let block = u64::from(block);
+        let stream = self.affinity.unwrap_or(self.epoch);
+        Ok(EpochPlan {
+            steps,
+            blocks: Some(Blocks {
+                block,
+                window: u64::from(window),
+                order: Permutation::new(n.div_ceil(block), self.seed ^ BLOCKS_KEY, stream.into()),
+            }),
+            ..self
+        })
+    }
+
+    /// The block size and window of a blocked plan.
+    pub fn blocks(&self) -> Option<(u32, u32)> {
+        // Both came in as u32.
+        self.blocks.map(|b| (b.block as u32, b.window as u32))
     }
 
     /// This plan with rank affinity to `anchor` (an epoch at or before this one): every rank trains
@@ -268,11 +330,84 @@ impl EpochPlan {
                 reason: "must not come after the planned epoch",
             });
         }
+        let blocks = self
+            .blocks
+            .map(|b| Blocks { order: Permutation::new(b.order.len(), self.seed ^ BLOCKS_KEY, anchor.into()), ..b });
         Ok(EpochPlan {
             perm: Permutation::new(self.num_samples(), self.seed, anchor.into()),
             affinity: Some(anchor),
+            blocks,
             ..self
         })
+    }
+
+    /// First position of `rank`'s range in a blocked plan: `⌊rank·N/W⌋`.
+    fn range_start(&self, rank: u32) -> u64 {
+        // rank <= world_size, so the product fits u128 and the quotient fits u64.
+        (u128::from(rank) * u128::from(self.num_samples()) / u128::from(self.world_size)) as u64
+    }
+
+    /// The window size of `rank`'s range, given its length: a blocked plan's window, or the whole
+    /// range after the anchor epoch of an affinity plan (the cache serves those epochs, so there is
+    /// no read order to keep).
+    fn window_of(&self, b: &Blocks, len: u64) -> u64 {
+        if self.affinity.is_some_and(|a| a != self.epoch) {
+            len.max(1)
+        } else {
+            b.window
+        }
+    }
+
+    /// The keyed shuffle of window `w` (of `len` positions) of `rank`'s range.
+    fn window_perm(&self, rank: u32, w: u64, len: u64) -> Permutation {
+        let key = self.seed ^ mix64((u64::from(rank) + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ mix64(w));
+        Permutation::new(len, key, self.epoch.into())
+    }
+
+    /// A blocked plan's slot `t` of `rank`'s range (rank-relative, in training order).
+    fn blocked_slot(&self, b: &Blocks, rank: u32, t: u64) -> Slot {
+        let (start, end) = (self.range_start(rank), self.range_start(rank + 1));
+        let len = end - start;
+        if t >= len {
+            return Slot::Pad;
+        }
+        let m = self.window_of(b, len);
+        let (w, u) = (t / m, t % m);
+        let wlen = m.min(len - w * m);
+        let u2 = self.window_perm(rank, w, wlen).get(u).unwrap_or(u);
+        Slot::Sample(self.blocked_sample(b, start + w * m + u2))
+    }
+
+    /// The sample at `position` of a blocked plan's order: blocks of `block` samples in the order
+    /// of `b.order`; the last block (short when `block` does not divide N) takes its place in it.
+    fn blocked_sample(&self, b: &Blocks, position: u64) -> u64 {
+        let n = self.num_samples();
+        let nb = b.order.len();
+        let short = n - (nb - 1) * b.block;
+        let cut = b.order.index_of(nb - 1).unwrap_or(0) * b.block;
+        let p = if position < cut {
+            position
+        } else if position < cut + short {
+            return (nb - 1) * b.block + (position - cut);
+        } else {
+            position + (b.block - short)
+        };
+        b.order.get(p / b.block).unwrap_or(0) * b.block + p % b.block
+    }
+
+    /// The inverse of [`EpochPlan::blocked_sample`].
+    fn blocked_position(&self, b: &Blocks, sample: u64) -> u64 {
+        let n = self.num_samples();
+        let nb = b.order.len();
+        let short = n - (nb - 1) * b.block;
+        let (id, o) = (sample / b.block, sample % b.block);
+        let q = b.order.index_of(id).unwrap_or(0);
+        let q_short = b.order.index_of(nb - 1).unwrap_or(0);
+        if q <= q_short {
+            q * b.block + o
+        } else {
+            q * b.block + o - (b.block - short)
+        }
     }
 
     /// The anchor epoch of an affinity plan.
@@ -283,6 +418,9 @@ impl EpochPlan {
     /// The slot at index `j` of `rank`'s batch at `step`; callers have checked all three.
     fn rank_slot(&self, rank: u32, step: u64, j: u32) -> Slot {
         let b = u64::from(self.batch_size);
+        if let Some(blocks) = &self.blocks {
+            return self.blocked_slot(blocks, rank, step * b + u64::from(j));
+        }
         let Some(_) = self.affinity else { return self.slot(self.batch_start(rank, step) + u64::from(j)) };
         // The rank's real slots are its first `real` (pads only ever trail); they are permuted
         // among themselves, and slot t' stands for the anchor's slot t' of the same rank.
@@ -334,17 +472,46 @@ impl EpochPlan {
     /// The sample at position `position` of the epoch's order (of the anchor epoch's, in an
     /// affinity plan).
     pub fn sample_at(&self, position: u64) -> Result<u64, PlanError> {
+        if let Some(b) = &self.blocks {
+            if position < self.num_samples() {
+                return Ok(self.blocked_sample(b, position));
+            }
+        }
         self.perm.get(position).ok_or(PlanError::PositionOutOfRange { position, num_samples: self.num_samples() })
     }
 
     /// The position of `sample` in the epoch's order (the inverse of [`EpochPlan::sample_at`]).
     pub fn position_of(&self, sample: u64) -> Result<u64, PlanError> {
+        if let Some(b) = &self.blocks {
+            if sample < self.num_samples() {
+                return Ok(self.blocked_position(b, sample));
+            }
+        }
         self.perm.index_of(sample).ok_or(PlanError::SampleOutOfRange { sample, num_samples: self.num_samples() })
     }
 
     /// Where `sample` is trained this epoch: (rank, step, index within the rank's batch).
     pub fn locate(&self, sample: u64) -> Result<(u32, u64, u32), PlanError> {
         let position = self.position_of(sample)?;
+        if let Some(b) = &self.blocks {
+            // The rank whose range holds the position: ⌊p·W/N⌋ or the next one.
+            let mut rank = (u128::from(position) * u128::from(self.world_size) / u128::from(self.num_samples())) as u32;
+            while self.range_start(rank + 1) <= position {
+                rank += 1;
+            }
+            while self.range_start(rank) > position {
+                rank -= 1;
+            }
+            let start = self.range_start(rank);
+            let len = self.range_start(rank + 1) - start;
+            let m = self.window_of(b, len);
+            let rel = position - start;
+            let (w, u) = (rel / m, rel % m);
+            let wlen = m.min(len - w * m);
+            let t = w * m + self.window_perm(rank, w, wlen).index_of(u).unwrap_or(u);
+            let bs = u64::from(self.batch_size);
+            return Ok((rank, t / bs, (t % bs) as u32));
+        }
         let (step, within) = (position / self.global_batch(), position % self.global_batch());
         let b = u64::from(self.batch_size);
         // `within < world_size * batch_size`, so both quotients fit their u32 inputs' ranges.
@@ -400,6 +567,11 @@ impl EpochPlan {
     pub fn rank_real_count(&self, rank: u32, step: u64) -> Result<u32, PlanError> {
         self.check_rank(rank)?;
         self.check_step(step)?;
+        if self.blocks.is_some() {
+            let len = self.range_start(rank + 1) - self.range_start(rank);
+            let b = u64::from(self.batch_size);
+            return Ok(len.saturating_sub(step * b).min(b) as u32);
+        }
         let start = self.batch_start(rank, step);
         // At most batch_size, so it fits u32.
         Ok(self.num_samples().saturating_sub(start).min(u64::from(self.batch_size)) as u32)
@@ -409,17 +581,27 @@ impl EpochPlan {
     /// that makes `W` workers with batch `B` match one worker with batch `W·B`.
     pub fn step_real_count(&self, step: u64) -> Result<u64, PlanError> {
         self.check_step(step)?;
+        if self.blocks.is_some() {
+            return (0..self.world_size).map(|r| self.rank_real_count(r, step).map(u64::from)).sum();
+        }
         Ok(self.num_samples().saturating_sub(step * self.global_batch()).min(self.global_batch()))
     }
 
     /// Real samples done by all ranks together after `steps_done` global steps (pads excluded).
     pub fn samples_done_after(&self, steps_done: u64) -> u64 {
+        if self.blocks.is_some() {
+            let done = steps_done.saturating_mul(u64::from(self.batch_size));
+            return (0..self.world_size).map(|r| (self.range_start(r + 1) - self.range_start(r)).min(done)).sum();
+        }
         steps_done.saturating_mul(self.global_batch()).min(self.num_samples())
     }
 
     /// Real samples `rank` trains on over the whole epoch.
     pub fn rank_sample_count(&self, rank: u32) -> Result<u64, PlanError> {
         self.check_rank(rank)?;
+        if self.blocks.is_some() {
+            return Ok(self.range_start(rank + 1) - self.range_start(rank));
+        }
         let (n, g, b) = (self.num_samples(), self.global_batch(), u64::from(self.batch_size));
         let full_steps = n / g;
         let tail = n % g;
@@ -535,6 +717,101 @@ mod tests {
     /// Every slot of every rank, indexed [rank][step] -> batch.
     fn all_batches(p: &EpochPlan) -> Vec<Vec<Vec<Slot>>> {
         (0..p.world_size()).map(|r| p.rank_batches(r).unwrap().collect()).collect()
+    }
+
+    fn blocked(n: u64, w: u32, b: u32, block: u32, window: u32) -> EpochPlan {
+        EpochPlan::new(7, 2, n, w, b).unwrap().with_blocks(block, window).unwrap()
+    }
+
+    /// Checks coverage, equal steps, balanced shares, `locate`, the counts and the read pattern of
+    /// a blocked plan.
+    fn check_blocked(p: &EpochPlan) {
+        let (n, w, b) = (p.num_samples(), p.world_size(), u64::from(p.batch_size()));
+        let (block, _) = p.blocks().unwrap();
+        let mut seen = vec![false; n as usize];
+        let per_rank: Vec<u64> = (0..w).map(|r| p.rank_sample_count(r).unwrap()).collect();
+        assert!(per_rank.iter().max().unwrap() - per_rank.iter().min().unwrap() <= 1, "{per_rank:?}");
+        for r in 0..w {
+            let batches: Vec<Vec<Slot>> = p.rank_batches(r).unwrap().collect();
+            assert_eq!(batches.len() as u64, p.steps_per_rank());
+            let mut mine = Vec::new();
+            for (s, batch) in batches.iter().enumerate() {
+                let real: Vec<u64> = batch.iter().filter_map(|x| x.sample()).collect();
+                assert_eq!(real.len() as u32, p.rank_real_count(r, s as u64).unwrap());
+                assert!(batch.iter().skip(real.len()).all(|x| x.is_pad()), "pads trail");
+                for (j, &x) in real.iter().enumerate() {
+                    assert!(!seen[x as usize], "sample {x} twice");
+                    seen[x as usize] = true;
+                    assert_eq!(p.locate(x).unwrap(), (r, s as u64, j as u32));
+                    assert_eq!(p.sample_at(p.position_of(x).unwrap()).unwrap(), x);
+                }
+                mine.extend(real);
+            }
+            assert_eq!(mine.len() as u64, per_rank[r as usize]);
+            // Sequential reads: the rank's samples, sorted, are few runs of consecutive indices:
+            // at most one per block it touches plus the two split at its range's ends.
+            mine.sort_unstable();
+            let runs = 1 + mine.windows(2).filter(|x| x[1] != x[0] + 1).count() as u64;
+            assert!(runs <= mine.len() as u64 / u64::from(block) + 2, "rank {r}: {runs} runs of {}", mine.len());
+        }
+        assert!(seen.iter().all(|&x| x), "every sample is covered");
+        for s in 0..p.steps_per_rank() {
+            let sum: u64 = (0..w).map(|r| u64::from(p.rank_real_count(r, s).unwrap())).sum();
+            assert_eq!(p.step_real_count(s).unwrap(), sum);
+        }
+        assert_eq!(p.samples_done_after(p.steps_per_rank()), n);
+        assert_eq!(p.steps_per_rank(), n.div_ceil(u64::from(w)).div_ceil(b));
+    }
+
+    #[test]
+    fn blocked_plans_cover_every_sample_once_in_long_runs() {
+        for (n, w, b, block, window) in [
+            (1, 1, 1, 1, 1),
+            (10, 3, 2, 4, 8),
+            (1000, 4, 16, 64, 256),
+            (1001, 3, 7, 50, 100),
+            (999, 2, 32, 1000, 10),
+            (4097, 5, 8, 256, 1024),
+            (37, 8, 4, 3, 5),
+        ] {
+            check_blocked(&blocked(n, w, b, block, window));
+        }
+    }
+
+    #[test]
+    fn blocked_plans_are_keyed_by_seed_and_epoch_and_affinity_keeps_rank_sets() {
+        let a = blocked(5000, 3, 16, 100, 400);
+        assert_eq!(
+            a.rank_batches(1).unwrap().collect::<Vec<_>>(),
+            blocked(5000, 3, 16, 100, 400).rank_batches(1).unwrap().collect::<Vec<_>>()
+        );
+        let next = EpochPlan::new(7, 3, 5000, 3, 16).unwrap().with_blocks(100, 400).unwrap();
+        let set = |p: &EpochPlan, r| {
+            let mut v: Vec<u64> = p.rank_samples(r).unwrap().collect();
+            v.sort_unstable();
+            v
+        };
+        assert_ne!(set(&a, 1), set(&next, 1), "another epoch, other blocks");
+        let sticky = next.with_affinity(2).unwrap();
+        check_blocked(&sticky);
+        for r in 0..3 {
+            assert_eq!(set(&sticky, r), set(&a, r), "rank {r} keeps its anchor samples");
+        }
+        let order = |p: &EpochPlan| p.rank_samples(0).unwrap().collect::<Vec<_>>();
+        assert_ne!(order(&sticky), order(&a), "in a new order");
+        // The anchor epoch itself reads as a plain blocked plan does.
+        assert_eq!(order(&a.with_affinity(2).unwrap()), order(&a));
+        assert!(EpochPlan::new(1, 0, 10, 1, 1).unwrap().with_blocks(0, 4).is_err());
+        assert!(EpochPlan::new(1, 0, 10, 1, 1).unwrap().with_blocks(4, 0).is_err());
+    }
+
+    #[test]
+    fn blocked_windows_mix_blocks() {
+        // A window of four blocks draws each batch from several of them.
+        let p = blocked(100_000, 2, 32, 250, 1000);
+        let batch: Vec<u64> = p.rank_batch(0, 0).unwrap().iter().filter_map(|x| x.sample()).collect();
+        let blocks: std::collections::BTreeSet<u64> = batch.iter().map(|x| x / 250).collect();
+        assert!(blocks.len() >= 3, "{blocks:?}");
     }
 
     #[test]
@@ -737,7 +1014,13 @@ mod tests {
             assert!(sample < 2_000_000_000);
             assert_eq!(p.locate(sample).unwrap().1, 12_345);
         }
-        assert!(std::mem::size_of::<EpochPlan>() <= 128);
+        // Blocked, at ImageNet scale and beyond: still O(1).
+        let p = p.with_blocks(256, 1024).unwrap();
+        for slot in p.rank_batch(17, 999).unwrap() {
+            let sample = slot.sample().unwrap();
+            assert_eq!(p.locate(sample).unwrap(), (17, 999, p.locate(sample).unwrap().2));
+        }
+        assert!(std::mem::size_of::<EpochPlan>() <= 256);
     }
 
     #[test]
