@@ -7,12 +7,5 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
-bash scripts/setup.sh
-cargo build --release --quiet
-thaw=target/release/thaw
-# The weights cache ($THAW_HOME, default ~/.cache/thaw) gets torchvision's file from set-up;
-# with network access `--weights imagenet` would download it instead.
-if ! "$thaw" weights path --arch mobilenet_v2 | grep -q present; then
-  "$thaw" weights import .thaw/weights/mobilenet_v2-b0353104.pth --arch mobilenet_v2
-fi
+source scripts/release.sh
 "$thaw" launch --nproc 2 examples/fashion-mnist-mobilenet.toml "$@"

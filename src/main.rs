@@ -55,6 +55,8 @@ enum FormatArg {
     Auto,
     Folder,
     Idx,
+    /// Packed shards (`thaw data pack`).
+    Shards,
 }
 
 #[derive(Subcommand)]
@@ -111,12 +113,12 @@ enum Command {
         model: String,
         #[arg(long, default_value = "imagenet")]
         weights: String,
-        /// An image-folder tree (`DIR/<class>/<image>`) or a directory of IDX files.
+        /// An image-folder tree (`DIR/<class>/<image>`), a directory of IDX files, or packed shards.
         #[arg(long)]
         data: PathBuf,
         #[arg(long, value_enum, default_value = "auto")]
         format: FormatArg,
-        /// For IDX data: `train` or `test`.
+        /// For IDX data and packed splits: `train` or `test` (`val`).
         #[arg(long, default_value = "train")]
         split: String,
         #[arg(long)]
@@ -389,6 +391,7 @@ fn run(cli: Cli) -> Result<()> {
                 FormatArg::Auto => None,
                 FormatArg::Idx => Some(thaw_coordinator::spec::DataFormat::Idx),
                 FormatArg::Folder => Some(thaw_coordinator::spec::DataFormat::Folder),
+                FormatArg::Shards => Some(thaw_coordinator::spec::DataFormat::Shards),
             };
             let opts = thaw_worker::recommend::RecommendOptions {
                 format,
@@ -429,7 +432,18 @@ fn open_dataset(dir: &Path, format: FormatArg, split: &str) -> Result<Arc<dyn Da
         let f = format!("{p}-images-idx3-ubyte");
         dir.join(&f).is_file() || dir.join(format!("{f}.gz")).is_file()
     });
+    let packed = dir.join("index.json").is_file() || dir.join("train/index.json").is_file();
     Ok(match (format, is_idx) {
+        (FormatArg::Shards, _) | (FormatArg::Auto, false) if packed => {
+            let (train, val) = thaw_worker::data::shards::packed_splits(dir)?;
+            let chosen = match (split, val) {
+                ("train", _) => train,
+                ("test" | "val", Some(val)) => val,
+                (other, _) => bail!("--split {other:?}: {} has no such split (train, val)", dir.display()),
+            };
+            Arc::new(thaw_worker::data::sharded::ShardDataset::open(&chosen)?)
+        }
+        (FormatArg::Shards, _) => bail!("{} is not a packed directory (run `thaw data pack`)", dir.display()),
         (FormatArg::Idx, _) | (FormatArg::Auto, true) => {
             let split = match split {
                 "train" => Split::Train,

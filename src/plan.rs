@@ -76,7 +76,7 @@ fn plan(spec: &JobSpec) -> Result<Plan> {
             lr_schedule: s.lr_schedule.as_str(),
             warmup_steps: s.warmup_steps,
             frozen_prefix: s.frozen_prefix(),
-            caches: s.caches(spec.data.hflip, spec.train.feature_cache_mb),
+            caches: s.caches(&spec.data, spec.train.feature_cache_mb),
         }
     };
     let stages = stages.iter().map(planned).collect();

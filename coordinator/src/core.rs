@@ -24,7 +24,7 @@ use crate::job::{JobError, JobRecord, JobState};
 use crate::metrics::EpochMetrics;
 use crate::plan::{EpochPlan, PlanError};
 use crate::rendezvous::{Member, Rendezvous, RendezvousConfig, RendezvousError, RendezvousState};
-use crate::spec::{JobSpec, SpecError, Stage};
+use crate::spec::{DataFormat, JobSpec, SpecError, Stage};
 use crate::store::{MemoryStore, StateStore, StoreError, StoredJob};
 
 /// Progress alone (no state change, no finished epoch) is written to the store at most this often
@@ -147,6 +147,23 @@ pub struct PlanInfo {
     /// Set in a stage that caches prefix outputs: plan with rank affinity to this epoch (the
     /// stage's first), see [`EpochPlan::with_affinity`].
     pub affinity_epoch: Option<u32>,
+    /// The blocked layout's (read block, shuffle window), for packed shards; see
+    /// [`EpochPlan::with_blocks`].
+    pub blocks: Option<(u32, u32)>,
+}
+
+impl PlanInfo {
+    /// The plan these parameters describe, as every rank rebuilds it.
+    pub fn plan(&self) -> Result<EpochPlan, PlanError> {
+        let mut plan = EpochPlan::new(self.seed, self.epoch, self.num_samples, self.world_size, self.batch_size)?;
+        if let Some((block, window)) = self.blocks {
+            plan = plan.with_blocks(block, window)?;
+        }
+        match self.affinity_epoch {
+            Some(anchor) => plan.with_affinity(anchor),
+            None => Ok(plan),
+        }
+    }
 }
 
 /// A read-only view of a job.
@@ -187,11 +204,20 @@ impl Job {
         self.members.iter().any(|m| m.worker_id == worker)
     }
 
+    /// The blocked layout's parameters when the job reads packed shards.
+    fn blocks(&self) -> Option<(u32, u32)> {
+        (self.spec.data.format == DataFormat::Shards)
+            .then_some((self.spec.data.read_block, self.spec.data.shuffle_window))
+    }
+
     fn steps_per_epoch(&self) -> u64 {
-        match (self.num_samples, self.world_size) {
-            (Some(n), w) if w > 0 => n.div_ceil(w as u64 * self.spec.train.batch_size as u64),
-            _ => 0,
-        }
+        let (Some(n), w) = (self.num_samples, self.world_size) else { return 0 };
+        let plan = EpochPlan::new(self.spec.seed, 0, n, w, self.spec.train.batch_size as u32);
+        let plan = match self.blocks() {
+            Some((block, window)) => plan.and_then(|p| p.with_blocks(block, window)),
+            None => plan,
+        };
+        plan.map(|p| p.steps_per_rank()).unwrap_or(0)
     }
 
     fn stored(&self) -> StoredJob {
@@ -542,19 +568,21 @@ impl Coordinator {
         }
         let n = job.num_samples.unwrap_or(0);
         let stage = crate::schedule::stage_of(&job.stages, epoch as usize);
-        let plan = EpochPlan::new(job.spec.seed, epoch, n, job.members.len() as u32, job.spec.train.batch_size as u32)?;
-        Ok(PlanInfo {
-            seed: plan.seed(),
+        let mut info = PlanInfo {
+            seed: job.spec.seed,
             epoch,
             num_samples: n,
-            world_size: plan.world_size(),
-            batch_size: plan.batch_size(),
-            steps: plan.steps_per_rank(),
+            world_size: job.members.len() as u32,
+            batch_size: job.spec.train.batch_size as u32,
+            steps: 0,
             stage: stage.cloned(),
             affinity_epoch: stage
-                .filter(|s| s.caches(job.spec.data.hflip, job.spec.train.feature_cache_mb))
+                .filter(|s| s.caches(&job.spec.data, job.spec.train.feature_cache_mb))
                 .map(|s| s.epochs.start as u32),
-        })
+            blocks: job.blocks(),
+        };
+        info.steps = info.plan()?.steps_per_rank();
+        Ok(info)
     }
 
     /// Progress from a rank (rank 0's is recorded); `metrics` once per finished epoch. Metrics are

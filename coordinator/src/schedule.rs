@@ -34,7 +34,7 @@ use std::ops::Range;
 
 use serde::{Deserialize, Serialize};
 
-use crate::spec::{invalid, LrSchedule, SpecError, TrainSpec, WeightsSpec};
+use crate::spec::{invalid, DataSpec, LrSchedule, SpecError, TrainSpec, WeightsSpec};
 
 /// Which layer groups train (the fixed patterns, and the ways of describing stages).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -212,20 +212,22 @@ impl Stage {
     }
 
     /// Whether a worker caches the frozen prefix's outputs in this stage: there is a prefix, the
-    /// training inputs are not randomly flipped, and caching is not turned off. Such a stage is
-    /// planned with rank affinity (each rank keeps its samples, so its cache hits).
-    pub fn caches(&self, hflip: bool, feature_cache_mb: f64) -> bool {
-        self.why_not_cached(hflip, feature_cache_mb).is_none()
+    /// training inputs are not randomly flipped or cropped, and caching is not turned off. Such a
+    /// stage is planned with rank affinity (each rank keeps its samples, so its cache hits).
+    pub fn caches(&self, data: &DataSpec, feature_cache_mb: f64) -> bool {
+        self.why_not_cached(data, feature_cache_mb).is_none()
     }
 
     /// Why this stage does not cache (see [`Stage::caches`]), or `None` if it does.
-    pub fn why_not_cached(&self, hflip: bool, feature_cache_mb: f64) -> Option<&'static str> {
+    pub fn why_not_cached(&self, data: &DataSpec, feature_cache_mb: f64) -> Option<&'static str> {
         if feature_cache_mb <= 0.0 {
             Some("train.feature_cache_mb = 0")
         } else if self.frozen_prefix() == 0 {
             Some("the stage has no frozen prefix with fixed BatchNorm statistics")
-        } else if hflip {
+        } else if data.hflip {
             Some("random flips change the prefix's input every epoch (data.hflip)")
+        } else if data.random_resized_crop {
+            Some("random crops change the prefix's input every epoch (data.random_resized_crop)")
         } else {
             None
         }

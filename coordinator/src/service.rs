@@ -289,6 +289,8 @@ impl Workers for WorkersService {
             steps: p.steps,
             stage: p.stage.as_ref().map(stage_to_proto),
             affinity_epoch: p.affinity_epoch,
+            read_block: p.blocks.map(|b| b.0),
+            shuffle_window: p.blocks.map(|b| b.1),
         }))
     }
 

@@ -78,6 +78,20 @@ pub enum DataFormat {
     /// An image-folder tree: `root/train/<class>/<image>` and `root/val/<class>/...` (or `test/`);
     /// without a `val` or `test` tree, `val_fraction` of `train` is held out.
     Folder,
+    /// Packed WebDataset shards (`thaw data pack`): `root` is a packed directory (`index.json`),
+    /// or holds packed `train/` and `val/` directories. Epochs use the blocked plan layout
+    /// (`read_block`, `shuffle_window`), so each worker reads long sequential runs.
+    Shards,
+}
+
+impl DataFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DataFormat::Idx => "idx",
+            DataFormat::Folder => "folder",
+            DataFormat::Shards => "shards",
+        }
+    }
 }
 
 /// The optimizer and its hyper-parameters.
@@ -198,6 +212,16 @@ pub struct DataSpec {
     pub hflip: bool,
     /// Threads that decode and transform images.
     pub loader_threads: usize,
+    /// torchvision's RandomResizedCrop (area 8–100 %, aspect 3/4–4/3) for training photos,
+    /// instead of resize + centre crop.
+    pub random_resized_crop: bool,
+    /// Shards only: samples per sequential run of the blocked epoch plan.
+    pub read_block: u32,
+    /// Shards only: positions shuffled together within a rank's range (the shuffle buffer).
+    pub shuffle_window: u32,
+    /// Unreadable samples tolerated per epoch (over all workers); more fails the job, naming
+    /// them. `None`: no limit (they are always skipped, counted and named).
+    pub max_skipped: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -280,6 +304,11 @@ struct RawData {
     #[serde(default)]
     hflip: bool,
     loader_threads: Option<usize>,
+    #[serde(default)]
+    random_resized_crop: bool,
+    read_block: Option<u32>,
+    shuffle_window: Option<u32>,
+    max_skipped: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -405,6 +434,22 @@ impl JobSpec {
         if loader_threads == 0 || loader_threads > 256 {
             return Err(invalid("data.loader_threads", loader_threads, "must be between 1 and 256"));
         }
+        if d.format != DataFormat::Shards {
+            if let Some(v) = d.read_block {
+                return Err(invalid("data.read_block", v, "applies to format = \"shards\" only"));
+            }
+            if let Some(v) = d.shuffle_window {
+                return Err(invalid("data.shuffle_window", v, "applies to format = \"shards\" only"));
+            }
+        }
+        let read_block = d.read_block.unwrap_or(256);
+        if read_block == 0 || read_block > 1 << 20 {
+            return Err(invalid("data.read_block", read_block, "must be between 1 and 1048576 samples"));
+        }
+        let shuffle_window = d.shuffle_window.unwrap_or(1024);
+        if shuffle_window == 0 || shuffle_window > 1 << 24 {
+            return Err(invalid("data.shuffle_window", shuffle_window, "must be between 1 and 16777216 samples"));
+        }
         if d.root.trim().is_empty() {
             return Err(invalid("data.root", "\"\"", "name the dataset directory"));
         }
@@ -417,6 +462,10 @@ impl JobSpec {
             val_fraction,
             hflip: d.hflip,
             loader_threads,
+            random_resized_crop: d.random_resized_crop,
+            read_block,
+            shuffle_window,
+            max_skipped: d.max_skipped,
         };
 
         let t = raw.train;
@@ -556,11 +605,7 @@ impl JobSpec {
             s += &format!("num_classes = {n}\n");
         }
         let d = &self.data;
-        let fmt = match d.format {
-            DataFormat::Idx => "idx",
-            DataFormat::Folder => "folder",
-        };
-        s += &format!("\n[data]\nformat = {}\nroot = {}\n", q(fmt), q(&d.root.display().to_string()));
+        s += &format!("\n[data]\nformat = {}\nroot = {}\n", q(d.format.as_str()), q(&d.root.display().to_string()));
         if let Some(v) = d.image_size {
             s += &format!("image_size = {v}\n");
         }
@@ -574,6 +619,15 @@ impl JobSpec {
             "val_fraction = {:?}\nhflip = {}\nloader_threads = {}\n",
             d.val_fraction, d.hflip, d.loader_threads
         );
+        if d.random_resized_crop {
+            s += "random_resized_crop = true\n";
+        }
+        if d.format == DataFormat::Shards {
+            s += &format!("read_block = {}\nshuffle_window = {}\n", d.read_block, d.shuffle_window);
+        }
+        if let Some(v) = d.max_skipped {
+            s += &format!("max_skipped = {v}\n");
+        }
         let t = &self.train;
         s += &format!("\n[train]\nepochs = {}\nbatch_size = {}\nlr = {:?}\n", t.epochs, t.batch_size, t.lr);
         match t.optimizer {
@@ -660,6 +714,14 @@ strategy = "feature_extract"
         assert_eq!(dist, JobSpec::from_toml(&dist.to_toml(), Path::new("/x")).unwrap());
         let adam = parse(&GOOD.replace("lr = 0.05", "lr = 0.001\noptimizer = \"adamw\"\nbetas = [0.8, 0.99]")).unwrap();
         assert_eq!(adam, JobSpec::from_toml(&adam.to_toml(), Path::new("/x")).unwrap());
+        let shards = parse(&GOOD.replace(
+            "format = \"idx\"",
+            "format = \"shards\"\nrandom_resized_crop = true\nread_block = 64\nshuffle_window = 512\nmax_skipped = 3",
+        ))
+        .unwrap();
+        assert_eq!((shards.data.read_block, shards.data.shuffle_window, shards.data.max_skipped), (64, 512, Some(3)));
+        assert!(shards.data.random_resized_crop);
+        assert_eq!(shards, JobSpec::from_toml(&shards.to_toml(), Path::new("/x")).unwrap());
     }
 
     #[test]
@@ -684,6 +746,12 @@ strategy = "feature_extract"
                 "distributed.max_workers` = 2",
             ),
             ("[schedule]", "[distributed]\nworkers = 0\n[schedule]", "distributed.min_workers` = 0"),
+            (
+                "image_size = 64",
+                "image_size = 64\nread_block = 8",
+                "data.read_block` = 8: applies to format = \"shards\"",
+            ),
+            ("format = \"idx\"", "format = \"shards\"\nshuffle_window = 0", "data.shuffle_window` = 0"),
         ];
         for (from, to, expect) in cases {
             let err = parse(&GOOD.replace(from, to)).unwrap_err().to_string();

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rand::Rng;
+use thaw_coordinator::core::PlanInfo;
 use thaw_coordinator::plan::EpochPlan;
 use thaw_coordinator::spec::{CollectiveKind, JobSpec};
 use thaw_proto::v1 as pb;
@@ -115,12 +116,18 @@ impl Control for GrpcControl {
             .map_err(|s| TrainError::Invalid(format!("epoch plan {epoch}: {}", s.message())))?
             .into_inner();
         self.stage = p.stage.clone().map(|s| (epoch, s));
-        let plan = EpochPlan::new(p.seed, p.epoch, p.num_samples, p.world_size, p.batch_size);
-        match p.affinity_epoch {
-            Some(anchor) => plan.and_then(|plan| plan.with_affinity(anchor)),
-            None => plan,
-        }
-        .map_err(|e| TrainError::Invalid(e.to_string()))
+        let info = PlanInfo {
+            seed: p.seed,
+            epoch: p.epoch,
+            num_samples: p.num_samples,
+            world_size: p.world_size,
+            batch_size: p.batch_size,
+            steps: p.steps,
+            stage: None,
+            affinity_epoch: p.affinity_epoch,
+            blocks: p.read_block.zip(p.shuffle_window),
+        };
+        info.plan().map_err(|e| TrainError::Invalid(e.to_string()))
     }
 
     fn stage(&mut self, epoch: u32) -> Option<Stage> {

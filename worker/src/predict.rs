@@ -108,7 +108,7 @@ pub fn extract_features(
     threads: usize,
     out: &Path,
 ) -> Result<ExtractReport, TrainError> {
-    let cfg = LoaderConfig { batch_size, threads, prefetch: 2, hflip: false, seed: 0, epoch: 0 };
+    let cfg = LoaderConfig::eval(batch_size, threads);
     let n = ds.len();
     let class_names = ds.class_names().to_vec();
     let mut progress = Progress::new("extract", n as u64, "img");

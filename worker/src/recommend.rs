@@ -323,6 +323,10 @@ pub fn recommend(opts: &RecommendOptions) -> Result<Recommendation, RecommendErr
         val_fraction: 0.1,
         hflip: false,
         loader_threads: opts.threads.max(1),
+        random_resized_crop: false,
+        read_block: 256,
+        shuffle_window: 1024,
+        max_skipped: None,
     };
     let splits = data::open_splits(&data_spec, opts.seed)?;
     let train = splits.train;
@@ -374,11 +378,15 @@ pub fn recommend(opts: &RecommendOptions) -> Result<Recommendation, RecommendErr
     Ok(rec)
 }
 
-/// IDX when the directory holds MNIST-style training files, else an image folder.
+/// IDX when the directory holds MNIST-style training files, shards when it is packed, else an
+/// image folder.
 fn detect_format(dir: &Path) -> DataFormat {
     let idx = ["train-images-idx3-ubyte", "train-images-idx3-ubyte.gz"].iter().any(|f| dir.join(f).is_file());
+    let packed = [dir.join("index.json"), dir.join("train").join("index.json")].iter().any(|f| f.is_file());
     if idx {
         DataFormat::Idx
+    } else if packed {
+        DataFormat::Shards
     } else {
         DataFormat::Folder
     }
@@ -562,8 +570,7 @@ fn extract(
     opts: &RecommendOptions,
 ) -> Result<Features, RecommendError> {
     let n = order.len();
-    let cfg =
-        LoaderConfig { batch_size: 50, threads: opts.threads.max(1), prefetch: 2, hflip: false, seed: 0, epoch: 0 };
+    let cfg = LoaderConfig::eval(50, opts.threads.max(1));
     let mut progress = Progress::new("probe", n as u64, "img");
     let modes = vec![GroupMode::Frozen; pretrained.groups().len()];
     let head = pretrained.groups().len() - 1;
@@ -852,10 +859,7 @@ fn spec_toml(rec: &Recommendation, data: &DataSpec, seed: u64) -> String {
     let q = |v: &str| toml::Value::String(v.to_string()).to_string();
     let dir_name = data.root.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let name = format!("{}-{}-{}", job_name(&dir_name), rec.arch, rec.strategy);
-    let fmt = match data.format {
-        DataFormat::Idx => "idx",
-        DataFormat::Folder => "folder",
-    };
+    let fmt = data.format.as_str();
     let mut s = format!(
         "# Written by `thaw recommend`: {} data, {} similarity to ImageNet -> {}.\nname = {}\nseed = {seed}\n\n",
         rec.size.as_str(),
@@ -1004,6 +1008,10 @@ mod tests {
             val_fraction: 0.1,
             hflip: false,
             loader_threads: 2,
+            random_resized_crop: false,
+            read_block: 256,
+            shuffle_window: 1024,
+            max_skipped: None,
         };
         let text = spec_toml(rec, &data, 3);
         JobSpec::from_toml(&text, Path::new("/tmp")).unwrap_or_else(|e| panic!("{e}\n{text}"))

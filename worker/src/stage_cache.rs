@@ -115,7 +115,7 @@ impl StageCache {
                 scores.add(&logits, &Tensor::from_slice(&labels).to_device(device));
             }
         } else {
-            let cfg = LoaderConfig { batch_size, threads, prefetch: 2, hflip: false, seed: 0, epoch: 0 };
+            let cfg = LoaderConfig::eval(batch_size, threads);
             for batch in Loader::start(ds.clone(), order, 0, t.clone(), cfg) {
                 self.bad_val.extend(batch.skipped_indices.iter().copied());
                 if batch.indices.is_empty() {

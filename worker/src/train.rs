@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
 use thaw_coordinator::schedule::stage_of;
-use thaw_coordinator::spec::{BnPolicy, JobSpec, SpecError, Stage, WeightsSpec};
+use thaw_coordinator::spec::{BnPolicy, DataFormat, JobSpec, SpecError, Stage, WeightsSpec};
 
 use thaw_coordinator::plan::EpochPlan;
 
@@ -43,6 +43,8 @@ pub enum TrainError {
     Checkpoint(#[from] CheckpointError),
     #[error("{0}")]
     Invalid(String),
+    #[error("epoch {epoch}: {skipped} unreadable samples, over the limit data.max_skipped = {limit} (first: {first})")]
+    TooManySkipped { epoch: usize, skipped: u64, limit: u64, first: String },
     #[error(transparent)]
     Io(#[from] crate::tensor_io::TensorIoError),
     #[error(transparent)]
@@ -211,6 +213,46 @@ impl Trainer {
         self.splits.train.len().div_ceil(self.spec.train.batch_size)
     }
 
+    /// The loader settings of a training epoch.
+    fn train_loader_config(&self, batch_size: usize, epoch: usize) -> LoaderConfig {
+        LoaderConfig {
+            batch_size,
+            threads: self.spec.data.loader_threads,
+            prefetch: 2,
+            hflip: self.spec.data.hflip,
+            random_crop: self.spec.data.random_resized_crop,
+            seed: self.spec.seed,
+            epoch: epoch as u64,
+        }
+    }
+
+    /// One process's training order of `epoch`: for packed shards, the blocked plan of a single
+    /// rank (long sequential runs, shuffled within windows); otherwise a seeded permutation.
+    fn local_order(&self, epoch: usize) -> Result<Vec<usize>, TrainError> {
+        let n = self.splits.train.len();
+        let d = &self.spec.data;
+        if d.format != DataFormat::Shards || d.train_limit.is_some() {
+            return Ok(data::permutation(n, self.spec.seed, 1000 + epoch as u64));
+        }
+        let plan = EpochPlan::new(self.spec.seed, epoch as u32, n as u64, 1, 1)
+            .and_then(|p| p.with_blocks(d.read_block, d.shuffle_window))
+            .and_then(|p| p.rank_samples(0).map(|it| it.map(|i| i as usize).collect()));
+        plan.map_err(|e| TrainError::Invalid(e.to_string()))
+    }
+
+    /// Fails the run once an epoch's unreadable samples (over all ranks) pass `data.max_skipped`.
+    fn check_skipped(&self, epoch: usize, skipped: u64, first: Option<&str>) -> Result<(), TrainError> {
+        match self.spec.data.max_skipped {
+            Some(limit) if skipped > limit => Err(TrainError::TooManySkipped {
+                epoch: epoch + 1,
+                skipped,
+                limit,
+                first: first.unwrap_or("on another rank").to_string(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
     /// The learning rate of each group at `step` of `epoch` (epochs of `steps_per_epoch` steps):
     /// the stage's peak rate of the group times the stage's warm-up and decay at that point.
     pub fn group_lrs(&self, epoch: usize, step: usize, steps_per_epoch: usize) -> Vec<f64> {
@@ -235,7 +277,7 @@ impl Trainer {
     fn cache_for_stage(&mut self, rank: u32) {
         let prefix = self.stage.frozen_prefix();
         let budget = self.spec.train.feature_cache_mb;
-        if let Some(reason) = self.stage.why_not_cached(self.spec.data.hflip, budget) {
+        if let Some(reason) = self.stage.why_not_cached(&self.spec.data, budget) {
             if let Some(old) = self.cache.take() {
                 tracing::info!(stage = old.stage + 1, "feature cache dropped");
             }
@@ -358,15 +400,8 @@ impl Trainer {
             if self.enter_stage_of(epoch)? {
                 self.log_stage();
             }
-            let order = data::permutation(self.splits.train.len(), self.spec.seed, 1000 + epoch as u64);
-            let cfg = LoaderConfig {
-                batch_size: bs,
-                threads: self.spec.data.loader_threads,
-                prefetch: 2,
-                hflip: self.spec.data.hflip,
-                seed: self.spec.seed,
-                epoch: epoch as u64,
-            };
+            let order = self.local_order(epoch)?;
+            let cfg = self.train_loader_config(bs, epoch);
             self.cache_for_stage(0);
             let planned: Vec<Vec<usize>> = order.chunks(bs).map(<[usize]>::to_vec).collect();
             let mut source = self.source(planned, self.cursor.step, cfg);
@@ -384,6 +419,8 @@ impl Trainer {
                     skipped_keys.push(e.key.clone());
                 }
                 self.cursor.skipped += batch.skipped.len() as u64;
+                let first = skipped_keys.get(skipped_keys.len().saturating_sub(self.cursor.skipped as usize));
+                self.check_skipped(epoch, self.cursor.skipped, first.map(String::as_str))?;
                 let n = batch.labels.size()[0];
                 if n > 0 {
                     let lrs = self.group_lrs(epoch, batch.step, steps);
@@ -462,6 +499,8 @@ impl Trainer {
                 images = m.images,
                 skipped = m.skipped,
                 seconds = m.seconds,
+                data_wait_ms_per_step = m.data_wait * 1e3 / steps.max(1) as f64,
+                step_ms = m.seconds * 1e3 / steps.max(1) as f64,
                 "epoch done"
             );
             self.history.push(m);
@@ -562,7 +601,7 @@ pub fn evaluate(
     batch_size: usize,
     threads: usize,
 ) -> Result<(f64, f64), TrainError> {
-    let cfg = LoaderConfig { batch_size, threads, prefetch: 2, hflip: false, seed: 0, epoch: 0 };
+    let cfg = LoaderConfig::eval(batch_size, threads);
     let mut scores = Scores::new(ds.len());
     let device = net.vs.device();
     tch::no_grad(|| {
@@ -733,14 +772,7 @@ impl Trainer {
                 })
                 .collect::<Result<_, _>>()
                 .map_err(|e| TrainError::Invalid(e.to_string()))?;
-            let cfg = LoaderConfig {
-                batch_size: self.spec.train.batch_size,
-                threads: self.spec.data.loader_threads,
-                prefetch: 2,
-                hflip: self.spec.data.hflip,
-                seed: self.spec.seed,
-                epoch: epoch as u64,
-            };
+            let cfg = self.train_loader_config(self.spec.train.batch_size, epoch);
             self.cache_for_stage(rank);
             let mut source = self.source(batches, self.cursor.step, cfg);
             let cached = matches!(source, Source::Cached { .. });
@@ -750,6 +782,7 @@ impl Trainer {
                 steps as u64,
                 "step",
             );
+            let (mut skipped_all, mut first_skipped) = (0u64, None::<String>);
             let mut data_wait = 0.0;
             let mut waited = Instant::now();
             let mut last_report = Instant::now();
@@ -758,6 +791,7 @@ impl Trainer {
                 data_wait += waited.elapsed().as_secs_f64();
                 for e in &batch.skipped {
                     tracing::warn!(key = %e.key, reason = %e.reason, "skipping unreadable sample");
+                    first_skipped.get_or_insert_with(|| e.key.clone());
                 }
                 self.cursor.skipped += batch.skipped.len() as u64;
                 let global =
@@ -790,7 +824,7 @@ impl Trainer {
                 self.optimizer.step(&|g| lrs[g]);
                 // Step statistics and the stop flag, summed over ranks: every rank sees the same.
                 let stop_local = ctl.stop_requested();
-                // [loss, correct, samples, ranks asking to stop, sum of (asking rank + 1)]
+                // [loss, correct, samples, ranks asking to stop, sum of (asking rank + 1), skipped]
                 let asks = stop_local.is_some();
                 let mut stats = [
                     loss_sum as f32,
@@ -798,8 +832,12 @@ impl Trainer {
                     n as f32,
                     if asks { 1.0 } else { 0.0 },
                     if asks { rank as f32 + 1.0 } else { 0.0 },
+                    batch.skipped.len() as f32,
                 ];
                 c.all_reduce_sum(&mut stats)?;
+                // Every rank sees the same total, so all stop together over the limit.
+                skipped_all += stats[5] as u64;
+                self.check_skipped(epoch, skipped_all, first_skipped.as_deref())?;
                 if !stats[0].is_finite() {
                     return Err(self.diverged(stats[0] as f64, epoch, batch.step));
                 }
@@ -841,6 +879,16 @@ impl Trainer {
             }
             self.log_cache();
             let seconds = started.elapsed().as_secs_f64();
+            // Whether the loader kept up: time this rank waited for a batch, per step.
+            let done = (self.cursor.step.max(1)) as f64;
+            tracing::info!(
+                rank,
+                epoch = epoch + 1,
+                data_wait_ms_per_step = format!("{:.2}", data_wait * 1e3 / done),
+                step_ms = format!("{:.1}", seconds * 1e3 / done),
+                skipped = self.cursor.skipped,
+                "rank epoch data"
+            );
             let mut totals = [self.cursor.skipped as f32];
             c.all_reduce_sum(&mut totals)?;
             if rank == 0 {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use image::DynamicImage;
 
-use super::{io_err, permutation, DataError, Dataset, SampleError, Subset};
+use super::{hold_out, io_err, DataError, Dataset, SampleError};
 
 const EXTENSIONS: [&str; 3] = ["jpg", "jpeg", "png"];
 
@@ -83,6 +83,10 @@ impl Dataset for FolderDataset {
         let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
         image::load_from_memory(&bytes).map_err(|e| err(e.to_string()))
     }
+    fn encoded(&self, i: usize) -> Option<Result<Vec<u8>, SampleError>> {
+        let path = &self.samples[i].0;
+        Some(std::fs::read(path).map_err(|e| SampleError { key: path.display().to_string(), reason: e.to_string() }))
+    }
 }
 
 /// `root/train` with `root/val` (or `root/test`); without those, `root` itself (or `root/train`)
@@ -100,18 +104,8 @@ pub fn open_splits(
         }
     }
     let all: Arc<dyn Dataset> = Arc::new(FolderDataset::open(if train_dir.is_dir() { &train_dir } else { root })?);
-    let n_val = ((all.len() as f64) * val_fraction).round().max(1.0) as usize;
-    if n_val >= all.len() {
-        return Err(DataError::Invalid {
-            path: root.to_path_buf(),
-            reason: format!("{} images are too few to hold out a validation split of {val_fraction}", all.len()),
-        });
-    }
-    let perm = permutation(all.len(), seed, 0xF01D);
-    let (mut val, mut train) = (perm[..n_val].to_vec(), perm[n_val..].to_vec());
-    val.sort_unstable();
-    train.sort_unstable();
-    Ok((Arc::new(Subset::new(all.clone(), train)), Arc::new(Subset::new(all, val))))
+    let s = hold_out(all, root, val_fraction, seed)?;
+    Ok((s.train, s.val))
 }
 
 #[cfg(test)]

@@ -1,9 +1,19 @@
-//! The batch loader: decodes and transforms samples on its own threads and hands finished batches
-//! to the trainer through a bounded queue, so data preparation overlaps the model's compute and
-//! memory stays bounded (`prefetch` batches in flight).
+//! The batch loader: decodes and transforms samples on a pool of threads and hands finished batches
+//! to the trainer in order, so data preparation overlaps the model's compute and memory stays
+//! bounded.
 //!
-//! Deterministic: the order is given, and the only randomness (horizontal flips) is a pure function
-//! of (seed, epoch, sample index), so a resumed epoch sees exactly the batches it would have seen.
+//! Each of the `threads` workers builds whole batches (steps `w, w + T, w + 2T, ...` for worker `w`
+//! of `T`) into its own bounded queue of `prefetch` batches; the consumer takes the queues in turn.
+//! No locks, no barrier between batches, and at most `T·prefetch` batches exist ahead of the
+//! trainer. Before a batch a worker hints its next batch's samples to the dataset
+//! ([`Dataset::will_need`]), so file data is read ahead.
+//!
+//! Samples stored encoded (JPEG/PNG files, shards) are decoded and augmented in one pass
+//! ([`Augment`]); datasets held decoded (IDX) go through [`Transform::apply`].
+//!
+//! Deterministic: the order is given, and the only randomness (random crops, flips) is a pure
+//! function of (seed, epoch, sample index), so a resumed epoch sees exactly the batches it would
+//! have seen, whatever the thread count.
 
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
@@ -11,6 +21,7 @@ use std::thread::JoinHandle;
 
 use tch::Tensor;
 
+use super::decode::{sample_key, Augment};
 use super::transform::Transform;
 use super::{Dataset, SampleError};
 
@@ -32,12 +43,21 @@ pub struct Batch {
 pub struct LoaderConfig {
     pub batch_size: usize,
     pub threads: usize,
-    /// Batches prepared ahead of the consumer.
+    /// Batches each thread prepares ahead of the consumer.
     pub prefetch: usize,
     /// Random horizontal flips (training only).
     pub hflip: bool,
+    /// RandomResizedCrop instead of resize + centre crop (training only; encoded samples).
+    pub random_crop: bool,
     pub seed: u64,
     pub epoch: u64,
+}
+
+impl LoaderConfig {
+    /// Deterministic evaluation order and transforms: no flips, no random crops.
+    pub fn eval(batch_size: usize, threads: usize) -> LoaderConfig {
+        LoaderConfig { batch_size, threads, prefetch: 2, hflip: false, random_crop: false, seed: 0, epoch: 0 }
+    }
 }
 
 /// splitmix64: a well-mixed 64-bit hash, used as a per-sample coin.
@@ -48,14 +68,16 @@ fn mix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// Whether sample `index` is flipped in `epoch`.
+/// Whether sample `index` is flipped in `epoch` (decoded datasets; encoded ones take their coin
+/// from [`sample_key`]).
 pub fn flip_coin(seed: u64, epoch: u64, index: usize) -> bool {
     mix(seed ^ mix(epoch ^ mix(index as u64))) & 1 == 1
 }
 
 pub struct Loader {
-    rx: Option<Receiver<Batch>>,
-    handle: Option<JoinHandle<()>>,
+    queues: Vec<Receiver<Batch>>,
+    handles: Vec<JoinHandle<()>>,
+    next: usize,
     steps: usize,
 }
 
@@ -83,19 +105,31 @@ impl Loader {
         cfg: LoaderConfig,
     ) -> Loader {
         let steps = batches.len();
-        let (tx, rx) = sync_channel(cfg.prefetch.max(1));
-        let handle = std::thread::Builder::new()
-            .name("thaw-loader".into())
-            .spawn(move || {
-                for (step, idx) in batches.iter().enumerate().skip(start_step) {
-                    let batch = make_batch(ds.as_ref(), idx, step, &transform, &cfg);
-                    if tx.send(batch).is_err() {
-                        return; // the consumer stopped early
+        let threads = cfg.threads.clamp(1, steps.saturating_sub(start_step).max(1));
+        let batches = Arc::new(batches);
+        let (mut queues, mut handles) = (Vec::new(), Vec::new());
+        for w in 0..threads {
+            let (tx, rx) = sync_channel(cfg.prefetch.max(1));
+            let (ds, batches, t, cfg) = (ds.clone(), batches.clone(), transform.clone(), cfg.clone());
+            let handle = std::thread::Builder::new()
+                .name(format!("thaw-loader-{w}"))
+                .spawn(move || {
+                    let aug = t.augment(cfg.random_crop, cfg.hflip);
+                    for step in (start_step + w..batches.len()).step_by(threads) {
+                        if let Some(next) = batches.get(step + threads) {
+                            ds.will_need(next);
+                        }
+                        let batch = make_batch(ds.as_ref(), &batches[step], step, &t, &aug, &cfg);
+                        if tx.send(batch).is_err() {
+                            return; // the consumer stopped early
+                        }
                     }
-                }
-            })
-            .expect("spawn loader thread");
-        Loader { rx: Some(rx), handle: Some(handle), steps }
+                })
+                .expect("spawn loader thread");
+            queues.push(rx);
+            handles.push(handle);
+        }
+        Loader { queues, handles, next: 0, steps }
     }
 
     /// Total batches in the epoch (including any skipped by `start_step`).
@@ -107,59 +141,69 @@ impl Loader {
 impl Iterator for Loader {
     type Item = Batch;
     fn next(&mut self) -> Option<Batch> {
-        self.rx.as_ref()?.recv().ok()
+        let q = self.queues.get(self.next % self.queues.len().max(1))?;
+        let batch = q.recv().ok()?;
+        self.next += 1;
+        Some(batch)
     }
 }
 
 impl Drop for Loader {
     fn drop(&mut self) {
-        self.rx.take(); // unblocks the producer
-        if let Some(h) = self.handle.take() {
+        self.queues.clear(); // unblocks the producers
+        for h in self.handles.drain(..) {
             let _ = h.join();
         }
     }
 }
 
-/// Decodes and transforms `idx` on `cfg.threads` threads into one batch.
-pub fn make_batch(ds: &dyn Dataset, idx: &[usize], step: usize, t: &Transform, cfg: &LoaderConfig) -> Batch {
+/// Reads, decodes and transforms sample `i` into `out`.
+fn prepare(
+    ds: &dyn Dataset,
+    i: usize,
+    t: &Transform,
+    aug: &Augment,
+    cfg: &LoaderConfig,
+    out: &mut [f32],
+) -> Result<(), SampleError> {
+    match ds.encoded(i) {
+        Some(Ok(bytes)) => aug
+            .apply_encoded(&bytes, sample_key(cfg.seed, cfg.epoch, i as u64), out)
+            .map_err(|reason| SampleError { key: ds.key(i), reason }),
+        Some(Err(e)) => Err(e),
+        None => {
+            let img = ds.load(i)?;
+            t.apply(&img, cfg.hflip && flip_coin(cfg.seed, cfg.epoch, i), out);
+            Ok(())
+        }
+    }
+}
+
+/// Decodes and transforms `idx` into one batch, skipping (and naming) samples that fail.
+pub fn make_batch(
+    ds: &dyn Dataset,
+    idx: &[usize],
+    step: usize,
+    t: &Transform,
+    aug: &Augment,
+    cfg: &LoaderConfig,
+) -> Batch {
     let len = t.sample_len();
     let mut flat = vec![0f32; idx.len() * len];
-    let mut results: Vec<Option<SampleError>> = vec![None; idx.len()];
-    let threads = cfg.threads.clamp(1, idx.len().max(1));
-    let per = idx.len().div_ceil(threads).max(1);
-    std::thread::scope(|s| {
-        for ((ids, out), res) in idx.chunks(per).zip(flat.chunks_mut(per * len)).zip(results.chunks_mut(per)) {
-            s.spawn(move || {
-                for (k, &i) in ids.iter().enumerate() {
-                    match ds.load(i) {
-                        Ok(img) => {
-                            let flip = cfg.hflip && flip_coin(cfg.seed, cfg.epoch, i);
-                            t.apply(&img, flip, &mut out[k * len..(k + 1) * len]);
-                        }
-                        Err(e) => res[k] = Some(e),
-                    }
-                }
-            });
-        }
-    });
-    let mut skipped = Vec::new();
-    let mut skipped_indices = Vec::new();
+    let (mut skipped, mut skipped_indices) = (Vec::new(), Vec::new());
     let mut indices = Vec::with_capacity(idx.len());
     let mut labels = Vec::with_capacity(idx.len());
     let mut write = 0;
-    for (k, (&i, r)) in idx.iter().zip(results).enumerate() {
-        match r {
-            Some(e) => {
-                skipped.push(e);
-                skipped_indices.push(i);
-            }
-            None => {
-                if write != k {
-                    flat.copy_within(k * len..(k + 1) * len, write * len);
-                }
+    for &i in idx {
+        match prepare(ds, i, t, aug, cfg, &mut flat[write * len..(write + 1) * len]) {
+            Ok(()) => {
                 write += 1;
                 indices.push(i);
                 labels.push(ds.label(i));
+            }
+            Err(e) => {
+                skipped.push(e);
+                skipped_indices.push(i);
             }
         }
     }
@@ -203,7 +247,7 @@ mod tests {
 
     #[test]
     fn batches_skip_corrupt_samples_and_keep_order() {
-        let cfg = LoaderConfig { batch_size: 4, threads: 3, prefetch: 2, hflip: false, seed: 0, epoch: 0 };
+        let cfg = LoaderConfig { threads: 3, ..LoaderConfig::eval(4, 1) };
         let order: Vec<usize> = (0..10).rev().collect();
         let batches: Vec<Batch> = Loader::start(Arc::new(Toy(10)), order, 0, transform(), cfg).collect();
         assert_eq!(batches.len(), 3);
@@ -219,7 +263,7 @@ mod tests {
 
     #[test]
     fn resuming_from_a_step_gives_the_same_batches() {
-        let cfg = LoaderConfig { batch_size: 3, threads: 2, prefetch: 1, hflip: true, seed: 5, epoch: 2 };
+        let cfg = LoaderConfig { hflip: true, seed: 5, epoch: 2, prefetch: 1, ..LoaderConfig::eval(3, 2) };
         let order: Vec<usize> = (0..9).collect();
         let all: Vec<Vec<usize>> =
             Loader::start(Arc::new(Toy(9)), order.clone(), 0, transform(), cfg.clone()).map(|b| b.indices).collect();

@@ -8,9 +8,11 @@
 //! A sample that cannot be read or decoded is never fatal: the loader skips it, counts it and
 //! reports its key. Nothing here touches the model.
 
+pub mod decode;
 pub mod folder;
 pub mod idx;
 pub mod loader;
+pub mod sharded;
 pub mod shards;
 pub mod transform;
 
@@ -53,6 +55,14 @@ pub trait Dataset: Send + Sync {
     fn key(&self, i: usize) -> String;
     /// Reads and decodes sample `i`.
     fn load(&self, i: usize) -> Result<DynamicImage, SampleError>;
+    /// The encoded bytes (JPEG or PNG) of sample `i`, for datasets that store files: the loader
+    /// then decodes and augments in one pass ([`decode::Augment`]). `None` for datasets held
+    /// decoded (IDX).
+    fn encoded(&self, _i: usize) -> Option<Result<Vec<u8>, SampleError>> {
+        None
+    }
+    /// A hint that samples `indices` are read soon (read-ahead); may do nothing.
+    fn will_need(&self, _indices: &[usize]) {}
     /// Whether samples are small centred objects to be resized whole (IDX digits and clothes)
     /// rather than photos to be resized and centre-cropped.
     fn resize_whole(&self) -> bool {
@@ -88,6 +98,12 @@ impl Dataset for Subset {
     fn load(&self, i: usize) -> Result<DynamicImage, SampleError> {
         self.inner.load(self.indices[i])
     }
+    fn encoded(&self, i: usize) -> Option<Result<Vec<u8>, SampleError>> {
+        self.inner.encoded(self.indices[i])
+    }
+    fn will_need(&self, indices: &[usize]) {
+        self.inner.will_need(&indices.iter().map(|&i| self.indices[i]).collect::<Vec<_>>())
+    }
     fn resize_whole(&self) -> bool {
         self.inner.resize_whole()
     }
@@ -119,6 +135,30 @@ fn limit(ds: Arc<dyn Dataset>, limit: Option<usize>, seed: u64, stream: u64) -> 
     }
 }
 
+/// `all` split into training and validation subsets, a seeded `val_fraction` held out (`root`
+/// names the data in the error when there are too few samples).
+pub fn hold_out(all: Arc<dyn Dataset>, root: &Path, val_fraction: f64, seed: u64) -> Result<Splits, DataError> {
+    let n_val = ((all.len() as f64) * val_fraction).round().max(1.0) as usize;
+    if n_val >= all.len() {
+        return Err(DataError::Invalid {
+            path: root.to_path_buf(),
+            reason: format!("{} images are too few to hold out a validation split of {val_fraction}", all.len()),
+        });
+    }
+    let perm = permutation(all.len(), seed, 0xF01D);
+    let (mut val, mut train) = (perm[..n_val].to_vec(), perm[n_val..].to_vec());
+    val.sort_unstable();
+    train.sort_unstable();
+    Ok(Splits { train: Arc::new(Subset::new(all.clone(), train)), val: Arc::new(Subset::new(all, val)) })
+}
+
+/// Whether JPEG data ends with its end-of-image marker (within its last 32 bytes, to allow for
+/// trailing padding). Decoders fill a JPEG that was cut short with grey rather than fail, so a
+/// truncated file is only caught by looking.
+pub fn jpeg_complete(data: &[u8]) -> bool {
+    data[data.len().saturating_sub(32)..].windows(2).any(|w| w == [0xFF, 0xD9])
+}
+
 /// Opens the splits a job spec names, applying its limits (seeded subsets).
 pub fn open_splits(spec: &DataSpec, seed: u64) -> Result<Splits, DataError> {
     if !spec.root.is_dir() {
@@ -130,6 +170,10 @@ pub fn open_splits(spec: &DataSpec, seed: u64) -> Result<Splits, DataError> {
             Arc::new(idx::IdxDataset::open(&spec.root, idx::Split::Test)?),
         ),
         DataFormat::Folder => folder::open_splits(&spec.root, spec.val_fraction, seed)?,
+        DataFormat::Shards => {
+            let s = sharded::open_splits(&spec.root, spec.val_fraction, seed)?;
+            (s.train, s.val)
+        }
     };
     if train.class_names() != val.class_names() {
         return Err(DataError::Invalid {

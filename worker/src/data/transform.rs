@@ -5,6 +5,7 @@
 use image::imageops::FilterType;
 use image::DynamicImage;
 
+use super::decode::{Augment, CropMode};
 use crate::zoo::Preprocess;
 
 /// How samples become network inputs.
@@ -33,6 +34,27 @@ impl Transform {
             channels: pre.channels as usize,
             mean: pre.mean.iter().map(|&m| m as f32).collect(),
             std: pre.std.iter().map(|&s| s as f32).collect(),
+        }
+    }
+
+    /// The one-pass decode + augment pipeline for encoded samples with this transform's size,
+    /// channels and normalization: RandomResizedCrop (torchvision's defaults) when `random_crop`,
+    /// else resize + centre crop, or the whole image for small centred objects.
+    pub fn augment(&self, random_crop: bool, hflip: bool) -> Augment {
+        let crop = if self.whole {
+            CropMode::Whole
+        } else if random_crop {
+            CropMode::RandomResized { scale: (0.08, 1.0), ratio: (3.0 / 4.0, 4.0 / 3.0) }
+        } else {
+            CropMode::Center { resize: self.resize.max(self.size) }
+        };
+        Augment {
+            size: self.size,
+            crop,
+            hflip,
+            channels: self.channels,
+            mean: self.mean.clone(),
+            std: self.std.clone(),
         }
     }
 
