@@ -75,6 +75,13 @@ fn training_from_shards_is_deterministic_and_skips_and_names_a_corrupt_jpeg() {
     ok(thaw(&["train", path(&spec)]));
     assert!(checkpoint(&out) != outputs[0]);
 
+    // A shards job over a directory that was never packed is rejected before anything starts.
+    let out = dir.path().join("unpacked");
+    let spec = write_spec(dir.path(), "unpacked", &photo_spec("unpacked", &dir.path().join("src"), &out, ""));
+    let err = fails(thaw(&["train", path(&spec)]));
+    assert!(err.contains("not a packed directory") && err.contains("thaw data pack"), "{err}");
+    assert!(!out.exists(), "a rejected job writes nothing");
+
     // Over the limit, the job stops and names the sample.
     let out = dir.path().join("strict");
     let spec = write_spec(dir.path(), "strict", &photo_spec("strict", &data, &out, "max_skipped = 0"));
