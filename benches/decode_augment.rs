@@ -6,6 +6,9 @@
 //! of the images into its own output buffer; torchvision runs `DataLoader(batch_size=64,
 //! num_workers=T)` over a `Dataset` holding the same bytes (`benches/decode_augment_torch.py`),
 //! plus Pillow + torchvision on one thread without a `DataLoader`. Per-core rates divide by T.
+//! The like-for-like comparison with the `DataLoader` is thaw's own [`Loader`] with T threads over
+//! a dataset holding the same bytes, producing batches of 64 as tensors (`loader` columns); the
+//! bare pipeline's rate (`thaw` columns) shows what batching costs.
 //!
 //! `THAW_BENCH_IMAGES` (default 400), `THAW_BENCH_PASSES` (timed passes, default 5) and
 //! `THAW_BENCH_THREADS` (comma-separated, default 1,2) change the workload;
@@ -17,7 +20,52 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
+use std::sync::Arc;
+
+use image::DynamicImage;
 use thaw_worker::data::decode::{sample_key, Augment, CropMode};
+use thaw_worker::data::loader::{Loader, LoaderConfig};
+use thaw_worker::data::transform::Transform;
+use thaw_worker::data::{Dataset, SampleError};
+use thaw_worker::zoo::Preprocess;
+
+/// The JPEG bytes in memory, as the Python side's `Dataset` holds them.
+struct InMemory(Vec<Vec<u8>>);
+
+impl Dataset for InMemory {
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+    fn label(&self, i: usize) -> i64 {
+        (i % 10) as i64
+    }
+    fn class_names(&self) -> &[String] {
+        &[]
+    }
+    fn key(&self, i: usize) -> String {
+        format!("image {i}")
+    }
+    fn load(&self, i: usize) -> Result<DynamicImage, SampleError> {
+        image::load_from_memory(&self.0[i]).map_err(|e| SampleError { key: self.key(i), reason: e.to_string() })
+    }
+    fn encoded(&self, i: usize) -> Option<Result<Vec<u8>, SampleError>> {
+        Some(Ok(self.0[i].clone()))
+    }
+}
+
+/// Images per second of thaw's loader with `threads` threads: batches of 64 tensors, RandomResizedCrop
+/// and flips, `passes` epochs after one warm-up.
+fn loader_rate(ds: &Arc<dyn Dataset>, threads: usize, passes: usize) -> f64 {
+    let t = Transform::new(&Preprocess::imagenet(224), None, false);
+    let epoch = |e: u64| {
+        let cfg = LoaderConfig { hflip: true, random_crop: true, seed: 1, epoch: e, ..LoaderConfig::eval(64, threads) };
+        Loader::start(ds.clone(), (0..ds.len()).collect(), 0, t.clone(), cfg).map(|b| b.indices.len()).sum::<usize>()
+    };
+    epoch(0);
+    let start = Instant::now();
+    let n: usize = (1..=passes as u64).map(epoch).sum();
+    n as f64 / start.elapsed().as_secs_f64()
+}
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|s| s.parse().ok()).unwrap_or(default)
@@ -113,6 +161,8 @@ fn main() {
         std: vec![0.229, 0.224, 0.225],
     };
     let ours: Vec<(usize, f64)> = threads.iter().map(|&t| (t, thaw_rate(&aug, &images, t, passes))).collect();
+    let ds: Arc<dyn Dataset> = Arc::new(InMemory(images.clone()));
+    let loaders: Vec<f64> = threads.iter().map(|&t| loader_rate(&ds, t, passes)).collect();
     let py = if std::env::var("THAW_BENCH_NO_BASELINE").is_ok() { None } else { common::baseline_python() };
     let theirs = py.and_then(|py| torch_rates(&py, &list, &threads, passes));
 
@@ -124,27 +174,37 @@ fn main() {
     );
     println!("torchvision: Pillow + torchvision transforms in DataLoader(batch_size=64, num_workers=threads)");
     println!(
-        "{:>7} {:>10} {:>15} {:>15} {:>20} {:>10}",
-        "threads", "thaw_img_s", "thaw_img_s_core", "torchvision_img_s", "torchvision_img_s_core", "ratio_core"
+        "{:>7} {:>10} {:>15} {:>12} {:>17} {:>15} {:>20} {:>10}",
+        "threads",
+        "thaw_img_s",
+        "thaw_img_s_core",
+        "loader_img_s",
+        "loader_img_s_core",
+        "torchvision_img_s",
+        "torchvision_img_s_core",
+        "ratio_core"
     );
-    for &(t, rate) in &ours {
+    for (&(t, rate), &lr) in ours.iter().zip(&loaders) {
         let tv = theirs.as_ref().and_then(|(_, l)| l.iter().find(|(x, _)| *x == t).map(|&(_, r)| r));
-        let per = rate / t as f64;
+        let (per, lper) = (rate / t as f64, lr / t as f64);
         match tv {
             Some(r) => println!(
-                "{t:>7} {rate:>10.0} {per:>15.0} {r:>15.0} {:>20.0} {:>10.2}",
+                "{t:>7} {rate:>10.0} {per:>15.0} {lr:>12.0} {lper:>17.0} {r:>15.0} {:>20.0} {:>10.2}",
                 r / t as f64,
-                per / (r / t as f64)
+                lper / (r / t as f64)
             ),
-            None => println!("{t:>7} {rate:>10.0} {per:>15.0} {:>15} {:>20} {:>10}", "-", "-", "-"),
+            None => {
+                println!("{t:>7} {rate:>10.0} {per:>15.0} {lr:>12.0} {lper:>17.0} {:>15} {:>20} {:>10}", "-", "-", "-")
+            }
         }
     }
     if let Some((pillow, _)) = &theirs {
         let one = ours.iter().find(|(t, _)| *t == 1).map(|&(_, r)| r);
         let ratio = one.map(|r| format!("{:.2}", r / pillow)).unwrap_or_else(|| "-".into());
         println!(
-            "{:>7} {:>10} {:>15} {pillow:>15.0} {pillow:>20.0} {ratio:>10}   (Pillow + transforms, one thread, no DataLoader)",
-            "1*", "", ""
+            "{:>7} {:>10} {:>15} {:>12} {:>17} {pillow:>15.0} {pillow:>20.0} {ratio:>10}   (Pillow + transforms, one thread, no DataLoader; ratio: thaw_img_s)",
+            "1*", "", "", "", ""
         );
     }
+    println!("ratio_core: thaw's loader per core against torchvision's DataLoader per core");
 }

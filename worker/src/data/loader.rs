@@ -189,7 +189,16 @@ pub fn make_batch(
     cfg: &LoaderConfig,
 ) -> Batch {
     let len = t.sample_len();
-    let mut flat = vec![0f32; idx.len() * len];
+    let side = t.size as i64;
+    // Samples are written straight into the batch tensor's memory: no staging buffer, no copy.
+    let images = Tensor::empty([idx.len() as i64, t.channels as i64, side, side], (tch::Kind::Float, tch::Device::Cpu));
+    let flat: &mut [f32] = if idx.is_empty() {
+        &mut []
+    } else {
+        // SAFETY: a new contiguous CPU float tensor of idx.len() * len elements, owned here and
+        // not aliased until this function returns it.
+        unsafe { std::slice::from_raw_parts_mut(images.data_ptr() as *mut f32, idx.len() * len) }
+    };
     let (mut skipped, mut skipped_indices) = (Vec::new(), Vec::new());
     let mut indices = Vec::with_capacity(idx.len());
     let mut labels = Vec::with_capacity(idx.len());
@@ -207,9 +216,7 @@ pub fn make_batch(
             }
         }
     }
-    flat.truncate(write * len);
-    let s = t.size as i64;
-    let images = Tensor::from_slice(&flat).view([write as i64, t.channels as i64, s, s]);
+    let images = if write < idx.len() { images.narrow(0, 0, write as i64) } else { images };
     Batch { step, images, labels: Tensor::from_slice(&labels), indices, skipped, skipped_indices }
 }
 
