@@ -74,11 +74,12 @@ impl Transform {
             }
         } else {
             let (w, h) = (img.width().max(1), img.height().max(1));
+            // The long side is truncated, as torchvision's Resize does (`int(...)`).
             let r = self.resize.max(s) as f64;
             let (nw, nh) = if w <= h {
-                (r as u32, ((h as f64) * r / (w as f64)).round().max(r) as u32)
+                (r as u32, ((h as f64) * r / (w as f64)).floor().max(r) as u32)
             } else {
-                (((w as f64) * r / (h as f64)).round().max(r) as u32, r as u32)
+                (((w as f64) * r / (h as f64)).floor().max(r) as u32, r as u32)
             };
             let resized = img.resize_exact(nw, nh, FilterType::Triangle);
             resized.crop_imm((nw - s) / 2, (nh - s) / 2, s, s)
