@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
-use thaw_coordinator::plan::{EpochPlan, Slot};
+use thaw_coordinator::plan::{EpochPlan, PlanError, Slot};
 
 const N: u64 = 1_281_167;
 const WORLD: u32 = 1024;
@@ -131,6 +131,34 @@ fn check_cover(name: &str, (sum, pads): (u64, u64), steps: u64) {
     assert_eq!(pads, expected_pads, "{name}: wrong number of pads");
 }
 
+/// A row for thaw's plan as `make` builds it for an epoch: build time (of one plan, timed over a
+/// thousand), one rank's epoch, every rank's, coverage checked.
+fn measure_plan(name: &'static str, reps: usize, make: impl Fn(u32) -> Result<EpochPlan, PlanError>) -> Row {
+    let plan = make(EPOCH).expect("the benchmark's plan is valid");
+    let (build, _) = time(reps, || {
+        // One plan takes nanoseconds: time a thousand to see it.
+        for epoch in 0..1000 {
+            black_box(make(black_box(epoch)).ok());
+        }
+    });
+    let (one_rank, _) = time(reps, || fold_slots(plan.rank_slots(WORLD / 2).expect("rank in range")));
+    let (all_ranks, cover) = time(reps.min(3), || {
+        (0..WORLD)
+            .map(|r| fold_slots(plan.rank_slots(r).expect("rank in range")))
+            .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
+    });
+    check_cover(name, cover, plan.steps_per_rank());
+    Row {
+        name,
+        mean_run: mean_run(plan.rank_slots(WORLD / 2).expect("rank in range")),
+        build: build / 1000,
+        one_rank,
+        all_ranks,
+        state_bytes: std::mem::size_of::<EpochPlan>() as u64,
+        peak: peak_rss(),
+    }
+}
+
 fn main() {
     // `cargo test --benches` runs bench targets with `--test`; listing asks with `--list`.
     if std::env::args().any(|a| a == "--test" || a == "--list") {
@@ -147,56 +175,11 @@ fn main() {
         plan.global_batch(),
         steps * plan.global_batch() - N
     );
-    let (build, _) = time(reps, || {
-        // One plan takes nanoseconds: time a thousand to see it.
-        for epoch in 0..1000 {
-            black_box(EpochPlan::new(SEED, black_box(epoch), N, WORLD, BATCH).ok());
-        }
-    });
-    let build = build / 1000;
-    let (one_rank, _) = time(reps, || fold_slots(plan.rank_slots(mid_rank).expect("rank in range")));
-    let (all_ranks, cover) = time(reps.min(3), || {
-        (0..WORLD)
-            .map(|r| fold_slots(plan.rank_slots(r).expect("rank in range")))
-            .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
-    });
-    check_cover("feistel", cover, steps);
-    let thaw = Row {
-        name: "thaw EpochPlan (Feistel)",
-        mean_run: mean_run(plan.rank_slots(mid_rank).expect("rank in range")),
-        build,
-        one_rank,
-        all_ranks,
-        state_bytes: std::mem::size_of::<EpochPlan>() as u64,
-        peak: peak_rss(),
-    };
-
+    let thaw = measure_plan("thaw EpochPlan (Feistel)", reps, |epoch| EpochPlan::new(SEED, epoch, N, WORLD, BATCH));
     reset_peak_rss();
-    let blocked = plan.with_blocks(256, 1024).expect("valid blocks");
-    let (build, _) = time(reps, || {
-        for epoch in 0..1000 {
-            black_box(
-                EpochPlan::new(SEED, black_box(epoch), N, WORLD, BATCH).and_then(|p| p.with_blocks(256, 1024)).ok(),
-            );
-        }
+    let block_row = measure_plan("thaw blocked (256, 1024)", reps, |epoch| {
+        EpochPlan::new(SEED, epoch, N, WORLD, BATCH).and_then(|p| p.with_blocks(256, 1024))
     });
-    let build = build / 1000;
-    let (one_rank, _) = time(reps, || fold_slots(blocked.rank_slots(mid_rank).expect("rank in range")));
-    let (all_ranks, cover) = time(reps.min(3), || {
-        (0..WORLD)
-            .map(|r| fold_slots(blocked.rank_slots(r).expect("rank in range")))
-            .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
-    });
-    check_cover("blocked", cover, blocked.steps_per_rank());
-    let block_row = Row {
-        name: "thaw blocked (256, 1024)",
-        mean_run: mean_run(blocked.rank_slots(mid_rank).expect("rank in range")),
-        build,
-        one_rank,
-        all_ranks,
-        state_bytes: std::mem::size_of::<EpochPlan>() as u64,
-        peak: peak_rss(),
-    };
 
     reset_peak_rss();
     let (build, order) = time(reps, naive_build);

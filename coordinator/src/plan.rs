@@ -347,6 +347,11 @@ impl EpochPlan {
         (u128::from(rank) * u128::from(self.num_samples()) / u128::from(self.world_size)) as u64
     }
 
+    /// Length of `rank`'s range in a blocked plan (its real samples).
+    fn range_len(&self, rank: u32) -> u64 {
+        self.range_start(rank + 1) - self.range_start(rank)
+    }
+
     /// The window size of `rank`'s range, given its length: a blocked plan's window, or the whole
     /// range after the anchor epoch of an affinity plan (the cache serves those epochs, so there is
     /// no read order to keep).
@@ -366,8 +371,7 @@ impl EpochPlan {
 
     /// A blocked plan's slot `t` of `rank`'s range (rank-relative, in training order).
     fn blocked_slot(&self, b: &Blocks, rank: u32, t: u64) -> Slot {
-        let (start, end) = (self.range_start(rank), self.range_start(rank + 1));
-        let len = end - start;
+        let (start, len) = (self.range_start(rank), self.range_len(rank));
         if t >= len {
             return Slot::Pad;
         }
@@ -502,10 +506,9 @@ impl EpochPlan {
             while self.range_start(rank) > position {
                 rank -= 1;
             }
-            let start = self.range_start(rank);
-            let len = self.range_start(rank + 1) - start;
+            let len = self.range_len(rank);
             let m = self.window_of(b, len);
-            let rel = position - start;
+            let rel = position - self.range_start(rank);
             let (w, u) = (rel / m, rel % m);
             let wlen = m.min(len - w * m);
             let t = w * m + self.window_perm(rank, w, wlen).index_of(u).unwrap_or(u);
@@ -568,9 +571,8 @@ impl EpochPlan {
         self.check_rank(rank)?;
         self.check_step(step)?;
         if self.blocks.is_some() {
-            let len = self.range_start(rank + 1) - self.range_start(rank);
             let b = u64::from(self.batch_size);
-            return Ok(len.saturating_sub(step * b).min(b) as u32);
+            return Ok(self.range_len(rank).saturating_sub(step * b).min(b) as u32);
         }
         let start = self.batch_start(rank, step);
         // At most batch_size, so it fits u32.
@@ -591,7 +593,7 @@ impl EpochPlan {
     pub fn samples_done_after(&self, steps_done: u64) -> u64 {
         if self.blocks.is_some() {
             let done = steps_done.saturating_mul(u64::from(self.batch_size));
-            return (0..self.world_size).map(|r| (self.range_start(r + 1) - self.range_start(r)).min(done)).sum();
+            return (0..self.world_size).map(|r| self.range_len(r).min(done)).sum();
         }
         steps_done.saturating_mul(self.global_batch()).min(self.num_samples())
     }
@@ -600,7 +602,7 @@ impl EpochPlan {
     pub fn rank_sample_count(&self, rank: u32) -> Result<u64, PlanError> {
         self.check_rank(rank)?;
         if self.blocks.is_some() {
-            return Ok(self.range_start(rank + 1) - self.range_start(rank));
+            return Ok(self.range_len(rank));
         }
         let (n, g, b) = (self.num_samples(), self.global_batch(), u64::from(self.batch_size));
         let full_steps = n / g;
