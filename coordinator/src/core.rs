@@ -24,7 +24,7 @@ use crate::job::{JobError, JobRecord, JobState};
 use crate::metrics::EpochMetrics;
 use crate::plan::{EpochPlan, PlanError};
 use crate::rendezvous::{Member, Rendezvous, RendezvousConfig, RendezvousError, RendezvousState};
-use crate::spec::{DataFormat, JobSpec, SpecError, Stage};
+use crate::spec::{JobSpec, SpecError, Stage};
 use crate::store::{MemoryStore, StateStore, StoreError, StoredJob};
 
 /// Progress alone (no state change, no finished epoch) is written to the store at most this often
@@ -204,20 +204,28 @@ impl Job {
         self.members.iter().any(|m| m.worker_id == worker)
     }
 
-    /// The blocked layout's parameters when the job reads packed shards.
-    fn blocks(&self) -> Option<(u32, u32)> {
-        (self.spec.data.format == DataFormat::Shards)
-            .then_some((self.spec.data.read_block, self.spec.data.shuffle_window))
+    /// The plan parameters of `epoch` with `world` ranks (the spec's layout, the stage's affinity).
+    fn plan_info(&self, epoch: u32, world: u32) -> Result<PlanInfo, PlanError> {
+        let stage = crate::schedule::stage_of(&self.stages, epoch as usize);
+        let mut info = PlanInfo {
+            seed: self.spec.seed,
+            epoch,
+            num_samples: self.num_samples.unwrap_or(0),
+            world_size: world,
+            batch_size: self.spec.train.batch_size as u32,
+            steps: 0,
+            stage: stage.cloned(),
+            affinity_epoch: stage
+                .filter(|s| s.caches(&self.spec.data, self.spec.train.feature_cache_mb))
+                .map(|s| s.epochs.start as u32),
+            blocks: self.spec.data.blocks(),
+        };
+        info.steps = info.plan()?.steps_per_rank();
+        Ok(info)
     }
 
     fn steps_per_epoch(&self) -> u64 {
-        let (Some(n), w) = (self.num_samples, self.world_size) else { return 0 };
-        let plan = EpochPlan::new(self.spec.seed, 0, n, w, self.spec.train.batch_size as u32);
-        let plan = match self.blocks() {
-            Some((block, window)) => plan.and_then(|p| p.with_blocks(block, window)),
-            None => plan,
-        };
-        plan.map(|p| p.steps_per_rank()).unwrap_or(0)
+        self.plan_info(0, self.world_size).map(|p| p.steps).unwrap_or(0)
     }
 
     fn stored(&self) -> StoredJob {
@@ -566,23 +574,7 @@ impl Coordinator {
                 what: format!("no plan for epoch {epoch}"),
             });
         }
-        let n = job.num_samples.unwrap_or(0);
-        let stage = crate::schedule::stage_of(&job.stages, epoch as usize);
-        let mut info = PlanInfo {
-            seed: job.spec.seed,
-            epoch,
-            num_samples: n,
-            world_size: job.members.len() as u32,
-            batch_size: job.spec.train.batch_size as u32,
-            steps: 0,
-            stage: stage.cloned(),
-            affinity_epoch: stage
-                .filter(|s| s.caches(&job.spec.data, job.spec.train.feature_cache_mb))
-                .map(|s| s.epochs.start as u32),
-            blocks: job.blocks(),
-        };
-        info.steps = info.plan()?.steps_per_rank();
-        Ok(info)
+        Ok(job.plan_info(epoch, job.members.len() as u32)?)
     }
 
     /// Progress from a rank (rank 0's is recorded); `metrics` once per finished epoch. Metrics are

@@ -94,6 +94,14 @@ impl DataFormat {
     }
 }
 
+impl DataSpec {
+    /// The blocked epoch layout's (read block, shuffle window) for packed shards; `None` for the
+    /// other formats, which use the interleaved layout.
+    pub fn blocks(&self) -> Option<(u32, u32)> {
+        (self.format == DataFormat::Shards).then_some((self.read_block, self.shuffle_window))
+    }
+}
+
 /// The optimizer and its hyper-parameters.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "kind")]

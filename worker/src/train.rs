@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
 use thaw_coordinator::schedule::stage_of;
-use thaw_coordinator::spec::{BnPolicy, DataFormat, JobSpec, SpecError, Stage, WeightsSpec};
+use thaw_coordinator::spec::{BnPolicy, JobSpec, SpecError, Stage, WeightsSpec};
 
 use thaw_coordinator::plan::EpochPlan;
 
@@ -22,7 +22,7 @@ use crate::checkpoint::{Checkpoint, CheckpointError, CheckpointPolicy, Cursor, E
 use crate::collective::{Collective, CollectiveError};
 use crate::data::loader::{Batch, Loader, LoaderConfig};
 use crate::data::transform::Transform;
-use crate::data::{self, DataError, Dataset, Splits};
+use crate::data::{self, DataError, Dataset, SampleError, Splits};
 use crate::optim::{Optimizer, Param};
 use crate::progress::Progress;
 use crate::stage_cache::StageCache;
@@ -230,14 +230,22 @@ impl Trainer {
     /// rank (long sequential runs, shuffled within windows); otherwise a seeded permutation.
     fn local_order(&self, epoch: usize) -> Result<Vec<usize>, TrainError> {
         let n = self.splits.train.len();
-        let d = &self.spec.data;
-        if d.format != DataFormat::Shards || d.train_limit.is_some() {
+        let Some((block, window)) = self.spec.data.blocks() else {
             return Ok(data::permutation(n, self.spec.seed, 1000 + epoch as u64));
-        }
+        };
         let plan = EpochPlan::new(self.spec.seed, epoch as u32, n as u64, 1, 1)
-            .and_then(|p| p.with_blocks(d.read_block, d.shuffle_window))
+            .and_then(|p| p.with_blocks(block, window))
             .and_then(|p| p.rank_samples(0).map(|it| it.map(|i| i as usize).collect()));
         plan.map_err(|e| TrainError::Invalid(e.to_string()))
+    }
+
+    /// Logs a batch's unreadable samples, counts them in the cursor and remembers the epoch's first.
+    fn note_skipped(&mut self, skipped: &[SampleError], first: &mut Option<String>) {
+        for e in skipped {
+            tracing::warn!(key = %e.key, reason = %e.reason, "skipping unreadable sample");
+            first.get_or_insert_with(|| e.key.clone());
+        }
+        self.cursor.skipped += skipped.len() as u64;
     }
 
     /// Fails the run once an epoch's unreadable samples (over all ranks) pass `data.max_skipped`.
@@ -411,16 +419,13 @@ impl Trainer {
             let mut progress =
                 Progress::new(format!("epoch {}/{}", epoch + 1, self.spec.train.epochs), (steps * bs) as u64, "img");
             let mut waited = Instant::now();
+            let mut first_skipped = None;
             while let Some(batch) = self.next_batch(&mut source) {
                 let batch = batch?;
                 data_wait += waited.elapsed().as_secs_f64();
-                for e in &batch.skipped {
-                    tracing::warn!(key = %e.key, reason = %e.reason, "skipping unreadable sample");
-                    skipped_keys.push(e.key.clone());
-                }
-                self.cursor.skipped += batch.skipped.len() as u64;
-                let first = skipped_keys.get(skipped_keys.len().saturating_sub(self.cursor.skipped as usize));
-                self.check_skipped(epoch, self.cursor.skipped, first.map(String::as_str))?;
+                self.note_skipped(&batch.skipped, &mut first_skipped);
+                skipped_keys.extend(batch.skipped.iter().map(|e| e.key.clone()));
+                self.check_skipped(epoch, self.cursor.skipped, first_skipped.as_deref())?;
                 let n = batch.labels.size()[0];
                 if n > 0 {
                     let lrs = self.group_lrs(epoch, batch.step, steps);
@@ -789,11 +794,7 @@ impl Trainer {
             while let Some(batch) = self.next_batch(&mut source) {
                 let batch = batch?;
                 data_wait += waited.elapsed().as_secs_f64();
-                for e in &batch.skipped {
-                    tracing::warn!(key = %e.key, reason = %e.reason, "skipping unreadable sample");
-                    first_skipped.get_or_insert_with(|| e.key.clone());
-                }
-                self.cursor.skipped += batch.skipped.len() as u64;
+                self.note_skipped(&batch.skipped, &mut first_skipped);
                 let global =
                     plan.step_real_count(batch.step as u64).map_err(|e| TrainError::Invalid(e.to_string()))? as f64;
                 let n = batch.labels.size()[0];
