@@ -159,6 +159,14 @@ pub fn jpeg_complete(data: &[u8]) -> bool {
     data[data.len().saturating_sub(32)..].windows(2).any(|w| w == [0xFF, 0xD9])
 }
 
+/// Decodes an encoded image, refusing a JPEG that was cut short (see [`jpeg_complete`]).
+pub fn decode_image(bytes: &[u8]) -> Result<DynamicImage, String> {
+    if bytes.starts_with(&[0xFF, 0xD8]) && !jpeg_complete(bytes) {
+        return Err("truncated JPEG (no end-of-image marker)".into());
+    }
+    image::load_from_memory(bytes).map_err(|e| e.to_string())
+}
+
 /// Opens the splits a job spec names, applying its limits (seeded subsets).
 pub fn open_splits(spec: &DataSpec, seed: u64) -> Result<Splits, DataError> {
     if !spec.root.is_dir() {

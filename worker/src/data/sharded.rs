@@ -93,10 +93,7 @@ impl Dataset for ShardDataset {
     fn load(&self, i: usize) -> Result<DynamicImage, SampleError> {
         let err = |reason: String| SampleError { key: self.key(i), reason };
         let bytes = self.encoded_bytes(i).map_err(err)?;
-        if !self.index.record(i).png && !super::jpeg_complete(&bytes) {
-            return Err(err("truncated JPEG (no end-of-image marker)".into()));
-        }
-        image::load_from_memory(&bytes).map_err(|e| err(format!("cannot decode: {e}")))
+        super::decode_image(&bytes).map_err(|e| err(format!("cannot decode: {e}")))
     }
     fn encoded(&self, i: usize) -> Option<Result<Vec<u8>, SampleError>> {
         Some(self.encoded_bytes(i).map_err(|reason| SampleError { key: self.key(i), reason }))

@@ -77,6 +77,20 @@ pub struct SampleRecord {
 }
 
 impl SampleRecord {
+    /// The sample's key: the name of its tar members without the extension.
+    pub fn key(&self) -> String {
+        format!("{:05}_{:09}", self.label, self.source)
+    }
+
+    /// `jpg` or `png`.
+    pub fn ext(&self) -> &'static str {
+        if self.png {
+            "png"
+        } else {
+            "jpg"
+        }
+    }
+
     fn encode(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(&self.offset.to_le_bytes());
         out.extend_from_slice(&self.size.to_le_bytes());
@@ -232,19 +246,14 @@ impl ShardIndex {
         self.shards.partition_point(|s| s.first <= i as u64) - 1
     }
 
-    /// Sample `i`'s key: the name of its tar members without the extension.
+    /// Sample `i`'s key (see [`SampleRecord::key`]).
     pub fn key(&self, i: usize) -> String {
-        let r = self.records[i];
-        format!("{:05}_{:09}", r.label, r.source)
+        self.records[i].key()
     }
 
-    /// `jpg` or `png`.
+    /// Sample `i`'s extension, `jpg` or `png`.
     pub fn ext(&self, i: usize) -> &'static str {
-        if self.records[i].png {
-            "png"
-        } else {
-            "jpg"
-        }
+        self.records[i].ext()
     }
 
     /// `samples.bin` as `index.json` describes it.
@@ -313,37 +322,27 @@ fn read_samples(path: &Path, expect: u64) -> Result<Vec<SampleRecord>, DataError
 /// Writes `samples.bin` atomically; returns what `index.json` says of it.
 fn write_samples(dir: &Path, records: &[SampleRecord]) -> Result<SamplesFile, DataError> {
     let path = dir.join(SAMPLES_FILE);
-    let mut hasher = Sha256::new();
-    let mut bytes = 0u64;
+    let mut summary = None;
     crate::tensor_io::write_atomic(&path, |f| {
-        let mut buf = Vec::with_capacity(RECORD_BYTES * 4096);
+        let mut w = HashingWriter { inner: BufWriter::new(f), hasher: Sha256::new(), bytes: 0 };
+        let mut buf = Vec::with_capacity(HEADER_BYTES.max(RECORD_BYTES));
         buf.extend_from_slice(MAGIC);
         buf.extend_from_slice(&SAMPLES_VERSION.to_le_bytes());
         buf.extend_from_slice(&(RECORD_BYTES as u32).to_le_bytes());
         buf.extend_from_slice(&(records.len() as u64).to_le_bytes());
-        for chunk in records.chunks(4096) {
-            for r in chunk {
-                r.encode(&mut buf);
-            }
-            f.write_all(&buf)?;
-            hasher.update(&buf);
-            bytes += buf.len() as u64;
+        w.write_all(&buf)?;
+        for r in records {
             buf.clear();
+            r.encode(&mut buf);
+            w.write_all(&buf)?;
         }
-        if !buf.is_empty() {
-            f.write_all(&buf)?;
-            hasher.update(&buf);
-            bytes += buf.len() as u64;
-        }
+        w.flush()?;
+        summary = Some((w.bytes, w.hasher.finalize()));
         Ok(())
     })
     .map_err(|e| invalid(&path, e.to_string()))?;
-    Ok(SamplesFile {
-        file: SAMPLES_FILE.into(),
-        count: records.len() as u64,
-        bytes,
-        sha256: format!("{:x}", hasher.finalize()),
-    })
+    let (bytes, sha256) = summary.expect("written");
+    Ok(SamplesFile { file: SAMPLES_FILE.into(), count: records.len() as u64, bytes, sha256: format!("{sha256:x}") })
 }
 
 /// Writes `samples.bin`, then `index.json` (atomically, last: the directory is now packed).
@@ -494,6 +493,13 @@ impl OpenShard {
             count: self.count,
         })
     }
+}
+
+/// Why `path` is not the file the index describes (`bytes` long, with this sha256), if it is not.
+fn mismatch(path: &Path, bytes: u64, sha256: &str) -> Result<Option<String>, DataError> {
+    let (b, sha) = hash_file(path)?;
+    Ok((b != bytes || sha != sha256)
+        .then(|| format!("checksum mismatch: {b} bytes, sha256 {sha}; the index says {bytes} bytes, {sha256}")))
 }
 
 fn hash_file(path: &Path) -> Result<(u64, String), DataError> {
@@ -782,12 +788,12 @@ fn pack_source(src: &Source, out: &Path, opts: &PackOptions, what: &str) -> Resu
                 Some(s) => s,
                 None => open.insert(OpenShard::create(out, shards.len(), records.len() as u64)?),
             };
-            let (label, source) = (src.label(source), source as u32);
-            let key = format!("{label:05}_{source:09}");
-            let offset = shard.append(&format!("{key}.{}", if png { "png" } else { "jpg" }), &data)?;
-            shard.append(&format!("{key}.cls"), label.to_string().as_bytes())?;
+            let mut record = SampleRecord { offset: 0, size, label: src.label(source), source: source as u32, png };
+            let key = record.key();
+            record.offset = shard.append(&format!("{key}.{}", record.ext()), &data)?;
+            shard.append(&format!("{key}.cls"), record.label.to_string().as_bytes())?;
             shard.count += 1;
-            records.push(SampleRecord { offset, size, label, source, png });
+            records.push(record);
             *written.lock().unwrap_or_else(|e| e.into_inner()) = pos + 1;
             wake.notify_all();
             progress.update(pos as u64 + 1, || format!("shard {}", shards.len()));
@@ -893,16 +899,9 @@ pub fn verify(dir: &Path) -> Result<VerifyReport, DataError> {
     let index = ShardIndex::load(dir)?;
     let mut problems = Vec::new();
     let sf = index.samples_file();
-    match hash_file(&dir.join(&sf.file)) {
-        Ok((bytes, sha)) if bytes != sf.bytes || sha != sf.sha256 => problems.push(Problem {
-            shard: sf.file.clone(),
-            key: None,
-            reason: format!(
-                "checksum mismatch: {bytes} bytes, sha256 {sha}; the index says {} bytes, {}",
-                sf.bytes, sf.sha256
-            ),
-        }),
-        Ok(_) => {}
+    match mismatch(&dir.join(&sf.file), sf.bytes, &sf.sha256) {
+        Ok(None) => {}
+        Ok(Some(reason)) => problems.push(Problem { shard: sf.file.clone(), key: None, reason }),
         Err(e) => problems.push(Problem { shard: sf.file.clone(), key: None, reason: e.to_string() }),
     }
     let threads =
@@ -952,15 +951,9 @@ fn verify_shard(dir: &Path, index: &ShardIndex, s: usize, tx: &mpsc::Sender<Veri
     let path = dir.join(&info.file);
     let mut problems = Vec::new();
     let problem = |key: Option<String>, reason: String| Problem { shard: info.file.clone(), key, reason };
-    match hash_file(&path) {
-        Ok((bytes, sha)) if bytes != info.bytes || sha != info.sha256 => problems.push(problem(
-            None,
-            format!(
-                "checksum mismatch: {bytes} bytes, sha256 {sha}; the index says {} bytes, {}",
-                info.bytes, info.sha256
-            ),
-        )),
-        Ok(_) => {}
+    match mismatch(&path, info.bytes, &info.sha256) {
+        Ok(None) => {}
+        Ok(Some(reason)) => problems.push(problem(None, reason)),
         Err(e) => {
             problems.push(problem(None, e.to_string()));
             let _ = tx.send(VerifyMsg::Done(info.count));
@@ -999,13 +992,7 @@ fn verify_shard(dir: &Path, index: &ShardIndex, s: usize, tx: &mpsc::Sender<Veri
             ));
             continue;
         }
-        let data = &data[512..];
-        let truncated = !r.png && !super::jpeg_complete(data);
-        match image::load_from_memory(data) {
-            Ok(_) if truncated => problems.push(problem(
-                Some(key.clone()),
-                format!("cannot decode {key}.{ext}: truncated JPEG (no end-of-image marker)"),
-            )),
+        match super::decode_image(&data[512..]) {
             Ok(_) => decoded += 1,
             Err(err) => problems.push(problem(Some(key.clone()), format!("cannot decode {key}.{ext}: {err}"))),
         }
