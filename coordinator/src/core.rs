@@ -22,7 +22,8 @@ use std::time::{Duration, Instant};
 
 use crate::job::{JobError, JobRecord, JobState};
 use crate::metrics::EpochMetrics;
-use crate::plan::{EpochPlan, PlanError};
+use crate::plan::{Cut, EpochCursor, EpochPlan, PlanError};
+use crate::recovery::{Arrival, Regroup, RegroupError, RegroupState};
 use crate::rendezvous::{Member, Rendezvous, RendezvousConfig, RendezvousError, RendezvousState};
 use crate::spec::{JobSpec, SpecError, Stage};
 use crate::store::{MemoryStore, StateStore, StoreError, StoredJob};
@@ -76,6 +77,10 @@ pub enum CoreError {
     GroupMismatch { job: String, worker: String, expected: Vec<String>, found: Vec<String> },
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Regroup(#[from] RegroupError),
+    #[error("worker `{worker}` of job `{job}` speaks for generation {found}, the group is at generation {current}; join again")]
+    StaleGeneration { job: String, worker: String, found: u32, current: u32 },
 }
 
 impl CoreError {
@@ -92,9 +97,11 @@ impl CoreError {
                 ErrorKind::InvalidArgument
             }
             CoreError::Rendezvous(RendezvousError::DuplicateWorker { .. }) => ErrorKind::AlreadyExists,
-            CoreError::Rendezvous(_) | CoreError::Job(_) | CoreError::WrongState { .. } => {
-                ErrorKind::FailedPrecondition
-            }
+            CoreError::Rendezvous(_)
+            | CoreError::Job(_)
+            | CoreError::WrongState { .. }
+            | CoreError::Regroup(_)
+            | CoreError::StaleGeneration { .. } => ErrorKind::FailedPrecondition,
             CoreError::Store(StoreError::InvalidId { .. }) => ErrorKind::InvalidArgument,
             CoreError::Store(e) if e.is_retryable() => ErrorKind::Unavailable,
             CoreError::Store(_) => ErrorKind::Internal,
@@ -113,6 +120,35 @@ pub struct Assignment {
     /// Rank 0's NCCL unique id (empty for the ring).
     pub nccl_unique_id: Vec<u8>,
     pub spec_toml: String,
+    /// The group's generation: 1 for the first, +1 at every re-form.
+    pub generation: u32,
+    /// The rank whose model, optimizer state, cursor and metrics every rank takes before training.
+    pub source_rank: u32,
+    /// Where the group starts, for its world.
+    pub cursor: EpochCursor,
+    /// A checkpoint the first generation loads (a resumed job).
+    pub resume_from: Option<String>,
+}
+
+/// A worker asking to join (or re-join) a job.
+#[derive(Clone, Debug, Default)]
+pub struct JoinInfo<'a> {
+    pub worker_id: &'a str,
+    pub collective_addr: &'a str,
+    /// The training split's size as the worker sees it.
+    pub num_samples: u64,
+    pub nccl_unique_id: &'a [u8],
+    /// The model's layer groups, input to output.
+    pub groups: &'a [String],
+    /// The generation the worker last trained in (0: none).
+    pub generation: u32,
+    /// A survivor's completed progress.
+    pub cursor: Option<EpochCursor>,
+    /// Why a survivor joins again (its collective's error, or the agreed re-form).
+    pub reason: &'a str,
+    /// Whether that was a failure (a collective error), as opposed to an agreed re-form (a
+    /// graceful leave, an admission): only failures count against `max_restarts`.
+    pub failed: bool,
 }
 
 /// The answer to a worker waiting in the rendezvous.
@@ -130,6 +166,8 @@ pub enum JoinPoll {
 pub enum Command {
     Continue,
     Stop { reason: String },
+    /// Finish the step in flight (agreed with the other ranks) and join again.
+    Reform { reason: String },
 }
 
 /// The parameters of one epoch's plan; a worker rebuilds the [`EpochPlan`] from them.
@@ -150,6 +188,8 @@ pub struct PlanInfo {
     /// The blocked layout's (read block, shuffle window), for packed shards; see
     /// [`EpochPlan::with_blocks`].
     pub blocks: Option<(u32, u32)>,
+    /// The rest of the epoch after its world changed; see [`EpochPlan::with_cut`].
+    pub cut: Option<Cut>,
 }
 
 impl PlanInfo {
@@ -159,10 +199,43 @@ impl PlanInfo {
         if let Some((block, window)) = self.blocks {
             plan = plan.with_blocks(block, window)?;
         }
-        match self.affinity_epoch {
-            Some(anchor) => plan.with_affinity(anchor),
+        if let Some(anchor) = self.affinity_epoch {
+            plan = plan.with_affinity(anchor)?;
+        }
+        match self.cut {
+            Some(cut) => plan.with_cut(cut),
             None => Ok(plan),
         }
+    }
+
+    /// The plan parameters of `epoch` of `spec` for `world` ranks: the spec's layout, and the
+    /// affinity of a stage that caches. The one place a plan's parameters are decided, for the
+    /// coordinator and for a one-process run alike.
+    pub fn for_spec(
+        spec: &JobSpec,
+        stages: &[Stage],
+        epoch: u32,
+        num_samples: u64,
+        world: u32,
+        cut: Option<Cut>,
+    ) -> Result<PlanInfo, PlanError> {
+        let stage = crate::schedule::stage_of(stages, epoch as usize);
+        let mut info = PlanInfo {
+            seed: spec.seed,
+            epoch,
+            num_samples,
+            world_size: world,
+            batch_size: spec.train.batch_size as u32,
+            steps: 0,
+            stage: stage.cloned(),
+            affinity_epoch: stage
+                .filter(|s| s.caches(&spec.data, spec.train.feature_cache_mb))
+                .map(|s| s.epochs.start as u32),
+            blocks: spec.data.blocks(),
+            cut,
+        };
+        info.steps = info.plan()?.steps_per_rank();
+        Ok(info)
     }
 }
 
@@ -175,6 +248,8 @@ pub struct JobView {
     pub workers: u32,
     pub steps_per_epoch: u64,
     pub metrics: Vec<EpochMetrics>,
+    pub generation: u32,
+    pub restarts: u32,
 }
 
 struct Job {
@@ -193,6 +268,20 @@ struct Job {
     last_seen: HashMap<String, Instant>,
     /// Size of the group the rendezvous formed (kept when the members are not, after a restore).
     world_size: u32,
+    /// The group's generation (0 before the first group forms) and where it started.
+    generation: u32,
+    cursor: EpochCursor,
+    /// The rank whose state the current generation started from.
+    source: u32,
+    /// Failures counted against `max_restarts`.
+    restarts: u32,
+    /// The re-forming group, while `Recovering`.
+    regroup: Option<Regroup>,
+    /// Newcomers to a running job, admitted at the next re-form.
+    admitting: Vec<Arrival>,
+    /// A resumed job's checkpoint and its cursor.
+    resume_from: Option<String>,
+    resume_cursor: Option<EpochCursor>,
     /// `now_ms` of the last successful write to the store.
     saved_ms: Option<u64>,
     /// Changed since the last successful write.
@@ -205,23 +294,115 @@ impl Job {
     }
 
     /// The plan parameters of `epoch` with `world` ranks (the spec's layout, the stage's affinity).
+    /// The epoch the current generation started in carries its cut.
     fn plan_info(&self, epoch: u32, world: u32) -> Result<PlanInfo, PlanError> {
-        let stage = crate::schedule::stage_of(&self.stages, epoch as usize);
-        let mut info = PlanInfo {
-            seed: self.spec.seed,
-            epoch,
-            num_samples: self.num_samples.unwrap_or(0),
-            world_size: world,
-            batch_size: self.spec.train.batch_size as u32,
-            steps: 0,
-            stage: stage.cloned(),
-            affinity_epoch: stage
-                .filter(|s| s.caches(&self.spec.data, self.spec.train.feature_cache_mb))
-                .map(|s| s.epochs.start as u32),
-            blocks: self.spec.data.blocks(),
-        };
-        info.steps = info.plan()?.steps_per_rank();
-        Ok(info)
+        let cut = if epoch == self.cursor.epoch { self.cursor.cut } else { None };
+        PlanInfo::for_spec(&self.spec, &self.stages, epoch, self.num_samples.unwrap_or(0), world, cut)
+    }
+
+    fn rank_of(&self, worker: &str) -> Option<u32> {
+        self.members.iter().find(|m| m.worker_id == worker).map(|m| m.rank)
+    }
+
+    /// Whether `worker` is anyone the job knows now: a member, a survivor re-forming, a newcomer.
+    fn knows(&self, worker: &str) -> bool {
+        self.is_member(worker)
+            || self.admitting.iter().any(|a| a.worker_id == worker)
+            || self.regroup.as_ref().is_some_and(|g| g.expects(worker) || g.has_arrived(worker))
+    }
+
+    fn heartbeat_timeout(&self) -> Duration {
+        secs(self.spec.distributed.heartbeat_timeout_secs)
+    }
+
+    /// Running -> Recovering: the group re-forms without `gone` (if any), with the newcomers
+    /// waiting for admission. A failure counts against the restart budget; past it the job fails.
+    fn begin_recovery(
+        &mut self,
+        reason: String,
+        failure: bool,
+        gone: Option<&str>,
+        now: Instant,
+        now_ms: u64,
+    ) -> Result<(), CoreError> {
+        if self.record.state() != JobState::Running {
+            return Ok(());
+        }
+        let d = &self.spec.distributed;
+        if failure {
+            self.restarts += 1;
+            if self.restarts > d.max_restarts {
+                self.record.fail(
+                    format!("{reason}; the restart budget (distributed.max_restarts = {}) is spent", d.max_restarts),
+                    now_ms,
+                )?;
+                return Ok(());
+            }
+        }
+        let counted = if failure { format!(" (failure {} of {} allowed)", self.restarts, d.max_restarts) } else { String::new() };
+        self.record.start_recovering(format!("{reason}{counted}"), now_ms)?;
+        let expected = self.members.iter().map(|m| (m.worker_id.clone(), m.rank)).collect();
+        let mut g = Regroup::new(&self.spec.name, expected, d.min_workers, d.max_workers, secs(d.rejoin_timeout_secs));
+        if let Some(w) = gone {
+            g.drop_member(w, now);
+        }
+        for a in self.admitting.drain(..) {
+            if let Err(e) = g.arrive(a, now) {
+                tracing::warn!(job = %self.spec.name, error = %e, "newcomer not admitted");
+            }
+        }
+        self.regroup = Some(g);
+        self.nccl_unique_id.clear();
+        Ok(())
+    }
+
+    /// Moves a recovering job on when its regroup closed (a new generation) or failed.
+    fn advance_regroup(&mut self, now: Instant, now_ms: u64) -> Result<(), CoreError> {
+        if self.record.state() != JobState::Recovering {
+            return Ok(());
+        }
+        let Some(g) = self.regroup.as_mut() else { return Ok(()) };
+        match g.poll(now).clone() {
+            RegroupState::Waiting => {}
+            RegroupState::Failed { reason } => {
+                self.regroup = None;
+                self.record.fail(reason, now_ms)?;
+            }
+            RegroupState::Closed(f) => {
+                let lost = g.dropped().to_vec();
+                self.regroup = None;
+                let world = f.members.len() as u32;
+                self.generation += 1;
+                self.source = f.source;
+                self.cursor = f.cursor.for_world(world, self.spec.train.batch_size as u32);
+                self.members = f
+                    .members
+                    .iter()
+                    .enumerate()
+                    .map(|(i, a)| Member {
+                        rank: i as u32,
+                        worker_id: a.worker_id.clone(),
+                        collective_addr: a.collective_addr.clone(),
+                    })
+                    .collect();
+                for m in &self.members {
+                    self.last_seen.insert(m.worker_id.clone(), now);
+                }
+                self.world_size = world;
+                let lost = if lost.is_empty() { String::new() } else { format!("; lost: {}", lost.join(", ")) };
+                self.record.start_running(
+                    format!(
+                        "generation {} formed with {world} workers from rank {}'s state at epoch {} step {}{lost}",
+                        self.generation,
+                        f.source,
+                        f.cursor.epoch + 1,
+                        f.cursor.step
+                    ),
+                    now_ms,
+                )?;
+            }
+        }
+        Ok(())
     }
 
     fn steps_per_epoch(&self) -> u64 {
@@ -235,6 +416,8 @@ impl Job {
             metrics: self.metrics.clone(),
             num_samples: self.num_samples,
             workers: self.world_size,
+            generation: self.generation,
+            restarts: self.restarts,
         }
     }
 
@@ -351,6 +534,14 @@ impl Coordinator {
                 metrics: stored.metrics.clone(),
                 last_seen: HashMap::new(),
                 world_size: stored.workers,
+                generation: stored.generation,
+                cursor: EpochCursor::default(),
+                source: 0,
+                restarts: stored.restarts,
+                regroup: None,
+                admitting: Vec::new(),
+                resume_from: None,
+                resume_cursor: None,
                 saved_ms: Some(now_ms),
                 dirty: false,
             };
@@ -378,6 +569,18 @@ impl Coordinator {
     /// failed or cancelled job of the same name is replaced (history, metrics and all). The job
     /// is accepted only once the store has it.
     pub fn submit(&mut self, spec_toml: &str, now: Instant, now_ms: u64) -> Result<String, CoreError> {
+        self.submit_resumed(spec_toml, None, now, now_ms)
+    }
+
+    /// [`Coordinator::submit`] for a job that resumes from a checkpoint: `resume` is its path
+    /// (every worker reads it) and cursor; the first group starts there, whatever its world.
+    pub fn submit_resumed(
+        &mut self,
+        spec_toml: &str,
+        resume: Option<(String, EpochCursor)>,
+        now: Instant,
+        now_ms: u64,
+    ) -> Result<String, CoreError> {
         let spec = JobSpec::from_toml(spec_toml, Path::new("/"))?;
         if spec.schedule.strategy == crate::spec::Strategy::Auto {
             // Choosing needs the model and the data, which only a worker or the CLI has.
@@ -415,6 +618,14 @@ impl Coordinator {
             metrics: Vec::new(),
             last_seen: HashMap::new(),
             world_size: 0,
+            generation: 0,
+            cursor: EpochCursor::default(),
+            source: 0,
+            restarts: 0,
+            regroup: None,
+            admitting: Vec::new(),
+            resume_cursor: resume.as_ref().map(|r| r.1),
+            resume_from: resume.map(|r| r.0),
             saved_ms: None,
             dirty: true,
         };
@@ -423,10 +634,8 @@ impl Coordinator {
         Ok(id)
     }
 
-    /// A worker joins a job's rendezvous. `num_samples` is the size of the training split the
-    /// worker sees and `groups` its model's layer groups; all workers must agree. The schedule is
-    /// expanded against the groups of the first worker. The first NCCL id offered is the one
-    /// handed out.
+    /// A worker joins a job's rendezvous with nothing trained yet: [`Coordinator::join_with`] for
+    /// a fresh worker.
     #[allow(clippy::too_many_arguments)]
     pub fn join(
         &mut self,
@@ -439,52 +648,104 @@ impl Coordinator {
         now: Instant,
         now_ms: u64,
     ) -> Result<(), CoreError> {
+        let info = JoinInfo { worker_id, collective_addr, num_samples, nccl_unique_id, groups, ..Default::default() };
+        self.join_with(job_id, &info, now, now_ms)
+    }
+
+    /// A worker joins: into the first rendezvous; or, while the job runs, as a survivor whose
+    /// group failed (the job starts recovering) or as a newcomer (admitted at the next step
+    /// boundary, when the members re-form); or into a regroup under way. `num_samples` and
+    /// `groups` must agree with the other workers'. The schedule is expanded against the groups of
+    /// the first worker. The first NCCL id offered to a forming group is the one handed out.
+    pub fn join_with(&mut self, job_id: &str, j: &JoinInfo, now: Instant, now_ms: u64) -> Result<(), CoreError> {
         let (job, store) = self.job_mut(job_id)?;
-        if job.record.state() != JobState::Rendezvous {
+        let worker_id = j.worker_id;
+        let state = job.record.state();
+        if !matches!(state, JobState::Rendezvous | JobState::Running | JobState::Recovering) {
             return Err(CoreError::WrongState {
                 job: job_id.into(),
-                state: job.record.state(),
+                state,
                 what: format!("worker `{worker_id}` cannot join"),
             });
         }
         match job.num_samples {
-            Some(expected) if expected != num_samples => {
+            Some(expected) if expected != j.num_samples => {
                 return Err(CoreError::DataMismatch {
                     job: job_id.into(),
                     worker: worker_id.into(),
                     expected,
-                    found: num_samples,
+                    found: j.num_samples,
                 })
             }
             _ => {}
         }
-        if !groups.is_empty() {
+        if !j.groups.is_empty() {
             if job.groups.is_empty() {
-                let names: Vec<&str> = groups.iter().map(String::as_str).collect();
+                let names: Vec<&str> = j.groups.iter().map(String::as_str).collect();
                 job.stages = job.spec.schedule.expand(&names, &job.spec.train)?;
-                job.groups = groups.to_vec();
-            } else if job.groups != groups {
+                job.groups = j.groups.to_vec();
+            } else if job.groups != j.groups {
                 return Err(CoreError::GroupMismatch {
                     job: job_id.into(),
                     worker: worker_id.into(),
                     expected: job.groups.clone(),
-                    found: groups.to_vec(),
+                    found: j.groups.to_vec(),
                 });
             }
         }
-        job.rendezvous.join(worker_id, collective_addr, now)?;
-        job.num_samples = Some(num_samples);
-        if job.nccl_unique_id.is_empty() && !nccl_unique_id.is_empty() {
-            job.nccl_unique_id = nccl_unique_id.to_vec();
+        let arrival = Arrival {
+            worker_id: worker_id.to_string(),
+            collective_addr: j.collective_addr.to_string(),
+            cursor: j.cursor,
+            old_rank: None,
+        };
+        let survivor = j.generation > 0 && j.generation == job.generation && job.is_member(worker_id);
+        match state {
+            JobState::Rendezvous => {
+                job.rendezvous.join(worker_id, j.collective_addr, now)?;
+            }
+            JobState::Running if survivor => {
+                let rank = job.rank_of(worker_id).unwrap_or(0);
+                let why = if j.reason.is_empty() { "its group failed" } else { j.reason };
+                job.begin_recovery(format!("rank {rank} ({worker_id}) re-joins: {why}"), j.failed, None, now, now_ms)?;
+                if let Some(g) = job.regroup.as_mut() {
+                    g.arrive(arrival, now)?;
+                }
+            }
+            JobState::Running => {
+                let max = job.spec.distributed.max_workers;
+                job.admitting.retain(|a| a.worker_id != worker_id);
+                if job.members.len() + job.admitting.len() >= max as usize {
+                    return Err(RegroupError::Full { job: job_id.into(), worker: worker_id.into(), max }.into());
+                }
+                tracing::info!(job = %job_id, worker = %worker_id, "a newcomer waits to be admitted at the next step");
+                job.admitting.push(Arrival { cursor: None, ..arrival });
+            }
+            _ => {
+                let Some(g) = job.regroup.as_mut() else {
+                    return Err(CoreError::WrongState {
+                        job: job_id.into(),
+                        state,
+                        what: format!("worker `{worker_id}` cannot join"),
+                    });
+                };
+                g.arrive(arrival, now)?;
+            }
+        }
+        job.num_samples = Some(j.num_samples);
+        if job.nccl_unique_id.is_empty() && !j.nccl_unique_id.is_empty() {
+            job.nccl_unique_id = j.nccl_unique_id.to_vec();
         }
         job.last_seen.insert(worker_id.to_string(), now);
-        let advanced = Self::advance_rendezvous(job, now, now_ms);
+        let advanced = Self::advance(job, now, now_ms);
         job.save_or_defer(store, now_ms);
         advanced
     }
 
-    /// Moves a job out of `Rendezvous` when its round has closed or timed out.
-    fn advance_rendezvous(job: &mut Job, now: Instant, now_ms: u64) -> Result<(), CoreError> {
+    /// Moves a job out of `Rendezvous` (round closed or timed out) or `Recovering` (regroup
+    /// closed or failed) when it is time.
+    fn advance(job: &mut Job, now: Instant, now_ms: u64) -> Result<(), CoreError> {
+        job.advance_regroup(now, now_ms)?;
         if job.record.state() != JobState::Rendezvous {
             return Ok(());
         }
@@ -497,6 +758,10 @@ impl Coordinator {
                 }
                 job.world_size = members.len() as u32;
                 job.members = members;
+                job.generation = 1;
+                job.source = 0;
+                job.cursor =
+                    job.resume_cursor.unwrap_or_default().for_world(job.world_size, job.spec.train.batch_size as u32);
             }
             RendezvousState::TimedOut { joined, min_workers } => {
                 job.record
@@ -516,13 +781,17 @@ impl Coordinator {
     ) -> Result<JoinPoll, CoreError> {
         let (job, store) = self.job_mut(job_id)?;
         let before = job.record.history().len();
-        let advanced = Self::advance_rendezvous(job, now, now_ms);
+        let advanced = Self::advance(job, now, now_ms);
         if job.record.history().len() != before {
             job.save_or_defer(store, now_ms);
         }
         advanced?;
         match job.record.state() {
             JobState::Rendezvous => Ok(JoinPoll::Waiting { until: job.rendezvous.next_deadline() }),
+            JobState::Recovering => Ok(JoinPoll::Waiting { until: job.regroup.as_ref().and_then(Regroup::next_deadline) }),
+            JobState::Running if job.admitting.iter().any(|a| a.worker_id == worker_id) => {
+                Ok(JoinPoll::Waiting { until: None })
+            }
             JobState::Running => {
                 let Some(me) = job.members.iter().find(|m| m.worker_id == worker_id) else {
                     return Err(CoreError::NotAMember { job: job_id.into(), worker: worker_id.into() });
@@ -534,6 +803,10 @@ impl Coordinator {
                     collective: job.spec.distributed.collective.as_str().to_string(),
                     nccl_unique_id: job.nccl_unique_id.clone(),
                     spec_toml: job.spec_toml.clone(),
+                    generation: job.generation,
+                    source_rank: job.source,
+                    cursor: job.cursor,
+                    resume_from: if job.generation == 1 { job.resume_from.clone() } else { None },
                 }))
             }
             state => Err(CoreError::WrongState {
@@ -544,27 +817,52 @@ impl Coordinator {
         }
     }
 
-    /// A member is alive; the answer says whether to go on. Any worker of a job that has ended is
-    /// told to stop, member or not: after a restart the coordinator no longer knows the members
-    /// of the jobs it failed, and their workers must still learn why.
+    /// A worker is alive; the answer says whether to go on, re-form or stop. Any worker of a job
+    /// that has ended is told to stop, known or not: after a restart the coordinator no longer
+    /// knows the members of the jobs it failed, and their workers must still learn why.
     pub fn heartbeat(&mut self, job_id: &str, worker_id: &str, now: Instant) -> Result<Command, CoreError> {
         let (job, _) = self.job_mut(job_id)?;
-        if !job.is_member(worker_id) && !job.record.state().is_terminal() {
+        let state = job.record.state();
+        let last_reason = || job.record.history().last().map(|t| t.reason.clone()).unwrap_or_default();
+        if state.is_terminal() {
+            return Ok(Command::Stop { reason: format!("job is {state}: {}", last_reason()) });
+        }
+        if !job.knows(worker_id) {
             return Err(CoreError::NotAMember { job: job_id.into(), worker: worker_id.into() });
         }
         job.last_seen.insert(worker_id.to_string(), now);
-        Ok(match job.record.state() {
-            JobState::Running => Command::Continue,
-            state => Command::Stop {
-                reason: format!(
-                    "job is {state}: {}",
-                    job.record.history().last().map(|t| t.reason.as_str()).unwrap_or_default()
-                ),
-            },
+        Ok(match state {
+            JobState::Running if !job.admitting.is_empty() && job.is_member(worker_id) => {
+                let who: Vec<&str> = job.admitting.iter().map(|a| a.worker_id.as_str()).collect();
+                Command::Reform { reason: format!("admitting {}", who.join(", ")) }
+            }
+            JobState::Recovering if job.regroup.as_ref().is_some_and(|g| g.expects(worker_id)) => {
+                Command::Reform { reason: last_reason() }
+            }
+            _ => Command::Continue,
         })
     }
 
-    /// The plan parameters of `epoch` for a running job.
+    /// Whether `worker` is rank `rank` of the current generation `generation` of a running job:
+    /// progress and plans are taken from current members only.
+    pub fn check_member(&self, job_id: &str, worker_id: &str, rank: u32, generation: u32) -> Result<(), CoreError> {
+        let job = self.job(job_id)?;
+        if job.rank_of(worker_id) != Some(rank) {
+            return Err(CoreError::NotAMember { job: job_id.into(), worker: format!("{worker_id} (rank {rank})") });
+        }
+        if generation != job.generation {
+            return Err(CoreError::StaleGeneration {
+                job: job_id.into(),
+                worker: worker_id.into(),
+                found: generation,
+                current: job.generation,
+            });
+        }
+        Ok(())
+    }
+
+    /// The plan parameters of `epoch` for a running job (with the cut of the epoch the current
+    /// generation started in).
     pub fn epoch_plan(&self, job_id: &str, epoch: u32) -> Result<PlanInfo, CoreError> {
         let job = self.job(job_id)?;
         if job.record.state() != JobState::Running {
@@ -579,6 +877,7 @@ impl Coordinator {
 
     /// Progress from a rank (rank 0's is recorded); `metrics` once per finished epoch. Metrics are
     /// written to the store at once; progress alone at most every [`PROGRESS_SAVE_INTERVAL_MS`].
+    #[allow(clippy::too_many_arguments)]
     pub fn report_progress(
         &mut self,
         job_id: &str,
@@ -630,12 +929,16 @@ impl Coordinator {
         if job.record.state().is_terminal() {
             return Ok(());
         }
-        let Some(rank) = job.members.iter().find(|m| m.worker_id == worker_id).map(|m| m.rank) else {
+        job.admitting.retain(|a| a.worker_id != worker_id);
+        let known = job.knows(worker_id);
+        let Some(rank) = job.rank_of(worker_id).or(known.then_some(u32::MAX)) else {
             return Err(CoreError::NotAMember { job: job_id.into(), worker: worker_id.into() });
         };
+        let who = if rank == u32::MAX { worker_id.to_string() } else { format!("rank {rank} ({worker_id})") };
         if !succeeded {
-            job.record.fail(format!("rank {rank} ({worker_id}) failed: {error}"), now_ms)?;
-        } else if rank == 0 {
+            job.regroup = None;
+            job.record.fail(format!("{who} failed: {error}"), now_ms)?;
+        } else if rank == 0 && job.record.state() == JobState::Running {
             job.record.succeed(format!("rank 0 ({worker_id}) finished"), now_ms)?;
         } else {
             return Ok(());
@@ -644,37 +947,98 @@ impl Coordinator {
         Ok(())
     }
 
+    /// A worker leaves gracefully (SIGTERM: a preemption notice, a node drain) after finishing
+    /// its step: the group re-forms without it, and no failure is counted.
+    pub fn leave_gracefully(
+        &mut self,
+        job_id: &str,
+        worker_id: &str,
+        reason: &str,
+        now: Instant,
+        now_ms: u64,
+    ) -> Result<(), CoreError> {
+        let (job, store) = self.job_mut(job_id)?;
+        job.last_seen.remove(worker_id);
+        job.admitting.retain(|a| a.worker_id != worker_id);
+        match job.record.state() {
+            JobState::Rendezvous => {
+                job.rendezvous.leave(worker_id, now)?;
+                return Ok(());
+            }
+            JobState::Running if job.is_member(worker_id) => {
+                let rank = job.rank_of(worker_id).unwrap_or(0);
+                job.begin_recovery(format!("rank {rank} ({worker_id}) left: {reason}"), false, Some(worker_id), now, now_ms)?;
+            }
+            JobState::Recovering => {
+                if let Some(g) = job.regroup.as_mut() {
+                    g.drop_member(worker_id, now);
+                }
+            }
+            _ => return Ok(()),
+        }
+        let advanced = Self::advance(job, now, now_ms);
+        job.save_or_defer(store, now_ms);
+        advanced
+    }
+
     /// Cancels a non-terminal job; its workers stop at their next heartbeat.
     pub fn cancel(&mut self, job_id: &str, reason: &str, now_ms: u64) -> Result<JobView, CoreError> {
         let (job, store) = self.job_mut(job_id)?;
         let reason = if reason.is_empty() { "cancelled by the user" } else { reason };
         job.record.cancel(reason, now_ms)?;
+        job.regroup = None;
         job.save_or_defer(store, now_ms);
         self.get(job_id)
     }
 
-    /// Fails running jobs with a member silent for longer than `timeout`; returns their ids.
-    pub fn check_liveness(&mut self, now: Instant, timeout: Duration, now_ms: u64) -> Vec<String> {
-        let mut failed = Vec::new();
+    /// Finds the workers whose heartbeat is older than their job's `heartbeat_timeout_secs`: a
+    /// running job re-forms without a silent member, a regroup stops waiting for one, a newcomer
+    /// is forgotten; moves rendezvous and regroups on. Returns the ids of the jobs that changed.
+    pub fn check_liveness(&mut self, now: Instant, now_ms: u64) -> Vec<String> {
+        let mut changed = Vec::new();
         let store = &*self.store;
         for (id, job) in &mut self.jobs {
             let before = job.record.history().len();
-            if Self::advance_rendezvous(job, now, now_ms).is_ok() && job.record.state() == JobState::Running {
-                let silent = job.members.iter().find(|m| {
-                    job.last_seen.get(&m.worker_id).is_some_and(|t| now.saturating_duration_since(*t) > timeout)
-                });
-                if let Some(m) = silent {
-                    let reason = format!("rank {} ({}) sent no heartbeat for {timeout:?}", m.rank, m.worker_id);
-                    if job.record.fail(reason, now_ms).is_ok() {
-                        failed.push(id.clone());
+            let timeout = job.heartbeat_timeout();
+            let silent = |job: &Job, w: &str| {
+                job.last_seen.get(w).is_none_or(|t| now.saturating_duration_since(*t) > timeout)
+            };
+            let quiet: Vec<String> =
+                job.admitting.iter().filter(|a| silent(job, &a.worker_id)).map(|a| a.worker_id.clone()).collect();
+            job.admitting.retain(|a| !quiet.contains(&a.worker_id));
+            let _ = Self::advance(job, now, now_ms);
+            match job.record.state() {
+                JobState::Running => {
+                    let lost = job.members.iter().find(|m| silent(job, &m.worker_id)).cloned();
+                    if let Some(m) = lost {
+                        let reason = format!("rank {} ({}) sent no heartbeat for {timeout:?}", m.rank, m.worker_id);
+                        if let Err(e) = job.begin_recovery(reason, true, Some(&m.worker_id), now, now_ms) {
+                            tracing::warn!(job = %id, error = %e, "cannot start recovering");
+                        }
                     }
                 }
+                JobState::Recovering => {
+                    let lost: Vec<String> = job
+                        .regroup
+                        .as_ref()
+                        .map(|g| g.expected().filter(|w| silent(job, w)).map(str::to_string).collect())
+                        .unwrap_or_default();
+                    if let Some(g) = job.regroup.as_mut() {
+                        for w in &lost {
+                            tracing::warn!(job = %id, worker = %w, "no heartbeat while re-forming; dropped");
+                            g.drop_member(w, now);
+                        }
+                    }
+                }
+                _ => {}
             }
+            let _ = Self::advance(job, now, now_ms);
             if job.record.history().len() != before {
                 job.save_or_defer(store, now_ms);
+                changed.push(id.clone());
             }
         }
-        failed
+        changed
     }
 
     /// Writes every job changed since its last write (progress held back by the throttle, writes
@@ -701,6 +1065,8 @@ impl Coordinator {
             workers: job.world_size,
             steps_per_epoch: job.steps_per_epoch(),
             metrics: job.metrics.clone(),
+            generation: job.generation,
+            restarts: job.restarts,
         })
     }
 
@@ -716,7 +1082,8 @@ mod tests {
     fn spec(name: &str, workers: u32) -> String {
         format!(
             "name = \"{name}\"\nseed = 3\n[model]\narch = \"lenet5\"\nweights = \"none\"\n[data]\nformat = \"idx\"\nroot = \"/data\"\n\
-             [train]\nbatch_size = 4\n[distributed]\nworkers = {workers}\njoin_timeout_secs = 10.0\nlast_call_secs = 1.0\n"
+             [train]\nbatch_size = 4\n[distributed]\nworkers = {workers}\njoin_timeout_secs = 10.0\nlast_call_secs = 1.0\n\
+             heartbeat_timeout_secs = 3.0\nrejoin_timeout_secs = 2.0\nmax_restarts = 2\n"
         )
     }
 
@@ -842,11 +1209,34 @@ mod tests {
         ready(c.poll_join(&id2, "w-b", t0, 0).unwrap());
         let t1 = t0 + Duration::from_secs(5);
         c.heartbeat(&id2, "w-a", t1).unwrap();
-        let failed = c.check_liveness(t1 + Duration::from_secs(1), Duration::from_secs(3), 10);
-        assert_eq!(failed, ["k"]);
+        let t2 = t1 + Duration::from_secs(1);
+        assert_eq!(c.check_liveness(t2, 10), ["k"]);
         let view = c.get(&id2).unwrap();
+        assert_eq!(view.record.state(), JobState::Recovering);
         let why = &view.record.history().last().unwrap().reason;
-        assert!(why.contains("rank 1 (w-b) sent no heartbeat"), "{why}");
+        assert!(why.contains("rank 1 (w-b) sent no heartbeat for 3s (failure 1 of 2 allowed)"), "{why}");
+        // The survivor is told to re-form and comes back; alone it is below min_workers = 2, so
+        // the regroup waits rejoin_timeout_secs for a replacement, then fails naming who was lost.
+        assert!(matches!(c.heartbeat(&id2, "w-a", t2).unwrap(), Command::Reform { .. }));
+        let cursor = EpochCursor { epoch: 0, world: 2, step: 1, cut: None };
+        let back = JoinInfo {
+            worker_id: "w-a",
+            collective_addr: "a:9",
+            num_samples: 8,
+            generation: 1,
+            cursor: Some(cursor),
+            reason: "rank 1 closed the connection",
+            failed: true,
+            ..Default::default()
+        };
+        c.join_with(&id2, &back, t2, 11).unwrap();
+        assert!(matches!(c.poll_join(&id2, "w-a", t2, 11).unwrap(), JoinPoll::Waiting { .. }));
+        c.heartbeat(&id2, "w-a", t2 + Duration::from_secs(2)).unwrap();
+        c.check_liveness(t2 + Duration::from_secs(2), 12);
+        let view = c.get(&id2).unwrap();
+        assert_eq!(view.record.state(), JobState::Failed);
+        let why = &view.record.history().last().unwrap().reason;
+        assert!(why.contains("1 of at least 2 workers") && why.contains("lost: w-b"), "{why}");
     }
 
     fn stored(store: &MemoryStore, id: &str) -> StoredJob {
@@ -902,7 +1292,7 @@ mod tests {
         let l = c.submit(&spec("l", 2), t0, 6_000).unwrap();
         c.join(&l, "w-a", "a:1", 8, &[], &[], t0, 6_001).unwrap();
         c.join(&l, "w-b", "a:2", 8, &[], &[], t0, 6_002).unwrap();
-        assert_eq!(c.check_liveness(t0 + Duration::from_secs(9), Duration::from_secs(3), 6_003), ["l"]);
+        assert_eq!(c.check_liveness(t0 + Duration::from_secs(9), 6_003), ["l"]);
         let s = stored(&store, &l);
         assert!(s.record.history().last().unwrap().reason.contains("sent no heartbeat"), "{:?}", s.record);
         // A rendezvous that times out while polled.
@@ -1034,5 +1424,127 @@ mod tests {
         let err = c.submit(&spec(&"x".repeat(201), 1), t0, 5).unwrap_err();
         assert!(err.to_string().contains("longer than 200 bytes"), "{err}");
         assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+    }
+
+    fn survivor<'a>(w: &'a str, addr: &'a str, generation: u32, cursor: EpochCursor, failed: bool) -> JoinInfo<'a> {
+        JoinInfo {
+            worker_id: w,
+            collective_addr: addr,
+            num_samples: 40,
+            generation,
+            cursor: Some(cursor),
+            reason: "rank 2 closed the connection during all_reduce",
+            failed,
+            ..Default::default()
+        }
+    }
+
+    /// A running job of three workers w-a, w-b, w-c on 40 samples, batch 4.
+    fn three(c: &mut Coordinator, name: &str, extra: &str, t0: Instant) -> String {
+        let text = spec(name, 3).replace("workers = 3", &format!("min_workers = 2\nmax_workers = 3\n{extra}"));
+        let id = c.submit(&text, t0, 0).unwrap();
+        for (w, a) in [("w-a", "a:1"), ("w-b", "b:1"), ("w-c", "c:1")] {
+            c.join(&id, w, a, 40, &[], &[], t0, 1).unwrap();
+        }
+        ready(c.poll_join(&id, "w-a", t0, 2).unwrap());
+        id
+    }
+
+    #[test]
+    fn a_lost_worker_re_forms_the_group_from_the_most_advanced_survivor() {
+        use JobState::*;
+        let t0 = Instant::now();
+        let mut c = Coordinator::new();
+        let id = three(&mut c, "j", "", t0);
+        assert_eq!(c.get(&id).unwrap().generation, 1);
+        // w-c dies in step 2 of epoch 0; w-b had finished that step, w-a not.
+        let at = |step| EpochCursor { epoch: 0, world: 3, step, cut: None };
+        c.join_with(&id, &survivor("w-a", "a:2", 1, at(0), true), t0, 3).unwrap();
+        assert_eq!(c.get(&id).unwrap().record.state(), Recovering);
+        assert!(matches!(c.heartbeat(&id, "w-b", t0).unwrap(), Command::Reform { .. }), "w-b is still in its step");
+        assert!(c.check_member(&id, "w-a", 0, 1).is_ok(), "members are kept until the group re-forms");
+        c.join_with(&id, &survivor("w-b", "b:2", 1, at(1), true), t0, 4).unwrap();
+        assert!(matches!(c.poll_join(&id, "w-a", t0, 5).unwrap(), JoinPoll::Waiting { .. }), "w-c is expected");
+        // w-c's heartbeat lapses: dropped, and the group forms without it.
+        let later = t0 + Duration::from_secs(4);
+        c.heartbeat(&id, "w-a", later).unwrap();
+        c.heartbeat(&id, "w-b", later).unwrap();
+        c.check_liveness(later, 6);
+        let a = ready(c.poll_join(&id, "w-a", later, 7).unwrap());
+        let b = ready(c.poll_join(&id, "w-b", later, 7).unwrap());
+        assert_eq!((a.rank, b.rank, a.world_size, a.generation), (0, 1, 2, 2));
+        assert_eq!(a.peers, ["a:2", "b:2"]);
+        assert_eq!(a.source_rank, 1, "w-b finished one more step");
+        // One step of 3 x 4 done: the rest of the epoch is re-planned for 2 ranks.
+        let cut = Cut { base_world: 3, base_steps: 1, offset: 0 };
+        assert_eq!(a.cursor, EpochCursor { epoch: 0, world: 2, step: 0, cut: Some(cut) });
+        let p = c.epoch_plan(&id, 0).unwrap();
+        assert_eq!((p.cut, p.world_size, p.steps), (Some(cut), 2, 4), "28 samples left, 8 per step");
+        assert_eq!(c.epoch_plan(&id, 1).unwrap().cut, None, "later epochs start whole");
+        let v = c.get(&id).unwrap();
+        assert_eq!((v.generation, v.restarts, v.workers), (2, 1, 2));
+        let why = &v.record.history().last().unwrap().reason;
+        assert!(why.contains("generation 2 formed with 2 workers from rank 1's state at epoch 1 step 1; lost: w-c"), "{why}");
+        // Only current members of the current generation speak for the job.
+        let err = c.check_member(&id, "w-a", 0, 1).unwrap_err();
+        assert!(err.to_string().contains("generation 1, the group is at generation 2"), "{err}");
+        assert!(c.check_member(&id, "w-c", 2, 2).is_err());
+        assert!(c.check_member(&id, "w-b", 0, 2).is_err(), "w-b is rank 1 now");
+        assert!(c.heartbeat(&id, "w-c", later).is_err(), "a dropped worker is no longer known");
+    }
+
+    #[test]
+    fn newcomers_are_admitted_at_a_step_boundary_and_graceful_leaves_are_not_failures() {
+        use JobState::*;
+        let t0 = Instant::now();
+        let mut c = Coordinator::new();
+        let id = three(&mut c, "j", "", t0);
+        let at = |world, step| EpochCursor { epoch: 1, world, step, cut: None };
+        // w-c is drained (SIGTERM): it leaves after its step, the others re-form without counting it.
+        c.leave_gracefully(&id, "w-c", "worker received SIGTERM", t0, 3).unwrap();
+        assert_eq!(c.get(&id).unwrap().record.state(), Recovering);
+        c.join_with(&id, &survivor("w-a", "a:2", 1, at(3, 5), false), t0, 4).unwrap();
+        c.join_with(&id, &survivor("w-b", "b:2", 1, at(3, 5), false), t0, 4).unwrap();
+        let a = ready(c.poll_join(&id, "w-a", t0, 5).unwrap());
+        assert_eq!((a.world_size, a.generation, c.get(&id).unwrap().restarts), (2, 2, 0));
+        // A newcomer waits while the members finish their step; heartbeats tell them to re-form.
+        c.join(&id, "w-n", "n:1", 40, &[], &[], t0, 6).unwrap();
+        assert!(matches!(c.poll_join(&id, "w-n", t0, 6).unwrap(), JoinPoll::Waiting { .. }));
+        assert_eq!(c.get(&id).unwrap().record.state(), Running);
+        match c.heartbeat(&id, "w-b", t0).unwrap() {
+            Command::Reform { reason } => assert_eq!(reason, "admitting w-n"),
+            other => panic!("{other:?}"),
+        }
+        // A fourth worker does not fit max_workers = 3.
+        let err = c.join(&id, "w-x", "x:1", 40, &[], &[], t0, 6).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
+        assert!(err.to_string().contains("is full: 3 workers"), "{err}");
+        let step = EpochCursor { epoch: 1, world: 2, step: 7, cut: a.cursor.cut };
+        c.join_with(&id, &survivor("w-b", "b:3", 2, step, false), t0, 7).unwrap();
+        c.join_with(&id, &survivor("w-a", "a:3", 2, step, false), t0, 7).unwrap();
+        let n = ready(c.poll_join(&id, "w-n", t0, 8).unwrap());
+        assert_eq!((n.rank, n.world_size, n.generation, n.source_rank), (2, 3, 3, 0));
+        assert_eq!(c.get(&id).unwrap().restarts, 0, "leaves and admissions are not failures");
+    }
+
+    #[test]
+    fn failures_past_the_restart_budget_fail_the_job() {
+        let t0 = Instant::now();
+        let mut c = Coordinator::new();
+        let id = three(&mut c, "j", "", t0);
+        let at = EpochCursor { epoch: 0, world: 3, step: 1, cut: None };
+        for (generation, addr) in [(1, "a:2"), (2, "a:3")] {
+            c.join_with(&id, &survivor("w-a", addr, generation, at, true), t0, 3).unwrap();
+            c.join_with(&id, &survivor("w-b", addr, generation, at, true), t0, 3).unwrap();
+            if generation == 1 {
+                c.leave_gracefully(&id, "w-c", "SIGTERM", t0, 3).unwrap();
+            }
+            assert!(matches!(c.poll_join(&id, "w-a", t0, 4).unwrap(), JoinPoll::Ready(_)));
+        }
+        c.join_with(&id, &survivor("w-a", "a:4", 3, at, true), t0, 5).unwrap();
+        let v = c.get(&id).unwrap();
+        assert_eq!(v.record.state(), JobState::Failed);
+        let why = &v.record.history().last().unwrap().reason;
+        assert!(why.contains("the restart budget (distributed.max_restarts = 2) is spent"), "{why}");
     }
 }

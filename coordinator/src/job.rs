@@ -2,9 +2,10 @@
 //!
 //! ```text
 //! Pending ──> Rendezvous ──> Running ──> Succeeded
-//!    │            │   ^         │
-//!    │            │   └─────────┤        (Running -> Rendezvous: membership changed, re-form)
-//!    └────────────┴─────────────┴──────> Failed | Cancelled
+//!    │            │          │    ^
+//!    │            │          v    │      (a member lost, left or added: the group re-forms)
+//!    │            │        Recovering
+//!    └────────────┴──────────┴──────────> Failed | Cancelled
 //! ```
 //!
 //! Every change of state is a [`Transition`] with a reason and a timestamp, appended to the job's
@@ -31,16 +32,19 @@ pub enum JobState {
     Rendezvous,
     /// Ranks are assigned and training runs.
     Running,
+    /// A member was lost, left or is being added: the group re-forms from the survivors' state.
+    Recovering,
     Succeeded,
     Failed,
     Cancelled,
 }
 
 impl JobState {
-    pub const ALL: [JobState; 6] = [
+    pub const ALL: [JobState; 7] = [
         JobState::Pending,
         JobState::Rendezvous,
         JobState::Running,
+        JobState::Recovering,
         JobState::Succeeded,
         JobState::Failed,
         JobState::Cancelled,
@@ -57,7 +61,11 @@ impl JobState {
         match (self, to) {
             (from, _) if from.is_terminal() => false,
             (_, Failed | Cancelled) => true,
-            (Pending, Rendezvous) | (Rendezvous, Running) | (Running, Rendezvous) | (Running, Succeeded) => true,
+            (Pending, Rendezvous)
+            | (Rendezvous, Running)
+            | (Running, Recovering)
+            | (Recovering, Running)
+            | (Running, Succeeded) => true,
             _ => false,
         }
     }
@@ -67,6 +75,7 @@ impl JobState {
             JobState::Pending => "pending",
             JobState::Rendezvous => "rendezvous",
             JobState::Running => "running",
+            JobState::Recovering => "recovering",
             JobState::Succeeded => "succeeded",
             JobState::Failed => "failed",
             JobState::Cancelled => "cancelled",
@@ -233,12 +242,17 @@ impl JobRecord {
         Ok(())
     }
 
-    /// Pending -> Rendezvous (or Running -> Rendezvous when membership changes).
+    /// Pending -> Rendezvous.
     pub fn start_rendezvous(&mut self, reason: impl Into<String>, now_ms: u64) -> Result<(), JobError> {
         self.transition(JobState::Rendezvous, reason, now_ms)
     }
 
-    /// Rendezvous -> Running.
+    /// Running -> Recovering: the group re-forms.
+    pub fn start_recovering(&mut self, reason: impl Into<String>, now_ms: u64) -> Result<(), JobError> {
+        self.transition(JobState::Recovering, reason, now_ms)
+    }
+
+    /// Rendezvous (or Recovering) -> Running.
     pub fn start_running(&mut self, reason: impl Into<String>, now_ms: u64) -> Result<(), JobError> {
         self.transition(JobState::Running, reason, now_ms)
     }
@@ -311,7 +325,10 @@ mod tests {
             (Rendezvous, Running),
             (Rendezvous, Failed),
             (Rendezvous, Cancelled),
-            (Running, Rendezvous),
+            (Running, Recovering),
+            (Recovering, Running),
+            (Recovering, Failed),
+            (Recovering, Cancelled),
             (Running, Succeeded),
             (Running, Failed),
             (Running, Cancelled),
@@ -384,12 +401,12 @@ mod tests {
     fn elastic_rerendezvous_keeps_progress() {
         let mut job = running("e");
         job.record_progress(2, 17, 1_088, 1_500).unwrap();
-        job.start_rendezvous("worker 3 lost (lease expired)", 1_600).unwrap();
+        job.start_recovering("rank 3 (w-d) lost: no heartbeat for 5s", 1_600).unwrap();
         assert_eq!(
             job.record_progress(2, 18, 1_152, 1_650).unwrap_err().to_string(),
-            "job `e` is rendezvous: progress can only be recorded while running"
+            "job `e` is recovering: progress can only be recorded while running"
         );
-        job.start_running("rendezvous closed at 3 workers", 1_700).unwrap();
+        job.start_running("generation 2 formed with 3 workers", 1_700).unwrap();
         assert_eq!(job.progress().step, 17);
     }
 

@@ -9,6 +9,7 @@ pub mod core;
 pub mod job;
 pub mod metrics;
 pub mod plan;
+pub mod recovery;
 pub mod rendezvous;
 pub mod schedule;
 pub mod service;

@@ -46,10 +46,23 @@
 //!   worker" (a rank's batches come from its own range); the loss is still normalized by the
 //!   step's global count of real samples ([`EpochPlan::step_real_count`]).
 //!
+//! - **The rest of an epoch after a change of world** ([`EpochPlan::with_cut`]). When ranks are lost
+//!   or added mid-epoch, the epoch goes on from a [`Cut`]: the epoch's plan as laid out for
+//!   `base_world` ranks, cut after `base_steps` of its global steps, then `offset` samples of what
+//!   was left. What is left is a sequence `R` of the samples not yet trained: for the interleaved
+//!   layout, the order's suffix from position `base_steps·W·B` (so the same world with the same
+//!   batch sees exactly the batches it would have seen); for the blocked and affinity layouts, each
+//!   base rank's remaining real slots, rank after rank. The current world lays `R[offset..]` out
+//!   interleaved: global step `k` is `R[offset + k·W'·B ..][..W'·B]`. A second change of world only
+//!   moves `offset` on, so any history of failures is still three numbers, and every sample of the
+//!   epoch is still trained exactly once. [`EpochCursor`] is where an epoch stands in these terms.
+//!
 //! This module never reads the clock, never touches the network or the disk, and never allocates
 //! in proportion to the dataset.
 
 use std::iter::FusedIterator;
+
+use serde::{Deserialize, Serialize};
 
 /// Keys the block order of a blocked plan apart from the sample order of the same seed.
 const BLOCKS_KEY: u64 = 0xB10C_5EED_0F5A_4D11;
@@ -73,6 +86,60 @@ pub enum PlanError {
     PositionOutOfRange { position: u64, num_samples: u64 },
     #[error("sample {sample} out of range: the dataset has {num_samples} samples")]
     SampleOutOfRange { sample: u64, num_samples: u64 },
+    #[error("sample {sample} was trained before the cut; the rest of the epoch does not hold it")]
+    DoneBeforeCut { sample: u64 },
+}
+
+/// The rest of an epoch after its world changed: the epoch's plan for `base_world` ranks, cut
+/// after `base_steps` global steps, then `offset` samples of the remainder done by later groups.
+/// See the module documentation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cut {
+    pub base_world: u32,
+    pub base_steps: u64,
+    pub offset: u64,
+}
+
+/// Where an epoch stands, whatever the world did: `step` global steps done of the plan laid out for
+/// `world` ranks (after `cut`, when the world changed during the epoch).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EpochCursor {
+    pub epoch: u32,
+    pub world: u32,
+    pub step: u64,
+    #[serde(default)]
+    pub cut: Option<Cut>,
+}
+
+impl Default for EpochCursor {
+    fn default() -> Self {
+        EpochCursor { epoch: 0, world: 1, step: 0, cut: None }
+    }
+}
+
+impl EpochCursor {
+    /// The same point of the epoch for a group of `world` ranks with `batch` per rank. The same
+    /// world keeps the plan and the step, so a group that comes back at its size trains exactly
+    /// the batches it would have; another world continues from a [`Cut`].
+    pub fn for_world(self, world: u32, batch: u32) -> EpochCursor {
+        if world == self.world || (self.step == 0 && self.cut.is_none()) {
+            return EpochCursor { world, ..self };
+        }
+        let done = self.step.saturating_mul(u64::from(self.world) * u64::from(batch));
+        let cut = match self.cut {
+            None => Cut { base_world: self.world, base_steps: self.step, offset: 0 },
+            Some(c) => Cut { offset: c.offset.saturating_add(done), ..c },
+        };
+        EpochCursor { epoch: self.epoch, world, step: 0, cut: Some(cut) }
+    }
+}
+
+/// A plan's cut and what it leaves (see [`EpochPlan::with_cut`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Rest {
+    cut: Cut,
+    /// Samples of the remainder sequence `R`, before `offset`.
+    total: u64,
 }
 
 /// One entry of a rank's batch: a real sample index, or a masked pad that carries zero loss weight.
@@ -239,6 +306,8 @@ pub struct EpochPlan {
     affinity: Option<u32>,
     /// The blocked layout, if any (see the module documentation).
     blocks: Option<Blocks>,
+    /// The rest of the epoch after a cut, if the world changed (see the module documentation).
+    rest: Option<Rest>,
 }
 
 /// The blocked layout: runs of `block` samples in the order of `order` (a permutation of the
@@ -284,6 +353,7 @@ impl EpochPlan {
             perm: Permutation::new(num_samples, seed, epoch.into()),
             affinity: None,
             blocks: None,
+            rest: None,
         })
     }
 
@@ -414,6 +484,118 @@ impl EpochPlan {
         }
     }
 
+    /// The rest of this epoch after `cut`, laid out for this plan's world (see the module
+    /// documentation). Apply after [`EpochPlan::with_blocks`] and [`EpochPlan::with_affinity`]: the
+    /// cut is taken from the same layout for `cut.base_world` ranks. An offset past the remainder
+    /// is clamped (the epoch is done: no steps).
+    pub fn with_cut(self, cut: Cut) -> Result<Self, PlanError> {
+        if cut.base_world == 0 {
+            return Err(PlanError::Invalid { field: "cut.base_world", value: 0, reason: "must be at least 1 rank" });
+        }
+        let base = self.rebased(cut.base_world);
+        if cut.base_steps > base.steps {
+            return Err(PlanError::StepOutOfRange { step: cut.base_steps, steps: base.steps });
+        }
+        let total = self.num_samples() - base.samples_done_after(cut.base_steps);
+        let cut = Cut { offset: cut.offset.min(total), ..cut };
+        let steps = (total - cut.offset).div_ceil(self.global_batch());
+        Ok(EpochPlan { steps, rest: Some(Rest { cut, total }), ..self })
+    }
+
+    /// The cut of a plan for the rest of an epoch.
+    pub fn cut(&self) -> Option<Cut> {
+        self.rest.map(|r| r.cut)
+    }
+
+    /// The global step of the uncut epoch (for `cut.base_world` ranks) that step `step` of this
+    /// plan stands for: the unit of the learning-rate schedule, so a change of world neither
+    /// restarts nor skips it.
+    pub fn schedule_step(&self, step: u64) -> u64 {
+        match self.rest {
+            None => step,
+            Some(r) => {
+                let base_batch = u64::from(r.cut.base_world) * u64::from(self.batch_size);
+                r.cut.base_steps + (r.cut.offset + step * self.global_batch()) / base_batch
+            }
+        }
+    }
+
+    /// Steps of the uncut epoch for `cut.base_world` ranks (this plan's own steps when uncut).
+    pub fn schedule_steps(&self) -> u64 {
+        match self.rest {
+            None => self.steps,
+            Some(r) => self.rebased(r.cut.base_world).steps,
+        }
+    }
+
+    /// This plan's layout for `world` ranks, uncut.
+    fn rebased(&self, world: u32) -> EpochPlan {
+        let (n, w, b) = (self.num_samples(), u64::from(world), u64::from(self.batch_size));
+        let steps = if self.blocks.is_some() { n.div_ceil(w).div_ceil(b) } else { n.div_ceil(w * b) };
+        EpochPlan { world_size: world, steps, rest: None, ..*self }
+    }
+
+    /// Real samples of ranks `0..rank` over the whole epoch (an uncut plan).
+    fn count_before(&self, rank: u32) -> u64 {
+        if self.blocks.is_some() {
+            return self.range_start(rank);
+        }
+        let (g, b) = (self.global_batch(), u64::from(self.batch_size));
+        let (full, tail) = (self.num_samples() / g, self.num_samples() % g);
+        u64::from(rank) * full * b + tail.min(u64::from(rank) * b)
+    }
+
+    /// Whether the remainder is the order's suffix (the plain interleaved layout).
+    fn suffix_rest(&self) -> bool {
+        self.blocks.is_none() && self.affinity.is_none()
+    }
+
+    /// Element `i` of the remainder sequence of `rest` (`i < rest.total`).
+    fn rest_sample(&self, rest: &Rest, i: u64) -> u64 {
+        let base = self.rebased(rest.cut.base_world);
+        let k = rest.cut.base_steps;
+        if self.suffix_rest() {
+            return base.perm.get(k * base.global_batch() + i).unwrap_or(0);
+        }
+        // Rank-major: each base rank's real slots from k·B on. Every rank has at least
+        // (steps - 1)·B real slots and k < steps here, so rank r has `count(r) - k·B` left.
+        let kb = k * u64::from(self.batch_size);
+        let before = |r: u32| base.count_before(r) - u64::from(r) * kb;
+        let (mut lo, mut hi) = (0u32, base.world_size - 1);
+        while lo < hi {
+            let mid = lo + (hi - lo).div_ceil(2);
+            if before(mid) <= i {
+                lo = mid;
+            } else {
+                hi = mid - 1;
+            }
+        }
+        let t = kb + (i - before(lo));
+        let b = u64::from(self.batch_size);
+        base.rank_slot(lo, t / b, (t % b) as u32).sample().unwrap_or(0)
+    }
+
+    /// The index in the remainder sequence of `rest` of `sample`.
+    fn rest_index(&self, rest: &Rest, sample: u64) -> Result<u64, PlanError> {
+        let base = self.rebased(rest.cut.base_world);
+        let k = rest.cut.base_steps;
+        let i = if self.suffix_rest() {
+            base.position_of(sample)?.checked_sub(k * base.global_batch())
+        } else {
+            let (r, s, j) = base.locate(sample)?;
+            let b = u64::from(self.batch_size);
+            (s * b + u64::from(j))
+                .checked_sub(k * b)
+                .map(|left| base.count_before(r) - u64::from(r) * k * b + left)
+        };
+        i.and_then(|i| i.checked_sub(rest.cut.offset)).ok_or(PlanError::DoneBeforeCut { sample })
+    }
+
+    /// Samples of the remainder left for this plan's world (after the offset).
+    fn rest_len(rest: &Rest) -> u64 {
+        rest.total - rest.cut.offset
+    }
+
     /// The anchor epoch of an affinity plan.
     pub fn affinity(&self) -> Option<u32> {
         self.affinity
@@ -422,6 +604,14 @@ impl EpochPlan {
     /// The slot at index `j` of `rank`'s batch at `step`; callers have checked all three.
     fn rank_slot(&self, rank: u32, step: u64, j: u32) -> Slot {
         let b = u64::from(self.batch_size);
+        if let Some(rest) = &self.rest {
+            let i = step * self.global_batch() + u64::from(rank) * b + u64::from(j);
+            return if i < Self::rest_len(rest) {
+                Slot::Sample(self.rest_sample(rest, rest.cut.offset + i))
+            } else {
+                Slot::Pad
+            };
+        }
         if let Some(blocks) = &self.blocks {
             return self.blocked_slot(blocks, rank, step * b + u64::from(j));
         }
@@ -496,6 +686,11 @@ impl EpochPlan {
 
     /// Where `sample` is trained this epoch: (rank, step, index within the rank's batch).
     pub fn locate(&self, sample: u64) -> Result<(u32, u64, u32), PlanError> {
+        if let Some(rest) = &self.rest {
+            let i = self.rest_index(rest, sample)?;
+            let (g, b) = (self.global_batch(), u64::from(self.batch_size));
+            return Ok((((i % g) / b) as u32, i / g, (i % b) as u32));
+        }
         let position = self.position_of(sample)?;
         if let Some(b) = &self.blocks {
             // The rank whose range holds the position: ⌊p·W/N⌋ or the next one.
@@ -570,6 +765,10 @@ impl EpochPlan {
     pub fn rank_real_count(&self, rank: u32, step: u64) -> Result<u32, PlanError> {
         self.check_rank(rank)?;
         self.check_step(step)?;
+        if let Some(rest) = &self.rest {
+            let start = step * self.global_batch() + u64::from(rank) * u64::from(self.batch_size);
+            return Ok(Self::rest_len(rest).saturating_sub(start).min(u64::from(self.batch_size)) as u32);
+        }
         if self.blocks.is_some() {
             let b = u64::from(self.batch_size);
             return Ok(self.range_len(rank).saturating_sub(step * b).min(b) as u32);
@@ -583,6 +782,9 @@ impl EpochPlan {
     /// that makes `W` workers with batch `B` match one worker with batch `W·B`.
     pub fn step_real_count(&self, step: u64) -> Result<u64, PlanError> {
         self.check_step(step)?;
+        if let Some(rest) = &self.rest {
+            return Ok(Self::rest_len(rest).saturating_sub(step * self.global_batch()).min(self.global_batch()));
+        }
         if self.blocks.is_some() {
             return (0..self.world_size).map(|r| self.rank_real_count(r, step).map(u64::from)).sum();
         }
@@ -591,6 +793,9 @@ impl EpochPlan {
 
     /// Real samples done by all ranks together after `steps_done` global steps (pads excluded).
     pub fn samples_done_after(&self, steps_done: u64) -> u64 {
+        if let Some(rest) = &self.rest {
+            return steps_done.saturating_mul(self.global_batch()).min(Self::rest_len(rest));
+        }
         if self.blocks.is_some() {
             let done = steps_done.saturating_mul(u64::from(self.batch_size));
             return (0..self.world_size).map(|r| self.range_len(r).min(done)).sum();
@@ -601,10 +806,11 @@ impl EpochPlan {
     /// Real samples `rank` trains on over the whole epoch.
     pub fn rank_sample_count(&self, rank: u32) -> Result<u64, PlanError> {
         self.check_rank(rank)?;
-        if self.blocks.is_some() {
+        if self.rest.is_none() && self.blocks.is_some() {
             return Ok(self.range_len(rank));
         }
-        let (n, g, b) = (self.num_samples(), self.global_batch(), u64::from(self.batch_size));
+        let n = self.rest.as_ref().map_or(self.num_samples(), Self::rest_len);
+        let (g, b) = (self.global_batch(), u64::from(self.batch_size));
         let full_steps = n / g;
         let tail = n % g;
         let in_tail = tail.saturating_sub(u64::from(rank) * b).min(b);
@@ -1022,7 +1228,8 @@ mod tests {
             let sample = slot.sample().unwrap();
             assert_eq!(p.locate(sample).unwrap(), (17, 999, p.locate(sample).unwrap().2));
         }
-        assert!(std::mem::size_of::<EpochPlan>() <= 256);
+        // A few dozen words whatever the dataset: layout, blocks and a cut.
+        assert!(std::mem::size_of::<EpochPlan>() <= 320, "{}", std::mem::size_of::<EpochPlan>());
     }
 
     #[test]
@@ -1064,5 +1271,101 @@ mod tests {
         let b = EpochPlan::new(7, 4, n, world, batch).unwrap().with_affinity(2).unwrap();
         assert_ne!(a.rank_batch(0, 0).unwrap(), b.rank_batch(0, 0).unwrap());
         assert!(EpochPlan::new(7, 1, n, world, batch).unwrap().with_affinity(2).is_err());
+    }
+
+    /// The four layouts of a plan of `n` samples for `w` ranks.
+    fn layouts(n: u64, w: u32, b: u32) -> Vec<(&'static str, EpochPlan)> {
+        let base = EpochPlan::new(5, 2, n, w, b).unwrap();
+        vec![
+            ("interleaved", base),
+            ("blocked", base.with_blocks(4, 6).unwrap()),
+            ("affinity", base.with_affinity(1).unwrap()),
+            ("blocked affinity", base.with_blocks(3, 5).unwrap().with_affinity(1).unwrap()),
+        ]
+    }
+
+    /// The samples of the first `steps` global steps of `p`, every rank, with each slot's place.
+    fn trained(p: &EpochPlan, from: u64, to: u64) -> Vec<u64> {
+        let mut out = Vec::new();
+        for s in from..to.min(p.steps_per_rank()) {
+            for r in 0..p.world_size() {
+                let batch = p.rank_batch(r, s).unwrap();
+                assert_eq!(batch.iter().filter(|x| !x.is_pad()).count() as u32, p.rank_real_count(r, s).unwrap());
+                for (j, slot) in batch.iter().enumerate() {
+                    if let Slot::Sample(x) = slot {
+                        assert_eq!(p.locate(*x).unwrap(), (r, s, j as u32), "locate inverts the plan");
+                        out.push(*x);
+                    }
+                }
+            }
+            let real: u64 = (0..p.world_size()).map(|r| u64::from(p.rank_real_count(r, s).unwrap())).sum();
+            assert_eq!(p.step_real_count(s).unwrap(), real);
+        }
+        out
+    }
+
+    #[test]
+    fn every_sample_once_across_any_history_of_world_changes() {
+        for n in [1u64, 7, 40, 53] {
+            for (w0, w1, w2) in [(2u32, 1u32, 3u32), (3, 2, 2), (1, 4, 1), (4, 3, 5)] {
+                for (name, p0) in layouts(n, w0, 4) {
+                    // The plan a group at cursor `c` trains from.
+                    let plan_at = |c: EpochCursor| {
+                        let p = p0.rebased(c.world);
+                        c.cut.map_or(p, |cut| p.with_cut(cut).unwrap())
+                    };
+                    for k0 in 0..=p0.steps_per_rank() {
+                        let mut seen = trained(&p0, 0, k0);
+                        let c0 = EpochCursor { epoch: 2, world: w0, step: k0, cut: None };
+                        let c1 = c0.for_world(w1, 4);
+                        let p1 = plan_at(c1);
+                        let k1 = c1.step + (p1.steps_per_rank() - c1.step) / 2;
+                        seen.extend(trained(&p1, c1.step, k1));
+                        let c2 = EpochCursor { step: k1, ..c1 }.for_world(w2, 4);
+                        let p2 = plan_at(c2);
+                        seen.extend(trained(&p2, c2.step, u64::MAX));
+                        seen.sort_unstable();
+                        assert_eq!(seen, (0..n).collect::<Vec<_>>(), "{name}: n {n}, worlds {w0} {w1} {w2}, k0 {k0}");
+                        // Samples done before the last cut are not in its plan.
+                        if k0 > 0 && c2.cut.is_some() {
+                            let first = trained(&p0, 0, 1)[0];
+                            assert_eq!(p2.locate(first), Err(PlanError::DoneBeforeCut { sample: first }));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_same_world_after_a_cut_trains_the_batches_it_would_have() {
+        let p = plan(103, 3, 5);
+        for k in 0..=p.steps_per_rank() {
+            let cut = Cut { base_world: 3, base_steps: k, offset: 0 };
+            let q = p.with_cut(cut).unwrap();
+            assert_eq!(q.steps_per_rank(), p.steps_per_rank() - k);
+            for s in 0..q.steps_per_rank() {
+                assert_eq!(q.schedule_step(s), k + s);
+                assert_eq!(q.step_real_count(s), p.step_real_count(k + s));
+                for r in 0..3 {
+                    assert_eq!(q.rank_batch(r, s), p.rank_batch(r, k + s));
+                }
+            }
+            assert_eq!(q.schedule_steps(), p.steps_per_rank());
+        }
+        // And a cursor that stays at its world keeps its plan and step.
+        let c = EpochCursor { epoch: 1, world: 3, step: 4, cut: None };
+        assert_eq!(c.for_world(3, 5), c);
+        assert_eq!(
+            c.for_world(2, 5),
+            EpochCursor { epoch: 1, world: 2, step: 0, cut: Some(Cut { base_world: 3, base_steps: 4, offset: 0 }) }
+        );
+        let again = EpochCursor { step: 2, ..c.for_world(2, 5) }.for_world(4, 5);
+        assert_eq!(again.cut, Some(Cut { base_world: 3, base_steps: 4, offset: 20 }));
+        // An offset past the remainder is an epoch with nothing left.
+        let done = p.with_cut(Cut { base_world: 2, base_steps: 3, offset: 1_000 }).unwrap();
+        assert_eq!(done.steps_per_rank(), 0);
+        assert!(p.with_cut(Cut { base_world: 0, base_steps: 0, offset: 0 }).is_err());
+        assert!(p.with_cut(Cut { base_world: 1, base_steps: 10_000, offset: 0 }).is_err());
     }
 }

@@ -16,7 +16,8 @@ use tokio::sync::{broadcast, Notify};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use crate::core::{Command, Coordinator, CoreError, ErrorKind, JobView, JoinPoll};
+use crate::core::{Command, Coordinator, CoreError, ErrorKind, JobView, JoinInfo, JoinPoll};
+use crate::plan::{Cut, EpochCursor};
 use crate::job::JobState;
 use crate::metrics::EpochMetrics;
 use crate::spec::{BnPolicy, LrSchedule, Stage};
@@ -36,6 +37,14 @@ pub fn status(e: CoreError) -> Status {
     }
 }
 
+/// How often the coordinator checks heartbeats and regroup deadlines.
+pub const SWEEP_EVERY: Duration = Duration::from_millis(250);
+
+/// HTTP/2 keepalive on both ends of every channel: a peer that goes silent without closing its
+/// connection is noticed within interval + timeout.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+
 fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
@@ -47,25 +56,24 @@ pub struct State {
     changed: Notify,
     /// Job ids whose status changed, for watchers.
     events: broadcast::Sender<String>,
-    heartbeat_timeout: Duration,
 }
 
 impl State {
     /// A coordinator whose jobs live in memory only, as `thaw launch` runs one: its jobs end
     /// with the process that owns them.
-    pub fn new(heartbeat_timeout: Duration) -> Arc<State> {
-        Self::with_core(Coordinator::new(), heartbeat_timeout)
+    pub fn new() -> Arc<State> {
+        Self::with_core(Coordinator::new())
     }
 
     /// A coordinator on `store`, with every job already in it restored (see
     /// [`Coordinator::restore`]: jobs that were running or forming a group are failed).
-    pub fn with_store(store: Box<dyn StateStore>, heartbeat_timeout: Duration) -> Result<Arc<State>, CoreError> {
-        Ok(Self::with_core(Coordinator::restore(store, Instant::now(), now_ms())?, heartbeat_timeout))
+    pub fn with_store(store: Box<dyn StateStore>) -> Result<Arc<State>, CoreError> {
+        Ok(Self::with_core(Coordinator::restore(store, Instant::now(), now_ms())?))
     }
 
-    fn with_core(core: Coordinator, heartbeat_timeout: Duration) -> Arc<State> {
+    fn with_core(core: Coordinator) -> Arc<State> {
         let (events, _) = broadcast::channel(1024);
-        Arc::new(State { core: Mutex::new(core), changed: Notify::new(), events, heartbeat_timeout })
+        Arc::new(State { core: Mutex::new(core), changed: Notify::new(), events })
     }
 
     fn core(&self) -> MutexGuard<'_, Coordinator> {
@@ -78,17 +86,18 @@ impl State {
         let _ = self.events.send(job_id.to_string());
     }
 
-    /// Fails jobs whose workers went silent and writes what the store is missing (throttled
-    /// progress, failed writes); run every second.
+    /// Re-forms groups around workers that went silent, moves rendezvous and regroups on, and
+    /// writes what the store is missing (throttled progress, failed writes); run every
+    /// [`SWEEP_EVERY`].
     pub fn sweep(&self) {
-        let failed = {
+        let changed = {
             let mut core = self.core();
-            let failed = core.check_liveness(Instant::now(), self.heartbeat_timeout, now_ms());
+            let changed = core.check_liveness(Instant::now(), now_ms());
             core.flush(now_ms());
-            failed
+            changed
         };
-        for id in failed {
-            tracing::warn!(job = %id, "a worker stopped sending heartbeats; job failed");
+        for id in changed {
+            tracing::warn!(job = %id, "liveness changed the job");
             self.touched(&id);
         }
     }
@@ -99,6 +108,7 @@ fn state_pb(s: JobState) -> pb::JobState {
         JobState::Pending => pb::JobState::Pending,
         JobState::Rendezvous => pb::JobState::Rendezvous,
         JobState::Running => pb::JobState::Running,
+        JobState::Recovering => pb::JobState::Recovering,
         JobState::Succeeded => pb::JobState::Succeeded,
         JobState::Failed => pb::JobState::Failed,
         JobState::Cancelled => pb::JobState::Cancelled,
@@ -128,6 +138,8 @@ fn job_pb(v: &JobView) -> pb::Job {
             steps_per_epoch: v.steps_per_epoch,
             samples_done: p.samples_done,
             workers: v.workers,
+            generation: v.generation,
+            restarts: v.restarts,
         }),
         metrics: v.metrics.iter().map(pb::EpochMetrics::from).collect(),
         spec_toml: v.spec_toml.clone(),
@@ -142,7 +154,16 @@ type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::JobEvent, Status>> + Sen
 #[tonic::async_trait]
 impl Jobs for JobsService {
     async fn submit(&self, req: Request<pb::SubmitRequest>) -> Result<Response<pb::SubmitResponse>, Status> {
-        let id = self.0.core().submit(&req.into_inner().spec_toml, Instant::now(), now_ms()).map_err(status)?;
+        let r = req.into_inner();
+        let resume = if r.resume_from.is_empty() {
+            None
+        } else {
+            let cursor: EpochCursor = serde_json::from_str(&r.resume_cursor_json).map_err(|e| {
+                Status::invalid_argument(format!("resume_cursor_json {:?} is not a cursor: {e}", r.resume_cursor_json))
+            })?;
+            Some((r.resume_from.clone(), cursor))
+        };
+        let id = self.0.core().submit_resumed(&r.spec_toml, resume, Instant::now(), now_ms()).map_err(status)?;
         tracing::info!(job = %id, "job submitted");
         self.0.touched(&id);
         Ok(Response::new(pb::SubmitResponse { job_id: id }))
@@ -221,19 +242,18 @@ pub struct WorkersService(pub Arc<State>);
 impl Workers for WorkersService {
     async fn join(&self, req: Request<pb::JoinRequest>) -> Result<Response<pb::JoinResponse>, Status> {
         let r = req.into_inner();
-        self.0
-            .core()
-            .join(
-                &r.job_id,
-                &r.worker_id,
-                &r.collective_addr,
-                r.num_train_samples,
-                &r.nccl_unique_id,
-                &r.layer_groups,
-                Instant::now(),
-                now_ms(),
-            )
-            .map_err(status)?;
+        let info = JoinInfo {
+            worker_id: &r.worker_id,
+            collective_addr: &r.collective_addr,
+            num_samples: r.num_train_samples,
+            nccl_unique_id: &r.nccl_unique_id,
+            groups: &r.layer_groups,
+            generation: r.generation,
+            cursor: r.cursor.as_ref().map(cursor_from_proto),
+            reason: &r.reason,
+            failed: r.failed,
+        };
+        self.0.core().join_with(&r.job_id, &info, Instant::now(), now_ms()).map_err(status)?;
         tracing::info!(job = %r.job_id, worker = %r.worker_id, addr = %r.collective_addr, "worker joined");
         self.0.touched(&r.job_id);
         loop {
@@ -252,6 +272,10 @@ impl Workers for WorkersService {
                         spec_toml: a.spec_toml,
                         start_epoch: 0,
                         start_step: 0,
+                        generation: a.generation,
+                        source_rank: a.source_rank,
+                        cursor: Some(cursor_to_proto(&a.cursor)),
+                        resume_from: a.resume_from.unwrap_or_default(),
                     }));
                 }
                 Ok(JoinPoll::Waiting { until }) => {
@@ -274,12 +298,17 @@ impl Workers for WorkersService {
                 pb::HeartbeatResponse { command: pb::WorkerCommand::Continue as i32, reason: String::new() }
             }
             Command::Stop { reason } => pb::HeartbeatResponse { command: pb::WorkerCommand::Stop as i32, reason },
+            Command::Reform { reason } => pb::HeartbeatResponse { command: pb::WorkerCommand::Reform as i32, reason },
         }))
     }
 
     async fn get_epoch_plan(&self, req: Request<pb::EpochPlanRequest>) -> Result<Response<pb::EpochPlan>, Status> {
         let r = req.into_inner();
-        let p = self.0.core().epoch_plan(&r.job_id, r.epoch).map_err(status)?;
+        let p = {
+            let core = self.0.core();
+            core.check_member(&r.job_id, &r.worker_id, r.rank, r.generation).map_err(status)?;
+            core.epoch_plan(&r.job_id, r.epoch).map_err(status)?
+        };
         Ok(Response::new(pb::EpochPlan {
             epoch: p.epoch,
             seed: p.seed,
@@ -291,6 +320,7 @@ impl Workers for WorkersService {
             affinity_epoch: p.affinity_epoch,
             read_block: p.blocks.map(|b| b.0),
             shuffle_window: p.blocks.map(|b| b.1),
+            cut: p.cut.as_ref().map(cut_to_proto),
         }))
     }
 
@@ -298,20 +328,23 @@ impl Workers for WorkersService {
         let r = req.into_inner();
         let p = r.progress.unwrap_or_default();
         let m = r.metrics.as_ref().map(EpochMetrics::from);
-        self.0
-            .core()
-            .report_progress(&r.job_id, r.rank, p.epoch, p.step, p.samples_done, m, now_ms())
-            .map_err(status)?;
+        {
+            let mut core = self.0.core();
+            core.check_member(&r.job_id, &r.worker_id, r.rank, r.generation).map_err(status)?;
+            core.report_progress(&r.job_id, r.rank, p.epoch, p.step, p.samples_done, m, now_ms()).map_err(status)?;
+        }
         self.0.touched(&r.job_id);
         Ok(Response::new(pb::ProgressAck {}))
     }
 
     async fn leave(&self, req: Request<pb::LeaveRequest>) -> Result<Response<pb::LeaveResponse>, Status> {
         let r = req.into_inner();
-        self.0
-            .core()
-            .leave(&r.job_id, &r.worker_id, r.succeeded, &r.error, Instant::now(), now_ms())
-            .map_err(status)?;
+        if r.graceful {
+            self.0.core().leave_gracefully(&r.job_id, &r.worker_id, &r.error, Instant::now(), now_ms())
+        } else {
+            self.0.core().leave(&r.job_id, &r.worker_id, r.succeeded, &r.error, Instant::now(), now_ms())
+        }
+        .map_err(status)?;
         tracing::info!(job = %r.job_id, worker = %r.worker_id, succeeded = r.succeeded, "worker left");
         self.0.touched(&r.job_id);
         Ok(Response::new(pb::LeaveResponse {}))
@@ -328,7 +361,7 @@ pub async fn serve(
     let sweeper = {
         let state = state.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            let mut tick = tokio::time::interval(SWEEP_EVERY);
             loop {
                 tick.tick().await;
                 state.sweep();
@@ -337,6 +370,8 @@ pub async fn serve(
     };
     let max = thaw_proto::MAX_MESSAGE_BYTES;
     let result = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .add_service(
             JobsServer::new(JobsService(state.clone())).max_decoding_message_size(max).max_encoding_message_size(max),
         )
@@ -397,4 +432,20 @@ pub fn stage_from_proto(p: &pb::FreezeStage) -> Result<Stage, String> {
         warmup_steps: p.warmup_steps as usize,
         lr_schedule,
     })
+}
+
+pub fn cut_to_proto(c: &Cut) -> pb::Cut {
+    pb::Cut { base_world: c.base_world, base_steps: c.base_steps, offset: c.offset }
+}
+
+pub fn cut_from_proto(c: &pb::Cut) -> Cut {
+    Cut { base_world: c.base_world, base_steps: c.base_steps, offset: c.offset }
+}
+
+pub fn cursor_to_proto(c: &EpochCursor) -> pb::EpochCursor {
+    pb::EpochCursor { epoch: c.epoch, world: c.world, step: c.step, cut: c.cut.as_ref().map(cut_to_proto) }
+}
+
+pub fn cursor_from_proto(c: &pb::EpochCursor) -> EpochCursor {
+    EpochCursor { epoch: c.epoch, world: c.world.max(1), step: c.step, cut: c.cut.as_ref().map(cut_from_proto) }
 }

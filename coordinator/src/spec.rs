@@ -179,8 +179,15 @@ pub struct DistributedSpec {
     pub collective: CollectiveKind,
     /// Gradient bucket size for the all-reduce, in MB.
     pub bucket_mb: f64,
-    /// Deadline of every collective call, in seconds.
-    pub collective_timeout_secs: f64,
+    /// Deadline of every collective call (a step's all-reduce), in seconds: a rank waits no longer
+    /// for a hung peer before the group re-forms without it.
+    pub step_timeout_secs: f64,
+    /// A worker whose heartbeat is older than this is lost; the group re-forms without it.
+    pub heartbeat_timeout_secs: f64,
+    /// How long a group below `min_workers` waits for replacements before the job fails.
+    pub rejoin_timeout_secs: f64,
+    /// Failures (lost workers) the job survives; a graceful leave or an added worker is not one.
+    pub max_restarts: u32,
 }
 
 impl Default for DistributedSpec {
@@ -192,7 +199,10 @@ impl Default for DistributedSpec {
             last_call_secs: 2.0,
             collective: CollectiveKind::Ring,
             bucket_mb: 25.0,
-            collective_timeout_secs: 300.0,
+            step_timeout_secs: 30.0,
+            heartbeat_timeout_secs: 10.0,
+            rejoin_timeout_secs: 120.0,
+            max_restarts: 3,
         }
     }
 }
@@ -252,6 +262,9 @@ pub struct OutputSpec {
     pub dir: PathBuf,
     /// Also checkpoint every this many steps (0: only at the end of each epoch).
     pub checkpoint_every_steps: usize,
+    /// Checkpoints kept: `checkpoint.safetensors` (the latest) and, above 1, the K - 1 before it
+    /// as `checkpoint-eEEEE-sSSSSSSS.safetensors`.
+    pub keep_checkpoints: usize,
 }
 
 // ---- the file format ---------------------------------------------------------------------------
@@ -284,7 +297,11 @@ struct RawDistributed {
     last_call_secs: Option<f64>,
     collective: Option<CollectiveKind>,
     bucket_mb: Option<f64>,
-    collective_timeout_secs: Option<f64>,
+    #[serde(alias = "collective_timeout_secs")]
+    step_timeout_secs: Option<f64>,
+    heartbeat_timeout_secs: Option<f64>,
+    rejoin_timeout_secs: Option<f64>,
+    max_restarts: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -342,6 +359,7 @@ struct RawTrain {
 struct RawOutput {
     dir: Option<String>,
     checkpoint_every_steps: Option<usize>,
+    keep_checkpoints: Option<usize>,
 }
 
 /// `p` taken relative to `base` (unless absolute), with `.` and `..` folded lexically so that
@@ -543,6 +561,10 @@ impl JobSpec {
         let output = OutputSpec {
             dir: resolve(base, raw.output.dir.as_deref().unwrap_or(&format!("runs/{name}"))),
             checkpoint_every_steps: raw.output.checkpoint_every_steps.unwrap_or(0),
+            keep_checkpoints: match raw.output.keep_checkpoints.unwrap_or(1) {
+                0 => return Err(invalid("output.keep_checkpoints", 0, "keep at least the latest checkpoint (1)")),
+                k => k,
+            },
         };
         let d = raw.distributed;
         let defaults = DistributedSpec::default();
@@ -586,13 +608,28 @@ impl JobSpec {
                 false,
                 Some(4096.0),
             )?,
-            collective_timeout_secs: check_finite(
-                "distributed.collective_timeout_secs",
-                d.collective_timeout_secs.unwrap_or(defaults.collective_timeout_secs),
+            step_timeout_secs: check_finite(
+                "distributed.step_timeout_secs",
+                d.step_timeout_secs.unwrap_or(defaults.step_timeout_secs),
                 0.0,
                 false,
                 Some(86_400.0),
             )?,
+            heartbeat_timeout_secs: check_finite(
+                "distributed.heartbeat_timeout_secs",
+                d.heartbeat_timeout_secs.unwrap_or(defaults.heartbeat_timeout_secs),
+                0.5,
+                true,
+                Some(3_600.0),
+            )?,
+            rejoin_timeout_secs: check_finite(
+                "distributed.rejoin_timeout_secs",
+                d.rejoin_timeout_secs.unwrap_or(defaults.rejoin_timeout_secs),
+                0.0,
+                true,
+                Some(86_400.0),
+            )?,
+            max_restarts: d.max_restarts.unwrap_or(defaults.max_restarts),
         };
         Ok(JobSpec { name, seed: raw.seed, model, data, train, schedule, output, distributed })
     }
@@ -655,20 +692,24 @@ impl JobSpec {
         );
         s += &self.schedule.to_toml();
         s += &format!(
-            "\n[output]\ndir = {}\ncheckpoint_every_steps = {}\n",
+            "\n[output]\ndir = {}\ncheckpoint_every_steps = {}\nkeep_checkpoints = {}\n",
             q(&self.output.dir.display().to_string()),
-            self.output.checkpoint_every_steps
+            self.output.checkpoint_every_steps,
+            self.output.keep_checkpoints
         );
         let d = &self.distributed;
         s += &format!(
-            "\n[distributed]\nmin_workers = {}\nmax_workers = {}\njoin_timeout_secs = {:?}\nlast_call_secs = {:?}\ncollective = {}\nbucket_mb = {:?}\ncollective_timeout_secs = {:?}\n",
+            "\n[distributed]\nmin_workers = {}\nmax_workers = {}\njoin_timeout_secs = {:?}\nlast_call_secs = {:?}\ncollective = {}\nbucket_mb = {:?}\nstep_timeout_secs = {:?}\nheartbeat_timeout_secs = {:?}\nrejoin_timeout_secs = {:?}\nmax_restarts = {}\n",
             d.min_workers,
             d.max_workers,
             d.join_timeout_secs,
             d.last_call_secs,
             q(d.collective.as_str()),
             d.bucket_mb,
-            d.collective_timeout_secs
+            d.step_timeout_secs,
+            d.heartbeat_timeout_secs,
+            d.rejoin_timeout_secs,
+            d.max_restarts
         );
         s
     }

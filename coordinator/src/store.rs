@@ -92,6 +92,11 @@ pub struct StoredJob {
     /// Workers of the group the rendezvous formed; 0 before it closed.
     #[serde(default)]
     pub workers: u32,
+    /// The group's generation (re-forms + 1) and the failures counted against `max_restarts`.
+    #[serde(default)]
+    pub generation: u32,
+    #[serde(default)]
+    pub restarts: u32,
 }
 
 /// Where a coordinator keeps its jobs. Implementations are atomic per job: after a crash, a job
@@ -368,6 +373,8 @@ mod tests {
                 data_wait: 1e-300,
             }],
             num_samples: Some(256),
+            generation: 2,
+            restarts: 1,
             workers: 2,
         }
     }
