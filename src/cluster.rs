@@ -13,6 +13,7 @@ use thaw_coordinator::spec::JobSpec;
 use thaw_coordinator::store::FileStore;
 use thaw_proto::v1 as pb;
 use thaw_proto::v1::jobs_client::JobsClient;
+use thaw_worker::train::DistEnd;
 use tonic::transport::Channel;
 
 pub const DEFAULT_COORDINATOR: &str = "http://127.0.0.1:7070";
@@ -36,6 +37,7 @@ fn state_name(s: i32) -> &'static str {
         pb::JobState::Pending => "pending",
         pb::JobState::Rendezvous => "rendezvous",
         pb::JobState::Running => "running",
+        pb::JobState::Recovering => "recovering",
         pb::JobState::Succeeded => "succeeded",
         pb::JobState::Failed => "failed",
         pb::JobState::Cancelled => "cancelled",
@@ -61,7 +63,7 @@ fn job_json(j: &pb::Job) -> serde_json::Value {
     serde_json::json!({
         "id": j.id,
         "state": state_name(j.state),
-        "progress": {"epoch": p.epoch, "step": p.step, "steps_per_epoch": p.steps_per_epoch, "samples_done": p.samples_done, "workers": p.workers},
+        "progress": {"epoch": p.epoch, "step": p.step, "steps_per_epoch": p.steps_per_epoch, "samples_done": p.samples_done, "workers": p.workers, "generation": p.generation, "restarts": p.restarts},
         "transitions": j.transitions.iter().map(|t| serde_json::json!({"to": state_name(t.to), "reason": t.reason, "at_unix_ms": t.at_unix_ms})).collect::<Vec<_>>(),
         "metrics": j.metrics.iter().map(|m| serde_json::json!({"epoch": m.epoch, "train_loss": m.train_loss, "train_acc": m.train_acc, "val_loss": m.val_loss, "val_acc": m.val_acc, "images": m.images, "seconds": m.seconds})).collect::<Vec<_>>(),
     })
@@ -71,10 +73,12 @@ fn print_job(j: &pb::Job) {
     let p = j.progress.unwrap_or_default();
     let why = j.transitions.last().map(|t| t.reason.as_str()).unwrap_or("");
     println!(
-        "{:<24} {:<10} workers {:>3}  epoch {:>3}  step {:>6}/{:<6} {}",
+        "{:<24} {:<10} workers {:>3}  gen {:>2}  restarts {:>2}  epoch {:>3}  step {:>6}/{:<6} {}",
         j.id,
         state_name(j.state),
         p.workers,
+        p.generation,
+        p.restarts,
         p.epoch + 1,
         p.step,
         p.steps_per_epoch,
@@ -87,7 +91,7 @@ fn print_job(j: &pb::Job) {
 pub fn coordinator(listen: &str, state_dir: &Path) -> Result<()> {
     let store = FileStore::open(state_dir)
         .with_context(|| format!("cannot open the coordinator's state directory {}", state_dir.display()))?;
-    let state = State::with_store(Box::new(store), Duration::from_secs(30))
+    let state = State::with_store(Box::new(store))
         .with_context(|| format!("cannot restore the jobs of {}", state_dir.display()))?;
     tracing::info!(dir = %state_dir.display(), "coordinator state");
     let rt = runtime()?;
@@ -126,14 +130,33 @@ fn resolved_spec(path: &Path) -> Result<JobSpec> {
     crate::resolve_auto(JobSpec::from_file(path)?)
 }
 
-/// `thaw submit`.
-pub fn submit(spec: &Path, url: &str) -> Result<()> {
+/// The submission of `spec`, resumed from the checkpoint `resume` when given: its path (made
+/// absolute: every worker reads it) and the cursor in its metadata.
+fn submission(spec: &JobSpec, resume: Option<&Path>) -> Result<pb::SubmitRequest> {
+    let mut req = pb::SubmitRequest { spec_toml: spec.to_toml(), ..Default::default() };
+    if let Some(ck) = resume {
+        let ck = std::path::absolute(ck).with_context(|| format!("resolving {}", ck.display()))?;
+        let cursor = thaw_worker::checkpoint::Checkpoint::cursor_of(&ck)
+            .with_context(|| format!("cannot resume from {}", ck.display()))?;
+        if cursor.epoch as usize >= spec.train.epochs {
+            bail!("{} is at the end of epoch {}: the job has {} epochs, nothing is left to train", ck.display(), cursor.epoch, spec.train.epochs);
+        }
+        eprintln!("resuming from {}: epoch {} step {} (of a world of {})", ck.display(), cursor.epoch + 1, cursor.step, cursor.world);
+        req.resume_from = ck.display().to_string();
+        req.resume_cursor_json = serde_json::to_string(&cursor)?;
+    }
+    Ok(req)
+}
+
+/// `thaw submit [--resume CKPT]`.
+pub fn submit(spec: &Path, url: &str, resume: Option<&Path>) -> Result<()> {
     let spec = resolved_spec(spec)?;
+    let req = submission(&spec, resume)?;
     let rt = runtime()?;
     rt.block_on(async {
         let mut c = jobs_client(url).await?;
         let r = c
-            .submit(pb::SubmitRequest { spec_toml: spec.to_toml() })
+            .submit(req)
             .await
             .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
         println!("{}", r.into_inner().job_id);
@@ -270,20 +293,23 @@ pub fn worker(url: &str, job: &str, worker_id: Option<String>, bind_host: &str, 
     if let Some(n) = std::env::var("THAW_TORCH_THREADS").ok().and_then(|s| s.parse::<i32>().ok()) {
         tch::set_num_threads(n.max(1));
     }
-    let worker_id = worker_id.unwrap_or_else(|| {
-        format!("{}:{}", std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into()), std::process::id())
-    });
+    let worker_name =
+        worker_id.unwrap_or_else(|| std::env::var("HOSTNAME").unwrap_or_else(|_| "worker".into()));
     let out = thaw_worker::agent::run(thaw_worker::agent::AgentOptions {
         coordinator: url.to_string(),
         job: job.to_string(),
-        worker_id,
+        worker_name,
         bind_host: bind_host.to_string(),
         device,
         connect_attempts: 5,
     })?;
-    match out.outcome.stopped {
-        Some(why) => bail!("rank {} of {} stopped: {why}", out.rank, out.world_size),
-        None => {
+    match out.outcome.end {
+        DistEnd::Stopped(why) | DistEnd::Reform(why) => bail!("rank {} of {} stopped: {why}", out.rank, out.world_size),
+        DistEnd::Left(why) => {
+            eprintln!("rank {} left the group: {why}", out.rank);
+            Ok(())
+        }
+        DistEnd::Finished => {
             if out.rank == 0 {
                 if let Some(m) = out.outcome.history.last() {
                     println!("final validation accuracy: {:.4}", m.val_acc);
@@ -294,30 +320,54 @@ pub fn worker(url: &str, job: &str, worker_id: Option<String>, bind_host: &str, 
     }
 }
 
-/// Resolves when the first worker exits unsuccessfully, with its index and status.
-async fn first_failure(children: &mut [Child]) -> (usize, std::process::ExitStatus) {
+/// Resolves when a worker not yet `done` exits, with its index and status.
+async fn next_exit(children: &mut [Child], done: &[bool]) -> (usize, std::process::ExitStatus) {
     loop {
         for (i, ch) in children.iter_mut().enumerate() {
+            if done[i] {
+                continue;
+            }
             if let Ok(Some(status)) = ch.try_wait() {
-                if !status.success() {
-                    return (i, status);
-                }
+                return (i, status);
             }
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
+/// How `thaw launch` runs its workers.
+pub struct LaunchOptions {
+    /// Worker processes.
+    pub nproc: u32,
+    /// The job goes on while at least this many are left (default: all of them).
+    pub min_nproc: Option<u32>,
+    /// Worker processes that died are started again, up to this many times in all (torchrun's
+    /// `--max-restarts`); also the job's failure budget when larger than the spec's.
+    pub max_restarts: u32,
+    /// A checkpoint to resume from (any world size wrote it).
+    pub resume: Option<PathBuf>,
+}
+
 /// `thaw launch --nproc N JOB.toml`: an in-process coordinator on 127.0.0.1 and N worker
-/// processes; one combined progress display; exits with the job's status. Ctrl-C cancels the job
-/// (rank 0 checkpoints), waits for the workers, and kills any that outlive the grace period.
-pub fn launch(spec_path: &Path, nproc: u32, device: &str) -> Result<i32> {
+/// processes; one combined progress display; exits with the job's status. A worker that dies is
+/// started again while `--max-restarts` allows (it joins the running job and receives the
+/// group's state); without restarts left the job goes on with the others down to `--min-nproc`,
+/// and is cancelled below. Ctrl-C cancels the job (rank 0 checkpoints), waits for the workers,
+/// and kills any that outlive the grace period.
+pub fn launch(spec_path: &Path, opts: &LaunchOptions, device: &str) -> Result<i32> {
+    let nproc = opts.nproc;
     if nproc == 0 {
         bail!("--nproc 0: a job needs at least 1 worker");
     }
+    let min_nproc = opts.min_nproc.unwrap_or(nproc);
+    if min_nproc == 0 || min_nproc > nproc {
+        bail!("--min-nproc {min_nproc}: must be between 1 and --nproc ({nproc})");
+    }
     let mut spec = resolved_spec(spec_path)?;
-    spec.distributed.min_workers = nproc;
+    spec.distributed.min_workers = min_nproc;
     spec.distributed.max_workers = nproc;
+    spec.distributed.max_restarts = spec.distributed.max_restarts.max(opts.max_restarts);
+    let submit = submission(&spec, opts.resume.as_deref())?;
     let logs: PathBuf = spec.output.dir.join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
     let rt = runtime()?;
@@ -326,63 +376,68 @@ pub fn launch(spec_path: &Path, nproc: u32, device: &str) -> Result<i32> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}", listener.local_addr()?);
         // The job lives and dies with this process: an in-memory store, nothing under THAW_HOME.
-        let state = State::new(Duration::from_secs(30));
+        let state = State::new();
         let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(service::serve(listener, state, async {
             let _ = server_stopped.await;
         }));
         let mut c = jobs_client(&url).await?;
-        let id = c
-            .submit(pb::SubmitRequest { spec_toml: spec.to_toml() })
-            .await
-            .map_err(|s| anyhow::anyhow!("{}", s.message()))?
-            .into_inner()
-            .job_id;
+        let id = c.submit(submit).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?.into_inner().job_id;
         eprintln!("job {id}: coordinator {url}, {nproc} workers, logs in {}", logs.display());
         // Share the cores: each worker's libtorch gets its part instead of all of them.
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
         let threads = (cores / nproc).max(1).to_string();
-        let mut children: Vec<Child> = Vec::new();
-        for i in 0..nproc {
-            let log = std::fs::File::create(logs.join(format!("worker-{i}.log")))?;
-            let child = Command::new(&exe)
-                .args([
-                    "worker",
-                    "--coordinator",
-                    &url,
-                    "--job",
-                    &id,
-                    "--worker-id",
-                    &format!("local-{i}"),
-                    "--device",
-                    device,
-                ])
+        let spawn = |i: u32| -> Result<Child> {
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(logs.join(format!("worker-{i}.log")))?;
+            Command::new(&exe)
+                .args(["worker", "--coordinator", &url, "--job", &id, "--worker-id", &format!("local-{i}"), "--device", device])
                 .env("THAW_TORCH_THREADS", &threads)
                 .stdin(Stdio::null())
                 .stdout(log.try_clone()?)
                 .stderr(log)
                 .spawn()
-                .context("starting a worker process")?;
-            children.push(child);
-        }
+                .context("starting a worker process")
+        };
+        let mut children: Vec<Child> = (0..nproc).map(&spawn).collect::<Result<_>>()?;
+        let mut done = vec![false; children.len()];
+        let mut restarts_left = opts.max_restarts;
         let mut follower = c.clone();
         let follow_job = id.clone();
         let mut followed = tokio::spawn(async move { follow(&mut follower, &follow_job, false).await });
         let mut failed_worker = None;
-        let final_job = tokio::select! {
-            r = &mut followed => r??,
-            _ = shutdown_signal() => {
-                eprintln!("interrupted: cancelling job {id} (rank 0 checkpoints), waiting for the workers");
-                let _ = c.cancel(pb::CancelRequest { job_id: id.clone(), reason: "interrupted (Ctrl-C)".into() }).await;
-                followed.await??
-            }
-            (i, status) = first_failure(&mut children) => {
-                // A worker died before the job ended (often before it could join): the group can
-                // never form or finish, so end the job now instead of waiting for a timeout.
-                let reason = format!("worker {i} exited with {status}");
-                let _ = c.cancel(pb::CancelRequest { job_id: id.clone(), reason: reason.clone() }).await;
-                failed_worker = Some(i);
-                followed.await??
+        let final_job = loop {
+            tokio::select! {
+                r = &mut followed => break r??,
+                _ = shutdown_signal() => {
+                    eprintln!("interrupted: cancelling job {id} (rank 0 checkpoints), waiting for the workers");
+                    let _ = c.cancel(pb::CancelRequest { job_id: id.clone(), reason: "interrupted (Ctrl-C)".into() }).await;
+                    break followed.await??;
+                }
+                (i, status) = next_exit(&mut children, &done) => {
+                    done[i] = true;
+                    if status.success() {
+                        continue; // it left gracefully, or the job is ending
+                    }
+                    let alive = done.iter().filter(|d| !**d).count() as u32;
+                    if restarts_left > 0 {
+                        restarts_left -= 1;
+                        eprintln!("worker {i} exited with {status}; starting it again ({restarts_left} restarts left)");
+                        children[i] = spawn(i as u32)?;
+                        done[i] = false;
+                    } else if alive >= min_nproc {
+                        eprintln!("worker {i} exited with {status}; the job goes on with {alive} workers");
+                    } else {
+                        // The group can never form or finish: end the job now instead of waiting
+                        // for a timeout.
+                        let reason = format!("worker {i} exited with {status}");
+                        let _ = c.cancel(pb::CancelRequest { job_id: id.clone(), reason: reason.clone() }).await;
+                        failed_worker = Some(i);
+                        break followed.await??;
+                    }
+                }
             }
         };
         // Workers leave on their own once the job ends; give them a grace period, then kill.

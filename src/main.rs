@@ -153,6 +153,16 @@ enum Command {
         /// Worker processes.
         #[arg(long, default_value_t = 2)]
         nproc: u32,
+        /// Go on while at least this many workers are left (default: --nproc).
+        #[arg(long)]
+        min_nproc: Option<u32>,
+        /// Start a worker that died again, up to this many times in all (torchrun's
+        /// --max-restarts); it rejoins and receives the group's state.
+        #[arg(long, default_value_t = 0)]
+        max_restarts: u32,
+        /// Resume from a checkpoint (written by any number of workers), mid-epoch included.
+        #[arg(long)]
+        resume: Option<PathBuf>,
         spec: PathBuf,
         #[arg(long, value_enum, default_value = "cpu")]
         device: DeviceArg,
@@ -186,6 +196,9 @@ enum Command {
         spec: PathBuf,
         #[arg(long, env = "THAW_COORDINATOR", default_value = cluster::DEFAULT_COORDINATOR)]
         coordinator: String,
+        /// Resume from a checkpoint every worker can read (any world size wrote it).
+        #[arg(long)]
+        resume: Option<PathBuf>,
     },
     /// Show one job, or all.
     Status {
@@ -368,13 +381,14 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Models { json } => models(json),
-        Command::Launch { nproc, spec, device } => {
+        Command::Launch { nproc, min_nproc, max_restarts, resume, spec, device } => {
             let dev = match device {
                 DeviceArg::Cuda => "cuda",
                 DeviceArg::Auto => "auto",
                 DeviceArg::Cpu => "cpu",
             };
-            exit_with(cluster::launch(&spec, nproc, dev)?)
+            let opts = cluster::LaunchOptions { nproc, min_nproc, max_restarts, resume };
+            exit_with(cluster::launch(&spec, &opts, dev)?)
         }
         Command::Coordinator { listen, state_dir } => {
             cluster::coordinator(&listen, &state_dir.unwrap_or_else(|| weights::thaw_home().join("coordinator")))
@@ -382,7 +396,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Worker { coordinator, job, worker_id, bind_host, device } => {
             cluster::worker(&coordinator, &job, worker_id, &bind_host, device.device()?)
         }
-        Command::Submit { spec, coordinator } => cluster::submit(&spec, &coordinator),
+        Command::Submit { spec, coordinator, resume } => cluster::submit(&spec, &coordinator, resume.as_deref()),
         Command::Status { job, coordinator, json } => cluster::status(job.as_deref(), &coordinator, json),
         Command::Watch { job, coordinator, json } => exit_with(cluster::watch(&job, &coordinator, json)?),
         Command::Cancel { job, coordinator } => cluster::cancel(&job, &coordinator),

@@ -1,18 +1,26 @@
 //! The worker agent: one process of a data-parallel job. It asks the coordinator for the job,
-//! prepares it (every check before joining), joins the rendezvous, forms the collective with its
-//! peers, heartbeats on the control plane, and trains its share with
-//! [`Trainer::run_distributed`].
+//! prepares it (every check before joining), joins, forms the collective with its peers, takes
+//! the group's state from the source rank, heartbeats on the control plane, and trains its share
+//! with [`Trainer::run_distributed`]. When the group fails (a peer died or hung: the collective
+//! errs) or re-forms at a step boundary (a rank left, a worker is admitted), it joins again with
+//! its progress and goes on in the next generation; only the job's end, a fatal error or a
+//! graceful leave ends it.
 //!
 //! gRPC runs on a small tokio runtime owned by the agent; training runs on the calling thread,
-//! which only ever `block_on`s short control calls between steps, never the other way round.
+//! which only ever `block_on`s short control calls with deadlines (a plan per epoch), never the
+//! other way round. Progress reports go through a bounded queue and are dropped, not waited on,
+//! when the coordinator is slow.
 
+use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rand::Rng;
 use thaw_coordinator::core::PlanInfo;
 use thaw_coordinator::plan::EpochPlan;
+use thaw_coordinator::service::{cursor_from_proto, cursor_to_proto, cut_from_proto, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT};
 use thaw_coordinator::spec::{CollectiveKind, JobSpec};
 use thaw_proto::v1 as pb;
 use thaw_proto::v1::jobs_client::JobsClient;
@@ -21,9 +29,12 @@ use tonic::transport::Channel;
 
 use crate::checkpoint::EpochMetrics;
 use crate::collective::{Collective, RingCollective};
-use crate::train::{Control, DistOutcome, TrainError, Trainer};
+use crate::train::{Control, DistEnd, DistOutcome, TrainError, Trainer};
 use thaw_coordinator::service::stage_from_proto;
 use thaw_coordinator::spec::Stage;
+
+/// Deadline of every short control call (plans, progress, heartbeats, leave, job lookups).
+pub const RPC_DEADLINE: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -41,12 +52,23 @@ fn rpc(what: &'static str) -> impl Fn(tonic::Status) -> AgentError {
     move |s| AgentError::Rpc { what, message: s.message().to_string() }
 }
 
+/// Runs `call` with a deadline; a call past it is a DEADLINE_EXCEEDED status.
+async fn within<T>(
+    deadline: Duration,
+    call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T, tonic::Status> {
+    match tokio::time::timeout(deadline, call).await {
+        Ok(r) => r.map(tonic::Response::into_inner),
+        Err(_) => Err(tonic::Status::deadline_exceeded(format!("no answer within {deadline:?}"))),
+    }
+}
+
 pub struct AgentOptions {
     /// The coordinator, e.g. `http://127.0.0.1:7070`.
     pub coordinator: String,
     pub job: String,
-    /// Unique per worker process.
-    pub worker_id: String,
+    /// A name for this worker (a pod name, `local-0`); a random suffix makes its id unguessable.
+    pub worker_name: String,
     /// Host this worker's collective listens on (a port is chosen).
     pub bind_host: String,
     pub device: tch::Device,
@@ -61,6 +83,11 @@ pub struct AgentOutcome {
     pub outcome: DistOutcome,
 }
 
+/// A worker id: the name and 64 random bits, so no other process can speak for this one.
+pub fn worker_id(name: &str) -> String {
+    format!("{name}-{:016x}", rand::rng().random::<u64>())
+}
+
 struct Clients {
     jobs: JobsClient<Channel>,
     workers: WorkersClient<Channel>,
@@ -72,7 +99,14 @@ async fn connect(url: &str, attempts: u32) -> Result<Clients, AgentError> {
     for i in 0..attempts {
         match Channel::from_shared(url.to_string()) {
             Err(e) => return Err(AgentError::Setup(format!("bad coordinator url `{url}`: {e}"))),
-            Ok(ep) => match ep.connect_timeout(Duration::from_secs(5)).connect().await {
+            Ok(ep) => match ep
+                .connect_timeout(Duration::from_secs(5))
+                .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+                .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+                .keep_alive_while_idle(true)
+                .connect()
+                .await
+            {
                 Ok(ch) => {
                     let max = thaw_proto::MAX_MESSAGE_BYTES;
                     return Ok(Clients {
@@ -96,25 +130,82 @@ async fn connect(url: &str, attempts: u32) -> Result<Clients, AgentError> {
     Err(AgentError::Unreachable { url: url.to_string(), attempts, last })
 }
 
+/// What the control tasks (heartbeats, signals) tell the training thread, and who this worker is
+/// in the current generation.
+#[derive(Default)]
+struct Flags {
+    /// The job ended (cancelled, failed) or the coordinator is lost: the group stops.
+    stop: Option<String>,
+    /// SIGTERM or SIGINT: this worker leaves after the step.
+    leave: Option<String>,
+    /// The coordinator asked the group to re-form.
+    reform: Option<String>,
+    rank: u32,
+    generation: u32,
+}
+
+type Shared = Arc<Mutex<Flags>>;
+
+fn flags(s: &Shared) -> std::sync::MutexGuard<'_, Flags> {
+    s.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The exactly-once ledger a worker writes when `THAW_LEDGER_DIR` is set: one JSON line per step
+/// it computed gradients for (written before the step's all-reduce), and one per generation it
+/// joined with its position before joining. A checker keeps the steps of each generation below
+/// the next generation's source position (see `tests/faults.rs`).
+struct Ledger(Option<std::fs::File>);
+
+impl Ledger {
+    fn open(worker: &str) -> Ledger {
+        let Some(dir) = std::env::var_os("THAW_LEDGER_DIR").map(PathBuf::from) else { return Ledger(None) };
+        let _ = std::fs::create_dir_all(&dir);
+        let path = dir.join(format!("{worker}.jsonl"));
+        match std::fs::OpenOptions::new().create(true).append(true).open(&path) {
+            Ok(f) => Ledger(Some(f)),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot open the ledger");
+                Ledger(None)
+            }
+        }
+    }
+
+    fn line(&mut self, v: serde_json::Value) {
+        if let Some(f) = &mut self.0 {
+            // One write per line, unbuffered: a killed process loses nothing it wrote.
+            let _ = f.write_all(format!("{v}\n").as_bytes());
+        }
+    }
+}
+
 struct GrpcControl {
     rt: Arc<tokio::runtime::Runtime>,
     workers: WorkersClient<Channel>,
     job: String,
+    worker: String,
     rank: u32,
-    stop: Arc<Mutex<Option<String>>>,
+    generation: u32,
+    shared: Shared,
+    reports: tokio::sync::mpsc::Sender<pb::ProgressReport>,
+    ledger: Arc<Mutex<Ledger>>,
     /// The stage the coordinator sent with the last epoch plan.
     stage: Option<(u32, pb::FreezeStage)>,
 }
 
 impl Control for GrpcControl {
     fn epoch_plan(&mut self, epoch: u32) -> Result<EpochPlan, TrainError> {
-        let req = pb::EpochPlanRequest { job_id: self.job.clone(), rank: self.rank, epoch };
+        let req = pb::EpochPlanRequest {
+            job_id: self.job.clone(),
+            rank: self.rank,
+            epoch,
+            worker_id: self.worker.clone(),
+            generation: self.generation,
+        };
         let mut w = self.workers.clone();
         let p = self
             .rt
-            .block_on(w.get_epoch_plan(req))
-            .map_err(|s| TrainError::Invalid(format!("epoch plan {epoch}: {}", s.message())))?
-            .into_inner();
+            .block_on(within(RPC_DEADLINE, w.get_epoch_plan(req)))
+            .map_err(|s| TrainError::Control(format!("epoch plan {}: {}", epoch + 1, s.message())))?;
         self.stage = p.stage.clone().map(|s| (epoch, s));
         let info = PlanInfo {
             seed: p.seed,
@@ -126,6 +217,7 @@ impl Control for GrpcControl {
             stage: None,
             affinity_epoch: p.affinity_epoch,
             blocks: p.read_block.zip(p.shuffle_window),
+            cut: p.cut.as_ref().map(cut_from_proto),
         };
         info.plan().map_err(|e| TrainError::Invalid(e.to_string()))
     }
@@ -146,21 +238,40 @@ impl Control for GrpcControl {
         let req = pb::ProgressReport {
             job_id: self.job.clone(),
             rank: self.rank,
-            progress: Some(pb::Progress { epoch, step, steps_per_epoch: 0, samples_done, workers: 0 }),
+            progress: Some(pb::Progress { epoch, step, samples_done, ..Default::default() }),
             metrics: metrics.map(pb::EpochMetrics::from),
+            worker_id: self.worker.clone(),
+            generation: self.generation,
         };
-        let mut w = self.workers.clone();
-        if let Err(e) = self.rt.block_on(w.report_progress(req)) {
-            tracing::warn!(error = %e.message(), "progress report failed");
+        // Never wait on the coordinator from a training step: a full queue drops the report (the
+        // next one carries newer progress); a dropped epoch's metrics are logged.
+        if let Err(e) = self.reports.try_send(req) {
+            if metrics.is_some() {
+                tracing::warn!(error = %e, "dropped an epoch's metrics report: the coordinator is slow");
+            }
         }
     }
 
     fn stop_requested(&self) -> Option<String> {
-        self.stop.lock().map(|s| s.clone()).unwrap_or(None)
+        flags(&self.shared).stop.clone()
+    }
+
+    fn leave_requested(&self) -> Option<String> {
+        flags(&self.shared).leave.clone()
+    }
+
+    fn reform_requested(&self) -> Option<String> {
+        flags(&self.shared).reform.clone()
+    }
+
+    fn trained(&mut self, epoch: u32, step: u64, samples: &[usize]) {
+        let mut ledger = self.ledger.lock().unwrap_or_else(|p| p.into_inner());
+        ledger.line(serde_json::json!({ "gen": self.generation, "e": epoch, "s": step, "x": samples }));
     }
 }
 
-/// Runs one worker of `opts.job` to the end.
+/// Runs one worker of `opts.job` to the end: joins, trains, and joins again whenever its group
+/// fails or re-forms, until the job ends for it.
 pub fn run(opts: AgentOptions) -> Result<AgentOutcome, AgentError> {
     let rt = Arc::new(
         tokio::runtime::Builder::new_multi_thread()
@@ -170,119 +281,230 @@ pub fn run(opts: AgentOptions) -> Result<AgentOutcome, AgentError> {
             .build()
             .map_err(|e| AgentError::Setup(format!("cannot start the control runtime: {e}")))?,
     );
+    let me = worker_id(&opts.worker_name);
     let mut clients = rt.block_on(connect(&opts.coordinator, opts.connect_attempts))?;
     let job = rt
-        .block_on(clients.jobs.get(pb::GetJobRequest { job_id: opts.job.clone() }))
-        .map_err(rpc("the job lookup"))?
-        .into_inner();
+        .block_on(within(RPC_DEADLINE, clients.jobs.get(pb::GetJobRequest { job_id: opts.job.clone() })))
+        .map_err(rpc("the job lookup"))?;
     let spec = JobSpec::from_toml(&job.spec_toml, std::path::Path::new("/")).map_err(TrainError::from)?;
     let nccl = spec.distributed.collective == CollectiveKind::Nccl;
     // Before anything heavy: a job that wants NCCL fails here, clearly, where NCCL cannot run.
-    let nccl_unique_id = if nccl { nccl_offer()? } else { Vec::new() };
-    let timeout = Duration::from_secs_f64(spec.distributed.collective_timeout_secs);
-    let bucket_bytes = (spec.distributed.bucket_mb * 1024.0 * 1024.0) as usize;
+    if nccl {
+        nccl_offer()?;
+    }
+    let d = spec.distributed.clone();
+    let timeout = Duration::from_secs_f64(d.step_timeout_secs);
+    let bucket_bytes = (d.bucket_mb * 1024.0 * 1024.0) as usize;
+    // A join waits for the rendezvous, or for a regroup that may wait for replacements.
+    let join_deadline = Duration::from_secs_f64(d.join_timeout_secs + d.rejoin_timeout_secs + 30.0);
+    let beat_every = Duration::from_secs_f64(d.heartbeat_timeout_secs / 4.0)
+        .clamp(Duration::from_millis(100), Duration::from_secs(1));
     // Every check (data, weights, groups) happens before joining, so a bad worker never holds up
     // the group.
     let mut trainer = Trainer::prepare(spec, opts.device)?;
-    let listener = TcpListener::bind((opts.bind_host.as_str(), 0))
-        .map_err(|e| AgentError::Setup(format!("cannot listen on {}: {e}", opts.bind_host)))?;
-    let addr = listener.local_addr().map_err(|e| AgentError::Setup(e.to_string()))?;
-    let join = pb::JoinRequest {
-        job_id: opts.job.clone(),
-        worker_id: opts.worker_id.clone(),
-        collective_addr: addr.to_string(),
-        nccl_unique_id,
-        num_train_samples: trainer.splits.train.len() as u64,
-        layer_groups: trainer.net.group_names().iter().map(|g| g.to_string()).collect(),
-    };
-    let a = rt.block_on(clients.workers.join(join)).map_err(rpc("the join"))?.into_inner();
-    tracing::info!(rank = a.rank, world_size = a.world_size, peers = ?a.peer_addrs, "joined");
-    let peers: Vec<SocketAddr> = a
-        .peer_addrs
-        .iter()
-        .map(|p| p.parse().map_err(|e| AgentError::Setup(format!("bad peer address `{p}`: {e}"))))
-        .collect::<Result<_, _>>()?;
-    let mut collective: Box<dyn Collective> = if nccl {
-        drop(listener);
-        nccl_group(a.rank, a.world_size, &a.nccl_unique_id, opts.device, timeout)?
-    } else {
-        let ring = RingCollective::connect(a.rank as usize, a.world_size as usize, listener, &peers, timeout)
-            .map_err(TrainError::from)?;
-        if let Some((to_next, from_prev)) = ring.transports() {
-            tracing::info!(to_next, from_prev, "ring formed");
-        }
-        Box::new(ring)
-    };
+    let shared: Shared = Arc::new(Mutex::new(Flags::default()));
+    let ledger = Arc::new(Mutex::new(Ledger::open(&me)));
 
-    // Heartbeats on the control runtime; a stop command or a lost coordinator sets the flag that
-    // the training loop agrees on at the next step.
-    let stop = Arc::new(Mutex::new(None::<String>));
+    // Heartbeats on the control runtime: a stop or re-form command sets the flag that the
+    // training loop agrees on at the next step; a coordinator silent for long stops the worker.
     let hb = {
-        let (stop, mut w, job, worker, rank) =
-            (stop.clone(), clients.workers.clone(), opts.job.clone(), opts.worker_id.clone(), a.rank);
+        let (shared, mut w, job, worker) = (shared.clone(), clients.workers.clone(), opts.job.clone(), me.clone());
         rt.spawn(async move {
             let mut failures = 0;
+            let lost_after = (60.0 / beat_every.as_secs_f64()).ceil() as u32;
             loop {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                let req = pb::HeartbeatRequest { job_id: job.clone(), worker_id: worker.clone(), rank };
-                let why = match w.heartbeat(req).await {
-                    Ok(r) if r.get_ref().command == pb::WorkerCommand::Stop as i32 => Some(r.into_inner().reason),
-                    Ok(_) => {
+                tokio::time::sleep(beat_every).await;
+                let (rank, generation) = {
+                    let f = flags(&shared);
+                    (f.rank, f.generation)
+                };
+                let req = pb::HeartbeatRequest { job_id: job.clone(), worker_id: worker.clone(), rank, generation };
+                let answer = within(RPC_DEADLINE, w.heartbeat(req)).await;
+                let mut f = flags(&shared);
+                match answer {
+                    Ok(r) if r.command == pb::WorkerCommand::Stop as i32 => f.stop = Some(r.reason),
+                    Ok(r) if r.command == pb::WorkerCommand::Reform as i32 => {
                         failures = 0;
-                        None
+                        if f.generation == generation {
+                            f.reform = Some(r.reason);
+                        }
                     }
+                    Ok(_) => failures = 0,
                     Err(e) => {
                         failures += 1;
-                        (failures >= 10).then(|| format!("lost the coordinator: {}", e.message()))
-                    }
-                };
-                if let Some(why) = why {
-                    if let Ok(mut s) = stop.lock() {
-                        *s = Some(why);
+                        if failures >= lost_after {
+                            f.stop = Some(format!("lost the coordinator: {}", e.message()));
+                        }
                     }
                 }
             }
         })
     };
-    // Ctrl-C / SIGTERM: the same stop flag, so every rank stops at the next step and rank 0
-    // checkpoints, instead of the process dying mid-step.
+    // SIGTERM / Ctrl-C: this worker leaves after finishing its step with the others (a
+    // preemption notice, a drain); if every rank gets it, the group stops and rank 0 checkpoints.
     let signals = {
-        let stop = stop.clone();
+        let shared = shared.clone();
         rt.spawn(async move {
-            let why = wait_for_signal().await;
-            tracing::warn!(signal = why, "stopping at the next step");
-            if let Ok(mut s) = stop.lock() {
-                s.get_or_insert_with(|| format!("worker received {why}"));
+            loop {
+                let why = wait_for_signal().await;
+                tracing::warn!(signal = why, "leaving the group after the step in flight");
+                flags(&shared).leave.get_or_insert_with(|| format!("worker received {why}"));
             }
         })
     };
-    let mut ctl = GrpcControl {
-        rt: rt.clone(),
-        workers: clients.workers.clone(),
-        job: opts.job.clone(),
-        rank: a.rank,
-        stop,
-        stage: None,
+    // Progress and metrics: a bounded queue, drained here with deadlines.
+    let (reports, mut queue) = tokio::sync::mpsc::channel::<pb::ProgressReport>(64);
+    let reporter = {
+        let mut w = clients.workers.clone();
+        rt.spawn(async move {
+            while let Some(r) = queue.recv().await {
+                if let Err(e) = within(RPC_DEADLINE, w.report_progress(r)).await {
+                    tracing::debug!(error = %e.message(), "progress report failed");
+                }
+            }
+        })
     };
-    let result = trainer.run_distributed(a.rank, collective.as_mut(), &mut ctl, bucket_bytes);
+
+    let mut generation = 0u32;
+    // Why this worker joins again, and whether that was a failure.
+    let mut again: Option<(String, bool)> = None;
+    let (mut rank, mut world) = (0, 0);
+    let result: Result<DistOutcome, AgentError> = loop {
+        if let Some(why) = flags(&shared).stop.clone() {
+            break Ok(DistOutcome { history: trainer.history().to_vec(), end: DistEnd::Stopped(why) });
+        }
+        let listener = TcpListener::bind((opts.bind_host.as_str(), 0))
+            .map_err(|e| AgentError::Setup(format!("cannot listen on {}: {e}", opts.bind_host)))?;
+        let addr = listener.local_addr().map_err(|e| AgentError::Setup(e.to_string()))?;
+        let before = trainer.cursor().position();
+        let (reason, failed) = again.take().unwrap_or_default();
+        let join = pb::JoinRequest {
+            job_id: opts.job.clone(),
+            worker_id: me.clone(),
+            collective_addr: addr.to_string(),
+            nccl_unique_id: if nccl { nccl_offer()? } else { Vec::new() },
+            num_train_samples: trainer.splits.train.len() as u64,
+            layer_groups: trainer.net.group_names().iter().map(|g| g.to_string()).collect(),
+            generation,
+            cursor: (generation > 0).then(|| cursor_to_proto(&before)),
+            reason,
+            failed,
+        };
+        let a = match rt.block_on(within(join_deadline, clients.workers.join(join))) {
+            Ok(a) => a,
+            Err(e) if generation == 0 => break Err(rpc("the join")(e)),
+            // The job ended or failed while this worker was away: say why and stop.
+            Err(e) => break Err(rpc("the re-join")(e)),
+        };
+        if generation == 0 && !a.resume_from.is_empty() {
+            trainer.load_checkpoint(std::path::Path::new(&a.resume_from))?;
+        }
+        (rank, world, generation) = (a.rank, a.world_size, a.generation);
+        {
+            let mut f = flags(&shared);
+            (f.rank, f.generation, f.reform) = (rank, generation, None);
+        }
+        tracing::info!(rank, world_size = world, generation, source = a.source_rank, peers = ?a.peer_addrs, "joined");
+        let formed = form_group(&a, listener, nccl, opts.device, timeout).and_then(|mut c| {
+            trainer.sync_state(c.as_mut(), a.source_rank)?;
+            Ok(c)
+        });
+        let mut collective = match formed {
+            Ok(c) => c,
+            Err(TrainError::Collective(e)) => {
+                tracing::warn!(error = %e, "the group failed while forming; joining again");
+                again = Some((e.to_string(), true));
+                continue;
+            }
+            Err(e) => break Err(e.into()),
+        };
+        trainer.set_position(a.cursor.as_ref().map(cursor_from_proto).unwrap_or_default());
+        ledger.lock().unwrap_or_else(|p| p.into_inner()).line(serde_json::json!({
+            "gen": generation, "rank": rank, "source": rank == a.source_rank,
+            "before": [before.epoch, before.step], "start": serde_json::to_value(trainer.cursor().position()).unwrap_or_default(),
+        }));
+        let mut ctl = GrpcControl {
+            rt: rt.clone(),
+            workers: clients.workers.clone(),
+            job: opts.job.clone(),
+            worker: me.clone(),
+            rank,
+            generation,
+            shared: shared.clone(),
+            reports: reports.clone(),
+            ledger: ledger.clone(),
+            stage: None,
+        };
+        let outcome = trainer.run_distributed(rank, collective.as_mut(), &mut ctl, bucket_bytes);
+        drop(collective);
+        match outcome {
+            Ok(DistOutcome { end: DistEnd::Reform(why), .. }) => {
+                tracing::info!(reason = %why, "the group re-forms at this step");
+                again = Some((why, false));
+            }
+            Err(TrainError::Collective(e)) => {
+                tracing::warn!(error = %e, "the group failed; dropping the step in flight and joining again");
+                again = Some((e.to_string(), true));
+            }
+            Err(TrainError::Control(e)) => {
+                tracing::warn!(error = %e, "the coordinator did not answer; joining again");
+                again = Some((e, true));
+            }
+            other => break other.map_err(AgentError::from),
+        }
+    };
     hb.abort();
     signals.abort();
-    drop(collective);
-    let (succeeded, error) = match &result {
-        Ok(o) => (o.stopped.is_none(), o.stopped.clone().unwrap_or_default()),
-        Err(e) => (false, e.to_string()),
+    drop(reports);
+    // Let queued reports (the last epoch's metrics) go out before saying goodbye.
+    let _ = rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), reporter).await });
+    let (succeeded, graceful, error) = match &result {
+        Ok(o) => match &o.end {
+            DistEnd::Finished => (true, false, String::new()),
+            DistEnd::Left(why) => (true, true, why.clone()),
+            DistEnd::Stopped(why) | DistEnd::Reform(why) => (false, false, why.clone()),
+        },
+        Err(e) => (false, false, e.to_string()),
     };
+    // A worker stopped because the job already ended has nothing to report.
     let leave = pb::LeaveRequest {
         job_id: opts.job.clone(),
-        worker_id: opts.worker_id.clone(),
-        rank: a.rank,
+        worker_id: me.clone(),
+        rank,
         succeeded,
         error,
+        graceful,
+        generation,
     };
-    if let Err(e) = rt.block_on(clients.workers.leave(leave)) {
+    if let Err(e) = rt.block_on(within(RPC_DEADLINE, clients.workers.leave(leave))) {
         tracing::warn!(error = %e.message(), "could not tell the coordinator we left");
     }
-    Ok(AgentOutcome { rank: a.rank, world_size: a.world_size, outcome: result? })
+    Ok(AgentOutcome { rank, world_size: world, outcome: result? })
+}
+
+/// Forms this generation's collective: the ring on `listener`, or NCCL.
+fn form_group(
+    a: &pb::JoinResponse,
+    listener: TcpListener,
+    nccl: bool,
+    device: tch::Device,
+    timeout: Duration,
+) -> Result<Box<dyn Collective>, TrainError> {
+    if nccl {
+        drop(listener);
+        return nccl_group(a.rank, a.world_size, &a.nccl_unique_id, device, timeout)
+            .map_err(|e| TrainError::Invalid(e.to_string()));
+    }
+    let peers: Vec<SocketAddr> = a
+        .peer_addrs
+        .iter()
+        .map(|p| p.parse().map_err(|e| TrainError::Invalid(format!("bad peer address `{p}`: {e}"))))
+        .collect::<Result<_, _>>()?;
+    let ring = RingCollective::connect(a.rank as usize, a.world_size as usize, listener, &peers, timeout)?;
+    if let Some((to_next, from_prev)) = ring.transports() {
+        tracing::info!(to_next, from_prev, "ring formed");
+    }
+    Ok(Box::new(ring))
 }
 
 /// Resolves on SIGINT or SIGTERM with the signal's name.

@@ -13,12 +13,14 @@ use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
 use crate::tensor_io::{self, TensorIoError};
+use thaw_coordinator::plan::{Cut, EpochCursor};
 
 pub const FORMAT: &str = "thaw-checkpoint-v1";
 
 /// Where training resumes: the next step of the given epoch, with the running sums of the
-/// partial epoch so its metrics come out exact.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+/// partial epoch so its metrics come out exact. `step` counts steps of the plan laid out for
+/// `world` ranks after `cut` (see [`EpochCursor`]), so a checkpoint resumes on any world size.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Cursor {
     pub epoch: usize,
     pub step: usize,
@@ -26,9 +28,40 @@ pub struct Cursor {
     pub correct: u64,
     pub seen: u64,
     pub skipped: u64,
+    #[serde(default = "one")]
+    pub world: u32,
+    #[serde(default)]
+    pub cut: Option<Cut>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+impl Default for Cursor {
+    fn default() -> Self {
+        Cursor { epoch: 0, step: 0, loss_sum: 0.0, correct: 0, seen: 0, skipped: 0, world: 1, cut: None }
+    }
 }
 
 impl Cursor {
+    /// Where the epoch stands, in the terms every rank and the coordinator share.
+    pub fn position(&self) -> EpochCursor {
+        EpochCursor { epoch: self.epoch as u32, world: self.world, step: self.step as u64, cut: self.cut }
+    }
+
+    /// Moves to `at` (the same epoch for a new group, or a later one), keeping the epoch's sums
+    /// when it is the same epoch.
+    pub fn move_to(&mut self, at: EpochCursor) {
+        if at.epoch as usize != self.epoch {
+            *self = Cursor::default();
+        }
+        self.epoch = at.epoch as usize;
+        self.step = at.step as usize;
+        self.world = at.world;
+        self.cut = at.cut;
+    }
+
     /// The metrics of the epoch this cursor has just finished (`epoch` counted from 0).
     pub fn epoch_metrics(
         &self,
@@ -79,6 +112,26 @@ pub enum CheckpointError {
 
 impl Checkpoint {
     pub fn save(&self, path: &Path) -> Result<(), CheckpointError> {
+        let (tensors, meta) = self.parts();
+        tensor_io::write_safetensors(path, &tensors, meta)?;
+        Ok(())
+    }
+
+    /// The checkpoint as the bytes of its file: what a recovering group broadcasts.
+    pub fn to_bytes(&self) -> Result<Vec<u8>, CheckpointError> {
+        let (tensors, meta) = self.parts();
+        tensor_io::safetensors_bytes(&tensors, meta)
+            .map_err(|reason| CheckpointError::NotACheckpoint { path: "<state in memory>".into(), reason })
+    }
+
+    pub fn from_bytes(bytes: &[u8]) -> Result<Checkpoint, CheckpointError> {
+        let path = Path::new("<state received from the source rank>");
+        let bad = |reason: String| CheckpointError::NotACheckpoint { path: path.to_path_buf(), reason };
+        let (tensors, meta) = tensor_io::parse_safetensors(bytes).map_err(bad)?;
+        Self::from_parts(path, tensors, meta)
+    }
+
+    fn parts(&self) -> (Vec<(String, Tensor)>, HashMap<String, String>) {
         let mut tensors: Vec<(String, Tensor)> = Vec::with_capacity(self.model.len() + self.optim.len());
         tensors.extend(self.model.iter().map(|(n, t)| (format!("model.{n}"), t.shallow_clone())));
         tensors.extend(self.optim.iter().map(|(n, t)| (format!("optim.{n}"), t.shallow_clone())));
@@ -91,12 +144,43 @@ impl Checkpoint {
             ("cursor".to_string(), json(&self.cursor)),
             ("history".to_string(), json(&self.history)),
         ]);
-        tensor_io::write_safetensors(path, &tensors, meta)?;
-        Ok(())
+        (tensors, meta)
+    }
+
+    /// The cursor of the checkpoint at `path`, read from its header alone.
+    pub fn cursor_of(path: &Path) -> Result<EpochCursor, CheckpointError> {
+        use std::io::Read;
+        let bad = |reason: String| CheckpointError::NotACheckpoint { path: path.to_path_buf(), reason };
+        let io = |source| CheckpointError::Io(TensorIoError::Read { path: path.to_path_buf(), source });
+        let mut f = std::fs::File::open(path).map_err(io)?;
+        let mut len = [0u8; 8];
+        f.read_exact(&mut len).map_err(io)?;
+        let len = u64::from_le_bytes(len);
+        if len > 100 << 20 {
+            return Err(bad(format!("a header of {len} bytes")));
+        }
+        let mut header = Vec::new();
+        f.take(len).read_to_end(&mut header).map_err(io)?;
+        let header: serde_json::Value = serde_json::from_slice(&header).map_err(|e| bad(e.to_string()))?;
+        let meta = &header["__metadata__"];
+        if meta["format"].as_str() != Some(FORMAT) {
+            return Err(bad(format!("metadata `format` is {}, expected {FORMAT:?}", meta["format"])));
+        }
+        let cursor = meta["cursor"].as_str().ok_or_else(|| bad("metadata lacks `cursor`".into()))?;
+        let cursor: Cursor = serde_json::from_str(cursor).map_err(|e| bad(format!("metadata `cursor` is malformed: {e}")))?;
+        Ok(cursor.position())
     }
 
     pub fn load(path: &Path) -> Result<Checkpoint, CheckpointError> {
         let (tensors, meta) = tensor_io::read_safetensors(path)?;
+        Self::from_parts(path, tensors, meta)
+    }
+
+    fn from_parts(
+        path: &Path,
+        tensors: Vec<(String, Tensor)>,
+        meta: HashMap<String, String>,
+    ) -> Result<Checkpoint, CheckpointError> {
         let bad = |reason: String| CheckpointError::NotACheckpoint { path: path.to_path_buf(), reason };
         if meta.get("format").map(String::as_str) != Some(FORMAT) {
             return Err(bad(format!("metadata `format` is {:?}, expected {FORMAT:?}", meta.get("format"))));
@@ -190,7 +274,7 @@ mod tests {
             arch: "lenet5".into(),
             num_classes: 10,
             class_names: vec!["a".into(), "b".into()],
-            cursor: Cursor { epoch: 2, step: 7, loss_sum: 1.5, correct: 3, seen: 9, skipped: 1 },
+            cursor: Cursor { epoch: 2, step: 7, loss_sum: 1.5, correct: 3, seen: 9, skipped: 1, world: 3, cut: None },
             history: vec![],
             model: HashMap::from([("fc.weight".to_string(), Tensor::from_slice(&[1f32, 2.]))]),
             optim: HashMap::from([("fc.weight.step".to_string(), Tensor::from_slice(&[4i64]))]),
@@ -201,6 +285,13 @@ mod tests {
         assert_eq!(back.class_names, ck.class_names);
         assert!(back.model["fc.weight"].equal(&ck.model["fc.weight"]));
         assert_eq!(back.optim["fc.weight.step"].int64_value(&[0]), 4);
+        assert_eq!(Checkpoint::cursor_of(&path).unwrap(), EpochCursor { epoch: 2, world: 3, step: 7, cut: None });
+        let again = Checkpoint::from_bytes(&ck.to_bytes().unwrap()).unwrap();
+        assert_eq!((again.cursor, again.spec_toml), (ck.cursor.clone(), ck.spec_toml.clone()));
+        assert!(again.model["fc.weight"].equal(&ck.model["fc.weight"]));
+        // A checkpoint written before cursors had a world reads as one process's.
+        let old: Cursor = serde_json::from_str(r#"{"epoch":1,"step":2,"loss_sum":0.0,"correct":0,"seen":0,"skipped":0}"#).unwrap();
+        assert_eq!((old.world, old.cut), (1, None));
 
         let other = dir.path().join("w.safetensors");
         tensor_io::write_safetensors(&other, &[("a".into(), Tensor::from_slice(&[1f32]))], HashMap::new()).unwrap();

@@ -21,7 +21,7 @@ use crate::data::loader::{Batch, Loader, LoaderConfig};
 use crate::data::transform::Transform;
 use crate::data::Dataset;
 use crate::feature_cache::{CacheError, FeatureCache};
-use crate::train::{Scores, TrainError};
+use crate::train::{EvalSums, Scores, TrainError};
 use crate::zoo::Network;
 
 impl From<CacheError> for TrainError {
@@ -88,18 +88,19 @@ impl StageCache {
     }
 
     /// Evaluation through the cached prefix: loss and accuracy on the validation split.
+    /// Scores `net` on the samples `order` of the validation set `ds`, through the cache.
     pub fn evaluate(
         &mut self,
         net: &Network,
         ds: Arc<dyn Dataset>,
+        order: Vec<usize>,
         t: &Transform,
         batch_size: usize,
         threads: usize,
-    ) -> Result<(f64, f64), TrainError> {
+    ) -> Result<EvalSums, TrainError> {
         let n = net.groups().len();
         let device = net.vs.device();
-        let order: Vec<usize> = (0..ds.len()).collect();
-        let mut scores = Scores::new(ds.len());
+        let mut scores = Scores::new(order.len());
         let complete = order.iter().all(|&i| self.val.contains(i) || self.bad_val.contains(&i));
         if complete {
             for chunk in order.chunks(batch_size) {
@@ -127,7 +128,7 @@ impl StageCache {
                 scores.add(&logits, &batch.labels.to_device(device));
             }
         }
-        scores.finish()
+        Ok(scores.sums())
     }
 
     /// One line for the log.

@@ -103,36 +103,48 @@ pub fn tensor_bytes(t: &Tensor) -> Vec<u8> {
     buf
 }
 
+/// Named tensors and metadata as the bytes of one safetensors file.
+pub fn safetensors_bytes(tensors: &[(String, Tensor)], metadata: HashMap<String, String>) -> Result<Vec<u8>, String> {
+    let mut owned = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
+        owned.push((name.clone(), dtype_of(name, t.kind()).map_err(|e| e.to_string())?, shape, tensor_bytes(t)));
+    }
+    let mut views = Vec::with_capacity(owned.len());
+    for (n, d, s, b) in &owned {
+        views.push((n.clone(), TensorView::new(*d, s.clone(), b).map_err(|e| e.to_string())?));
+    }
+    safetensors::serialize(views, Some(metadata)).map_err(|e| e.to_string())
+}
+
 /// Writes named tensors and metadata as one safetensors file, atomically.
 pub fn write_safetensors(
     path: &Path,
     tensors: &[(String, Tensor)],
     metadata: HashMap<String, String>,
 ) -> Result<(), TensorIoError> {
-    let mut owned = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
-        let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
-        owned.push((name.clone(), dtype_of(name, t.kind())?, shape, tensor_bytes(t)));
+        dtype_of(name, t.kind())?;
     }
-    let views: Vec<(String, TensorView)> = owned
-        .iter()
-        .map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).expect("shape matches bytes")))
-        .collect();
-    let bytes = safetensors::serialize(views, Some(metadata))
-        .map_err(|e| TensorIoError::Format { path: path.to_path_buf(), reason: e.to_string() })?;
+    let bytes =
+        safetensors_bytes(tensors, metadata).map_err(|reason| TensorIoError::Format { path: path.to_path_buf(), reason })?;
     write_atomic(path, |f| f.write_all(&bytes))
 }
 
 /// Reads every tensor (on the CPU) and the metadata of a safetensors file.
 pub fn read_safetensors(path: &Path) -> Result<(Vec<(String, Tensor)>, HashMap<String, String>), TensorIoError> {
     let bytes = std::fs::read(path).map_err(|source| TensorIoError::Read { path: path.to_path_buf(), source })?;
-    let format = |reason: String| TensorIoError::Format { path: path.to_path_buf(), reason };
-    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| format(e.to_string()))?;
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| format(e.to_string()))?;
+    parse_safetensors(&bytes).map_err(|reason| TensorIoError::Format { path: path.to_path_buf(), reason })
+}
+
+/// Every tensor (on the CPU) and the metadata of safetensors bytes, sorted by name.
+pub fn parse_safetensors(bytes: &[u8]) -> Result<(Vec<(String, Tensor)>, HashMap<String, String>), String> {
+    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| e.to_string())?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| e.to_string())?;
     let mut out = Vec::new();
     for (name, view) in st.tensors() {
-        let kind = kind_of(view.dtype())
-            .ok_or_else(|| format(format!("tensor `{name}` has unsupported type {:?}", view.dtype())))?;
+        let kind =
+            kind_of(view.dtype()).ok_or_else(|| format!("tensor `{name}` has unsupported type {:?}", view.dtype()))?;
         let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
         out.push((name, Tensor::from_data_size(view.data(), &shape, kind)));
     }

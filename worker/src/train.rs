@@ -15,7 +15,8 @@ use tch::{Device, Kind, Tensor};
 use thaw_coordinator::schedule::stage_of;
 use thaw_coordinator::spec::{BnPolicy, JobSpec, SpecError, Stage, WeightsSpec};
 
-use thaw_coordinator::plan::EpochPlan;
+use thaw_coordinator::core::PlanInfo;
+use thaw_coordinator::plan::{EpochCursor, EpochPlan};
 
 use crate::buckets::Buckets;
 use crate::checkpoint::{Checkpoint, CheckpointError, CheckpointPolicy, Cursor, EpochMetrics};
@@ -49,6 +50,9 @@ pub enum TrainError {
     Io(#[from] crate::tensor_io::TensorIoError),
     #[error(transparent)]
     Collective(#[from] CollectiveError),
+    /// The coordinator could not be asked (a plan): the group re-forms or the worker gives up.
+    #[error("{0}")]
+    Control(String),
 }
 
 /// A job ready to run: everything validated and loaded.
@@ -209,10 +213,6 @@ impl Trainer {
         self.spec.output.dir.join("checkpoint.safetensors")
     }
 
-    fn steps_per_epoch(&self) -> usize {
-        self.splits.train.len().div_ceil(self.spec.train.batch_size)
-    }
-
     /// The loader settings of a training epoch.
     fn train_loader_config(&self, batch_size: usize, epoch: usize) -> LoaderConfig {
         LoaderConfig {
@@ -226,17 +226,14 @@ impl Trainer {
         }
     }
 
-    /// One process's training order of `epoch`: for packed shards, the blocked plan of a single
-    /// rank (long sequential runs, shuffled within windows); otherwise a seeded permutation.
-    fn local_order(&self, epoch: usize) -> Result<Vec<usize>, TrainError> {
-        let n = self.splits.train.len();
-        let Some((block, window)) = self.spec.data.blocks() else {
-            return Ok(data::permutation(n, self.spec.seed, 1000 + epoch as u64));
-        };
-        let plan = EpochPlan::new(self.spec.seed, epoch as u32, n as u64, 1, 1)
-            .and_then(|p| p.with_blocks(block, window))
-            .and_then(|p| p.rank_samples(0).map(|it| it.map(|i| i as usize).collect()));
-        plan.map_err(|e| TrainError::Invalid(e.to_string()))
+    /// One process's plan of `epoch`: the same plan a distributed job uses, for a world of one
+    /// (with the cut a checkpoint from another world left, in the epoch it stopped in).
+    fn local_plan(&self, epoch: usize) -> Result<EpochPlan, TrainError> {
+        let cut = if epoch == self.cursor.epoch { self.cursor.cut } else { None };
+        let n = self.splits.train.len() as u64;
+        PlanInfo::for_spec(&self.spec, &self.stages, epoch as u32, n, 1, cut)
+            .and_then(|info| info.plan())
+            .map_err(|e| TrainError::Invalid(e.to_string()))
     }
 
     /// Logs a batch's unreadable samples, counts them in the cursor and remembers the epoch's first.
@@ -358,9 +355,10 @@ impl Trainer {
         }
     }
 
-    fn save_checkpoint(&self) -> Result<PathBuf, TrainError> {
-        let path = self.checkpoint_path();
-        let ck = Checkpoint {
+    /// Everything a run's state is: the checkpoint file's contents, and what a recovering group
+    /// broadcasts from its source rank.
+    fn checkpoint(&self) -> Checkpoint {
+        Checkpoint {
             spec_toml: self.spec.to_toml(),
             arch: self.arch.name().to_string(),
             num_classes: self.net.num_classes,
@@ -369,13 +367,88 @@ impl Trainer {
             history: self.history.clone(),
             model: self.net.vs.variables(),
             optim: self.optimizer.state_tensors().into_iter().collect::<HashMap<_, _>>(),
-        };
-        ck.save(&path)?;
+        }
+    }
+
+    /// Writes `checkpoint.safetensors` atomically and, with `output.keep_checkpoints = K > 1`,
+    /// keeps it also as `checkpoint-eEEEE-sSSSSSSS.safetensors`, deleting all but the newest K - 1
+    /// of those.
+    fn save_checkpoint(&self) -> Result<PathBuf, TrainError> {
+        let path = self.checkpoint_path();
+        self.checkpoint().save(&path)?;
+        let keep = self.spec.output.keep_checkpoints;
+        if keep > 1 {
+            let dir = &self.spec.output.dir;
+            let name = format!("checkpoint-e{:04}-s{:08}.safetensors", self.cursor.epoch, self.cursor.step);
+            let kept = dir.join(name);
+            let _ = std::fs::remove_file(&kept);
+            std::fs::hard_link(&path, &kept).or_else(|_| std::fs::copy(&path, &kept).map(|_| ())).map_err(|e| {
+                TrainError::Invalid(format!("cannot keep checkpoint {}: {e}", kept.display()))
+            })?;
+            let mut old: Vec<PathBuf> = std::fs::read_dir(dir)
+                .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
+                .unwrap_or_default();
+            old.retain(|p| {
+                p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("checkpoint-e") && n.ends_with(".safetensors"))
+            });
+            old.sort();
+            for p in old.iter().take(old.len().saturating_sub(keep - 1)) {
+                let _ = std::fs::remove_file(p);
+            }
+        }
         // The history as plain JSON beside it, for people and scripts.
         let json = serde_json::to_string_pretty(&self.history).unwrap_or_default();
         let metrics = self.spec.output.dir.join("metrics.json");
         crate::tensor_io::write_atomic(&metrics, |f| std::io::Write::write_all(f, json.as_bytes()))?;
         Ok(path)
+    }
+
+    /// Takes `ck`'s model, optimizer state, cursor and metrics, in the stage of its epoch.
+    fn restore(&mut self, ck: &Checkpoint) -> Result<(), TrainError> {
+        ck.restore_model(&self.net)?;
+        self.cursor = ck.cursor.clone();
+        self.history = ck.history.clone();
+        // The optimizer keeps state only for the parameters of the stage in force.
+        self.enter_stage_of(self.cursor.epoch.min(self.spec.train.epochs.saturating_sub(1)))?;
+        self.optimizer.load_state(&ck.optim);
+        Ok(())
+    }
+
+    /// Loads a checkpoint into this prepared job (a resumed distributed job's first group).
+    pub fn load_checkpoint(&mut self, path: &Path) -> Result<(), TrainError> {
+        let ck = Checkpoint::load(path)?;
+        self.restore(&ck)
+    }
+
+    /// Makes every rank's state `source`'s: model, optimizer state, cursor and metrics, broadcast
+    /// as the bytes of a checkpoint. This is how a re-formed group continues without reading a
+    /// checkpoint, and how the first group starts from identical replicas.
+    pub fn sync_state(&mut self, c: &mut dyn Collective, source: u32) -> Result<(), TrainError> {
+        let bytes = if c.rank() == source as usize { self.checkpoint().to_bytes()? } else { Vec::new() };
+        let mut len = [f32::from_bits(bytes.len() as u32), f32::from_bits((bytes.len() as u64 >> 32) as u32)];
+        c.broadcast(&mut len, source as usize)?;
+        let n = (len[0].to_bits() as u64 | (len[1].to_bits() as u64) << 32) as usize;
+        let mut words: Vec<f32> = vec![0.0; n.div_ceil(4)];
+        if c.rank() == source as usize {
+            for (w, chunk) in words.iter_mut().zip(bytes.chunks(4)) {
+                let mut b = [0u8; 4];
+                b[..chunk.len()].copy_from_slice(chunk);
+                *w = f32::from_bits(u32::from_le_bytes(b));
+            }
+        }
+        c.broadcast(&mut words, source as usize)?;
+        if c.rank() != source as usize {
+            let mut bytes: Vec<u8> = words.iter().flat_map(|w| w.to_bits().to_le_bytes()).collect();
+            bytes.truncate(n);
+            let ck = Checkpoint::from_bytes(&bytes)?;
+            self.restore(&ck)?;
+        }
+        Ok(())
+    }
+
+    /// Moves the cursor to where a (re-formed) group starts.
+    pub fn set_position(&mut self, at: EpochCursor) {
+        self.cursor.move_to(at);
     }
 
     /// Writes the resolved spec beside the outputs.
@@ -398,8 +471,10 @@ impl Trainer {
         let out_of_time = || deadline.is_some_and(|d| Instant::now() >= d);
         self.write_resolved_spec()?;
         let policy = CheckpointPolicy { every_steps: self.spec.output.checkpoint_every_steps };
-        let steps = self.steps_per_epoch();
         let bs = self.spec.train.batch_size;
+        // A checkpoint from another world continues from its cut (the same samples, once).
+        let at = self.cursor.position().for_world(1, bs as u32);
+        self.cursor.move_to(at);
         let mut budget = max_steps.unwrap_or(usize::MAX);
         let mut skipped_keys = Vec::new();
         let device = self.net.vs.device();
@@ -408,10 +483,11 @@ impl Trainer {
             if self.enter_stage_of(epoch)? {
                 self.log_stage();
             }
-            let order = self.local_order(epoch)?;
+            let plan = self.local_plan(epoch)?;
+            let steps = plan.steps_per_rank() as usize;
             let cfg = self.train_loader_config(bs, epoch);
             self.cache_for_stage(0);
-            let planned: Vec<Vec<usize>> = order.chunks(bs).map(<[usize]>::to_vec).collect();
+            let planned = rank_batches(&plan, 0)?;
             let mut source = self.source(planned, self.cursor.step, cfg);
             let cached = matches!(source, Source::Cached { .. });
             let started = Instant::now();
@@ -428,10 +504,11 @@ impl Trainer {
                 self.check_skipped(epoch, self.cursor.skipped, first_skipped.as_deref())?;
                 let n = batch.labels.size()[0];
                 if n > 0 {
-                    let lrs = self.group_lrs(epoch, batch.step, steps);
+                    let at = plan.schedule_step(batch.step as u64) as usize;
+                    let lrs = self.group_lrs(epoch, at, plan.schedule_steps() as usize);
                     // Dropout masks are a function of (seed, epoch, step), so a resumed run
                     // draws exactly what an uninterrupted one would.
-                    tch::manual_seed(step_seed(self.spec.seed, epoch, batch.step));
+                    tch::manual_seed(step_seed(self.spec.seed, epoch, at));
                     let xs = batch.images.to_device(device);
                     let ys = batch.labels.to_device(device);
                     self.optimizer.zero_grad();
@@ -521,17 +598,28 @@ impl Trainer {
     /// Loss and accuracy on the validation split (eval mode, no gradients), through the feature
     /// cache when the stage has one.
     pub fn evaluate(&mut self) -> Result<(f64, f64), TrainError> {
+        self.evaluate_on((0..self.splits.val.len()).collect())?.mean()
+    }
+
+    /// Loss and correct counts over the validation samples `order`.
+    fn evaluate_on(&mut self, order: Vec<usize>) -> Result<EvalSums, TrainError> {
         let (bs, threads) = (self.spec.train.batch_size, self.spec.data.loader_threads);
         if let Some(c) = &mut self.cache {
-            return c.evaluate(&self.net, self.splits.val.clone(), &self.transform, bs, threads);
+            return c.evaluate(&self.net, self.splits.val.clone(), order, &self.transform, bs, threads);
         }
-        evaluate(
-            &self.net,
-            self.splits.val.clone(),
-            &self.transform,
-            self.spec.train.batch_size,
-            self.spec.data.loader_threads,
-        )
+        evaluate_on(&self.net, self.splits.val.clone(), order, &self.transform, bs, threads)
+    }
+
+    /// Every rank scores its share of the validation set (every `world`-th sample from its rank)
+    /// and the sums are reduced: all ranks work and wait alike, so evaluation never races the
+    /// step deadline, and it is `world` times faster.
+    fn evaluate_distributed(&mut self, c: &mut dyn Collective) -> Result<(f64, f64), TrainError> {
+        let (rank, world) = (c.rank(), c.world_size());
+        let share: Vec<usize> = (rank..self.splits.val.len()).step_by(world).collect();
+        let s = self.evaluate_on(share)?;
+        let mut sums = [s.loss_sum as f32, s.correct as f32, s.seen as f32];
+        c.all_reduce_sum(&mut sums)?;
+        EvalSums { loss_sum: sums[0] as f64, correct: sums[1] as i64, seen: sums[2] as i64 }.mean()
     }
 }
 
@@ -588,9 +676,24 @@ impl Scores {
         self.progress.update(seen as u64, || format!("acc {:.3}", correct as f64 / seen as f64));
     }
 
-    /// (mean loss, accuracy); an error if no sample could be read.
-    pub(crate) fn finish(self) -> Result<(f64, f64), TrainError> {
+    /// The sums so far.
+    pub(crate) fn sums(self) -> EvalSums {
         self.progress.finish();
+        EvalSums { loss_sum: self.loss_sum, correct: self.correct, seen: self.seen }
+    }
+}
+
+/// Summed loss and correct predictions over `seen` samples of an evaluation.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EvalSums {
+    pub loss_sum: f64,
+    pub correct: i64,
+    pub seen: i64,
+}
+
+impl EvalSums {
+    /// (mean loss, accuracy); an error if no sample could be read.
+    pub fn mean(self) -> Result<(f64, f64), TrainError> {
         if self.seen == 0 {
             return Err(TrainError::Invalid("no validation sample could be read".into()));
         }
@@ -606,11 +709,24 @@ pub fn evaluate(
     batch_size: usize,
     threads: usize,
 ) -> Result<(f64, f64), TrainError> {
+    let order = (0..ds.len()).collect();
+    evaluate_on(net, ds, order, t, batch_size, threads)?.mean()
+}
+
+/// Loss and correct counts of `net` on the samples `order` of `ds`.
+fn evaluate_on(
+    net: &Network,
+    ds: Arc<dyn Dataset>,
+    order: Vec<usize>,
+    t: &Transform,
+    batch_size: usize,
+    threads: usize,
+) -> Result<EvalSums, TrainError> {
     let cfg = LoaderConfig::eval(batch_size, threads);
-    let mut scores = Scores::new(ds.len());
+    let mut scores = Scores::new(order.len());
     let device = net.vs.device();
     tch::no_grad(|| {
-        for batch in Loader::start(ds.clone(), (0..ds.len()).collect(), 0, t.clone(), cfg) {
+        for batch in Loader::start(ds.clone(), order, 0, t.clone(), cfg) {
             if batch.indices.is_empty() {
                 continue;
             }
@@ -618,7 +734,17 @@ pub fn evaluate(
             scores.add(&logits, &batch.labels.to_device(device));
         }
     });
-    scores.finish()
+    Ok(scores.sums())
+}
+
+/// A rank's batches (dataset indices, pads left out) of a whole epoch of `plan`.
+fn rank_batches(plan: &EpochPlan, rank: u32) -> Result<Vec<Vec<usize>>, TrainError> {
+    (0..plan.steps_per_rank())
+        .map(|s| {
+            plan.rank_batch(rank, s).map(|slots| slots.iter().filter_map(|s| s.sample()).map(|i| i as usize).collect())
+        })
+        .collect::<Result<_, _>>()
+        .map_err(|e| TrainError::Invalid(e.to_string()))
 }
 
 /// The coordinator as the data-parallel trainer sees it; the worker agent implements it over gRPC.
@@ -630,20 +756,44 @@ pub trait Control {
     fn progress(&mut self, epoch: u32, step: u64, samples_done: u64, metrics: Option<&EpochMetrics>);
     /// Set when the coordinator asked this worker to stop (job cancelled or failed).
     fn stop_requested(&self) -> Option<String>;
+    /// Set when this worker should leave the group gracefully (SIGTERM: a preemption notice, a
+    /// drain): it finishes the step with the others, then leaves; they re-form without it.
+    fn leave_requested(&self) -> Option<String> {
+        None
+    }
+    /// Set when the coordinator asked the group to re-form at the next step boundary (a worker
+    /// is being admitted).
+    fn reform_requested(&self) -> Option<String> {
+        None
+    }
     /// The stage of `epoch` as the coordinator decided it (asked after `epoch_plan`); `None`
     /// leaves it to the trainer's own expansion of the spec's schedule.
     fn stage(&mut self, _epoch: u32) -> Option<Stage> {
         None
     }
-    /// The dataset indices this rank trained on at `step` of `epoch` (for audits and tests).
+    /// The dataset indices this rank computed gradients for at `step` of `epoch`, before they
+    /// enter the step's all-reduce (for the exactly-once ledger and tests): whether the step
+    /// counts is the group's decision, which a later re-form records.
     fn trained(&mut self, _epoch: u32, _step: u64, _samples: &[usize]) {}
 }
 
-/// How a data-parallel run ended.
+/// How a data-parallel run ended. Every rank of the group ends at the same step boundary, for
+/// the same reason (the reasons travel in each step's reduced statistics).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DistEnd {
+    /// Every epoch is done.
+    Finished,
+    /// The job was cancelled or failed, or every rank was asked to leave: rank 0 checkpointed.
+    Stopped(String),
+    /// This rank leaves gracefully; the others re-form without it.
+    Left(String),
+    /// The group re-forms at this step boundary (a rank left, a worker is admitted).
+    Reform(String),
+}
+
 pub struct DistOutcome {
     pub history: Vec<EpochMetrics>,
-    /// Why the run stopped early (all ranks agree on the step), if it did.
-    pub stopped: Option<String>,
+    pub end: DistEnd,
 }
 
 fn to_vec(t: &Tensor) -> Vec<f32> {
@@ -729,13 +879,21 @@ impl Trainer {
         Ok(())
     }
 
-    /// Data-parallel training: this rank trains its share of every epoch's plan, gradients of the
-    /// trainable parameters are averaged across ranks in buckets, rank 0 evaluates, checkpoints and
-    /// reports. Every rank takes the same steps; a stop request is agreed on at a step boundary.
+    /// Data-parallel training from the cursor on: this rank trains its share of every epoch's
+    /// plan, gradients of the trainable parameters are averaged across ranks in buckets, every
+    /// rank evaluates its share of the validation set, rank 0 checkpoints and reports. The caller
+    /// makes the replicas identical first ([`Trainer::sync_state`]) and sets the cursor
+    /// ([`Trainer::set_position`]).
     ///
     /// The loss of a step is the sum over this rank's real samples divided by the number of real
     /// samples in the whole global batch (times the world size, since the all-reduce averages), so
     /// the averaged gradient equals a single process's on the global batch, padded tail included.
+    ///
+    /// A step is all or nothing: the step's statistics and every gradient bucket are reduced
+    /// first, and only then are the optimizer and the cursor updated, so a rank whose collective
+    /// fails (an error is returned) is exactly at the step before; a rank that returns normally
+    /// finished the step. Requests to stop, leave or re-form are summed with the statistics, so
+    /// every rank acts on them after the same step.
     pub fn run_distributed(
         &mut self,
         rank: u32,
@@ -747,14 +905,13 @@ impl Trainer {
         if rank == 0 {
             self.write_resolved_spec()?;
         }
-        self.sync_from_rank0(c)?;
         let mut params = self.bucket_params();
         Buckets::ensure_grads(&params);
         let mut buckets = Buckets::new(&params, bucket_bytes);
         let device = self.net.vs.device();
         let policy = CheckpointPolicy { every_steps: self.spec.output.checkpoint_every_steps };
-        let mut stopped = None;
-        while self.cursor.epoch < self.spec.train.epochs && stopped.is_none() {
+        let mut end = DistEnd::Finished;
+        while self.cursor.epoch < self.spec.train.epochs {
             let epoch = self.cursor.epoch;
             let plan = ctl.epoch_plan(epoch as u32)?;
             let wanted = ctl.stage(epoch as u32).or_else(|| stage_of(&self.stages, epoch).cloned());
@@ -769,14 +926,10 @@ impl Trainer {
                 }
                 tracing::debug!(trainable = params.len(), buckets = buckets.buckets.len(), "buckets rebuilt");
             }
+            self.cursor.world = plan.world_size();
+            self.cursor.cut = plan.cut();
             let steps = plan.steps_per_rank() as usize;
-            let batches: Vec<Vec<usize>> = (0..plan.steps_per_rank())
-                .map(|s| {
-                    plan.rank_batch(rank, s)
-                        .map(|slots| slots.iter().filter_map(|s| s.sample()).map(|i| i as usize).collect())
-                })
-                .collect::<Result<_, _>>()
-                .map_err(|e| TrainError::Invalid(e.to_string()))?;
+            let batches = rank_batches(&plan, rank)?;
             let cfg = self.train_loader_config(self.spec.train.batch_size, epoch);
             self.cache_for_stage(rank);
             let mut source = self.source(batches, self.cursor.step, cfg);
@@ -797,11 +950,14 @@ impl Trainer {
                 self.note_skipped(&batch.skipped, &mut first_skipped);
                 let global =
                     plan.step_real_count(batch.step as u64).map_err(|e| TrainError::Invalid(e.to_string()))? as f64;
+                // The step of the uncut epoch this one stands for: the unit of the schedule and of
+                // the dropout seeds, so a change of world neither restarts nor skips them.
+                let at = plan.schedule_step(batch.step as u64) as usize;
                 let n = batch.labels.size()[0];
                 self.optimizer.zero_grad();
                 let (mut loss_sum, mut correct) = (0.0, 0i64);
                 if n > 0 {
-                    tch::manual_seed(step_seed(self.spec.seed, epoch, batch.step) ^ rank as i64);
+                    tch::manual_seed(step_seed(self.spec.seed, epoch, at) ^ rank as i64);
                     let xs = batch.images.to_device(device);
                     let ys = batch.labels.to_device(device);
                     let logits = self.forward_batch(&xs, &batch, cached)?;
@@ -816,36 +972,41 @@ impl Trainer {
                     loss_sum = sum.double_value(&[]);
                     correct = logits.argmax(-1, false).eq_tensor(&ys).sum(Kind::Int64).int64_value(&[]);
                 }
+                ctl.trained(epoch as u32, batch.step as u64, &batch.indices);
+                // Step statistics and requests, summed over ranks: every rank sees the same.
+                let (stop_local, leave_local, reform_local) =
+                    (ctl.stop_requested(), ctl.leave_requested(), ctl.reform_requested());
+                let flag = |b: bool| if b { 1.0 } else { 0.0 };
+                // [loss, correct, samples, ranks asking to stop, sum of (asking rank + 1), skipped,
+                //  ranks leaving, ranks asked to re-form]
+                let mut stats = [
+                    loss_sum as f32,
+                    correct as f32,
+                    n as f32,
+                    flag(stop_local.is_some()),
+                    if stop_local.is_some() { rank as f32 + 1.0 } else { 0.0 },
+                    batch.skipped.len() as f32,
+                    flag(leave_local.is_some()),
+                    flag(reform_local.is_some()),
+                ];
+                c.all_reduce_sum(&mut stats)?;
                 for b in 0..buckets.buckets.len() {
                     let mut buf = to_vec(&buckets.gather(b, &params));
                     c.all_reduce_mean(&mut buf)?;
                     buckets.scatter(b, &params, &Tensor::from_slice(&buf).to_device(device));
                 }
-                let lrs = self.group_lrs(epoch, batch.step, steps);
-                self.optimizer.step(&|g| lrs[g]);
-                // Step statistics and the stop flag, summed over ranks: every rank sees the same.
-                let stop_local = ctl.stop_requested();
-                // [loss, correct, samples, ranks asking to stop, sum of (asking rank + 1), skipped]
-                let asks = stop_local.is_some();
-                let mut stats = [
-                    loss_sum as f32,
-                    correct as f32,
-                    n as f32,
-                    if asks { 1.0 } else { 0.0 },
-                    if asks { rank as f32 + 1.0 } else { 0.0 },
-                    batch.skipped.len() as f32,
-                ];
-                c.all_reduce_sum(&mut stats)?;
-                // Every rank sees the same total, so all stop together over the limit.
+                // Every rank sees the same totals, so all stop together over a limit.
                 skipped_all += stats[5] as u64;
                 self.check_skipped(epoch, skipped_all, first_skipped.as_deref())?;
                 if !stats[0].is_finite() {
                     return Err(self.diverged(stats[0] as f64, epoch, batch.step));
                 }
+                // The step is complete on every rank that gets here: apply it, with the cursor.
+                let lrs = self.group_lrs(epoch, at, plan.schedule_steps() as usize);
+                self.optimizer.step(&|g| lrs[g]);
                 self.cursor.loss_sum += stats[0] as f64;
                 self.cursor.correct += stats[1] as u64;
                 self.cursor.seen += stats[2] as u64;
-                ctl.trained(epoch as u32, batch.step as u64, &batch.indices);
                 self.cursor.step = batch.step + 1;
                 let cur = &self.cursor;
                 progress.update(self.cursor.step as u64, || {
@@ -859,11 +1020,22 @@ impl Trainer {
                     last_report = Instant::now();
                     ctl.progress(epoch as u32, self.cursor.step as u64, self.cursor.seen, None);
                 }
+                let leaving = stats[6] as u32;
                 if stats[3] > 0.0 {
-                    stopped = Some(stop_local.unwrap_or_else(|| match stats[3] as u32 {
+                    end = DistEnd::Stopped(stop_local.unwrap_or_else(|| match stats[3] as u32 {
                         1 => format!("rank {} asked the group to stop", stats[4] as u32 - 1),
                         k => format!("{k} ranks asked the group to stop"),
                     }));
+                } else if leaving as usize == c.world_size() {
+                    end = DistEnd::Stopped(leave_local.unwrap_or_else(|| "every rank was asked to leave".into()));
+                } else if let Some(why) = leave_local {
+                    end = DistEnd::Left(why);
+                } else if leaving > 0 {
+                    end = DistEnd::Reform(format!("{leaving} rank(s) left the group"));
+                } else if stats[7] > 0.0 {
+                    end = DistEnd::Reform(reform_local.unwrap_or_else(|| "the coordinator asked to re-form".into()));
+                }
+                if end != DistEnd::Finished {
                     break;
                 }
                 if rank == 0 && self.cursor.step < steps && policy.after_step(batch.step, steps) {
@@ -872,8 +1044,8 @@ impl Trainer {
                 waited = Instant::now();
             }
             progress.finish();
-            if stopped.is_some() {
-                if rank == 0 {
+            if end != DistEnd::Finished {
+                if rank == 0 && matches!(end, DistEnd::Stopped(_)) {
                     self.save_checkpoint()?;
                 }
                 break;
@@ -892,9 +1064,9 @@ impl Trainer {
             );
             let mut totals = [self.cursor.skipped as f32];
             c.all_reduce_sum(&mut totals)?;
+            let (val_loss, val_acc) = self.evaluate_distributed(c)?;
+            let m = self.cursor.epoch_metrics(epoch, (val_loss, val_acc), totals[0] as u64, seconds, data_wait);
             if rank == 0 {
-                let (val_loss, val_acc) = self.evaluate()?;
-                let m = self.cursor.epoch_metrics(epoch, (val_loss, val_acc), totals[0] as u64, seconds, data_wait);
                 tracing::info!(
                     epoch = m.epoch,
                     train_loss = m.train_loss,
@@ -903,15 +1075,13 @@ impl Trainer {
                     "epoch done"
                 );
                 ctl.progress(epoch as u32, steps as u64, self.cursor.seen, Some(&m));
-                self.history.push(m);
             }
-            self.cursor = Cursor { epoch: epoch + 1, ..Cursor::default() };
+            self.history.push(m);
+            self.cursor = Cursor { epoch: epoch + 1, world: plan.world_size(), ..Cursor::default() };
             if rank == 0 {
                 self.save_checkpoint()?;
             }
-            // Nobody starts the next epoch before rank 0 has evaluated and checkpointed.
-            c.barrier()?;
         }
-        Ok(DistOutcome { history: self.history.clone(), stopped })
+        Ok(DistOutcome { history: self.history.clone(), end })
     }
 }

@@ -1,0 +1,293 @@
+//! Fault injection with real processes on 127.0.0.1: `thaw launch` jobs whose workers are killed
+//! (kill -9), stopped (SIGSTOP) or interrupted, then resumed on another world size. Every run
+//! checks the exactly-once ledger the workers write (`THAW_LEDGER_DIR`): every sample of every
+//! epoch trained exactly once, at most one step lost per failure. `scripts/faults.sh N` runs many
+//! seeded drills of the same kinds; this is the CI share.
+
+mod common;
+use std::collections::{BTreeMap, HashMap};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use thaw_worker::checkpoint::Checkpoint;
+
+/// A LeNet-5 job on `limit` Fashion-MNIST samples with short failure deadlines.
+fn job(name: &str, out: &Path, limit: usize, epochs: usize, extra: &str) -> String {
+    format!(
+        "name = \"{name}\"\nseed = 21\n[model]\narch = \"lenet5\"\nweights = \"none\"\n[data]\nformat = \"idx\"\nroot = \"{}\"\n\
+         train_limit = {limit}\nval_limit = 200\n[train]\nepochs = {epochs}\nbatch_size = 16\nlr = 0.05\nmomentum = 0.9\n\
+         [output]\ndir = \"{}\"\n{extra}\n[distributed]\nheartbeat_timeout_secs = 1.5\nstep_timeout_secs = 4.0\n\
+         rejoin_timeout_secs = 60.0\n",
+        fashion_mnist().display(),
+        out.display()
+    )
+}
+
+/// A running `thaw launch`, its coordinator's URL and its ledger directory.
+struct Launch {
+    child: Child,
+    url: String,
+    ledger: PathBuf,
+}
+
+fn start_launch(spec: &Path, args: &[&str], ledger: &Path) -> Launch {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_thaw"))
+        .arg("launch")
+        .args(args)
+        .arg(spec)
+        .env("THAW_HOME", thaw_home())
+        .env("THAW_LEDGER_DIR", ledger)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("coordinator http://") {
+        line.clear();
+        assert!(err.read_line(&mut line).unwrap() > 0, "launch ended before printing its coordinator");
+    }
+    let url = line.split_whitespace().find(|w| w.starts_with("http://")).unwrap().trim_end_matches(',').to_string();
+    std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+    Launch { child, url, ledger: ledger.to_path_buf() }
+}
+
+fn status(url: &str, job: &str) -> serde_json::Value {
+    let o = Command::new(env!("CARGO_BIN_EXE_thaw")).args(["status", job, "--json", "--coordinator", url]).output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or(serde_json::Value::Null);
+    if v.is_array() {
+        v[0].clone()
+    } else {
+        v
+    }
+}
+
+/// Waits until the job runs with `workers` workers at step `step` or later of its first epoch.
+fn wait_running(l: &Launch, job: &str, workers: u64, step: u64) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let s = status(&l.url, job);
+        let p = &s["progress"];
+        if s["state"] == "running" && p["workers"].as_u64() == Some(workers) && p["step"].as_u64() >= Some(step) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "job never got to step {step}: {s}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The worker processes of a launch (its children).
+fn workers_of(l: &Launch) -> Vec<u32> {
+    let o = Command::new("pgrep").args(["-P", &l.child.id().to_string()]).output().unwrap();
+    String::from_utf8_lossy(&o.stdout).lines().filter_map(|p| p.trim().parse().ok()).collect()
+}
+
+fn signal(pid: u32, sig: &str) {
+    assert!(Command::new("kill").args([sig, &pid.to_string()]).status().unwrap().success());
+}
+
+fn finish(mut l: Launch) -> (i32, serde_json::Value) {
+    let url = l.url.clone();
+    let code = l.child.wait().unwrap().code().unwrap_or(-1);
+    let _ = url;
+    let out = l.child.stdout.take().map(|mut o| {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut o, &mut s).unwrap();
+        s
+    });
+    (code, serde_json::json!({ "stdout": out }))
+}
+
+/// One run's ledger: sample ids per (generation, epoch, step), and each generation's source
+/// position before it joined (which ends what the previous generation committed).
+#[derive(Default)]
+struct Ledger {
+    steps: BTreeMap<(u64, u64, u64), Vec<u64>>,
+    committed_by_next: HashMap<u64, (u64, u64)>,
+}
+
+fn read_ledger(dir: &Path) -> Ledger {
+    let mut l = Ledger::default();
+    for f in std::fs::read_dir(dir).unwrap() {
+        let text = std::fs::read_to_string(f.unwrap().path()).unwrap();
+        for line in text.lines() {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            let g = v["gen"].as_u64().unwrap();
+            if let Some(x) = v["x"].as_array() {
+                let key = (g, v["e"].as_u64().unwrap(), v["s"].as_u64().unwrap());
+                l.steps.entry(key).or_default().extend(x.iter().map(|i| i.as_u64().unwrap()));
+            } else if v["source"] == true && g > 1 {
+                let b = v["before"].as_array().unwrap();
+                l.committed_by_next.insert(g - 1, (b[0].as_u64().unwrap(), b[1].as_u64().unwrap()));
+            }
+        }
+    }
+    l
+}
+
+/// Counts, per epoch, how often each sample was trained in committed steps of the runs (in order;
+/// `cutoff` ends the last generation of an interrupted run at its checkpoint's position), and the
+/// steps lost (computed, not committed) per generation change.
+fn tally(runs: &[(Ledger, Option<(u64, u64)>)]) -> (BTreeMap<u64, HashMap<u64, u32>>, Vec<usize>) {
+    let mut counts: BTreeMap<u64, HashMap<u64, u32>> = BTreeMap::new();
+    let mut lost = Vec::new();
+    for (l, cutoff) in runs {
+        let last_gen = l.steps.keys().map(|k| k.0).max().unwrap_or(0);
+        let mut lost_in: BTreeMap<u64, usize> = BTreeMap::new();
+        for (&(g, e, s), xs) in &l.steps {
+            let end = if g == last_gen { *cutoff } else { Some(l.committed_by_next[&g]) };
+            if end.is_none_or(|c| (e, s) < c) {
+                for &x in xs {
+                    *counts.entry(e).or_default().entry(x).or_default() += 1;
+                }
+            } else {
+                *lost_in.entry(g).or_default() += 1;
+            }
+        }
+        // Each rank logs the same (gen, epoch, step) into one key: distinct keys are steps.
+        lost.extend(lost_in.values());
+    }
+    (counts, lost)
+}
+
+fn assert_exactly_once(counts: &BTreeMap<u64, HashMap<u64, u32>>, n: u64, epochs: u64) {
+    assert_eq!(counts.len() as u64, epochs, "epochs in the ledger: {:?}", counts.keys().collect::<Vec<_>>());
+    for (e, c) in counts {
+        let twice: Vec<_> = c.iter().filter(|(_, k)| **k > 1).map(|(x, _)| *x).take(5).collect();
+        assert!(twice.is_empty(), "epoch {e}: samples trained twice: {twice:?}");
+        assert_eq!(c.len() as u64, n, "epoch {e}: {} of {n} samples trained", c.len());
+    }
+}
+
+/// Every tensor of a checkpoint, by name.
+fn tensors(path: &Path) -> HashMap<String, tch::Tensor> {
+    Checkpoint::load(path).unwrap().model
+}
+
+#[test]
+fn a_killed_worker_is_respawned_and_the_job_ends_bit_identical_to_an_uninterrupted_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let (n, epochs) = (24000u64, 2u64);
+    // The reference: the same job, never interrupted.
+    let ref_out = dir.path().join("ref");
+    let spec = write_spec(dir.path(), "ref", &job("kill", &ref_out, n as usize, epochs as usize, ""));
+    let (code, o) = finish(start_launch(&spec, &["--nproc", "2"], &dir.path().join("ref-ledger")));
+    assert_eq!(code, 0, "{o}");
+
+    let out = dir.path().join("kill");
+    let spec = write_spec(dir.path(), "kill", &job("kill", &out, n as usize, epochs as usize, ""));
+    let l = start_launch(&spec, &["--nproc", "2", "--max-restarts", "1"], &dir.path().join("ledger"));
+    wait_running(&l, "kill", 2, 40);
+    let victim = workers_of(&l)[1];
+    signal(victim, "-KILL");
+    let killed_at = Instant::now();
+    // The job recovers: a new generation of 2 (the respawned worker took the survivor's state).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let recovered = loop {
+        let s = status(&l.url, "kill");
+        if s["progress"]["generation"].as_u64() >= Some(2) && s["state"] == "running" {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "no recovery: {s}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    eprintln!("recovered in {:?}: {}", killed_at.elapsed(), recovered["transitions"]);
+    let ledger = l.ledger.clone();
+    let (code, o) = finish(l);
+    assert_eq!(code, 0, "{o}");
+
+    let runs = [(read_ledger(&ledger), None)];
+    let (counts, lost) = tally(&runs);
+    assert_exactly_once(&counts, n, epochs);
+    assert!(lost.iter().all(|&k| k <= 1), "at most one step lost per failure: {lost:?}");
+    // Order alone decides a LeNet-5 run: the recovered job's weights are the uninterrupted one's.
+    let (a, b) = (tensors(&ref_out.join("checkpoint.safetensors")), tensors(&out.join("checkpoint.safetensors")));
+    assert_eq!(a.len(), b.len());
+    for (name, t) in &a {
+        assert!(t.equal(&b[name]), "{name} differs from the uninterrupted run");
+    }
+}
+
+#[test]
+fn a_stopped_worker_is_dropped_and_the_others_finish_every_sample_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (n, epochs) = (24000u64, 2u64);
+    let out = dir.path().join("stop");
+    let spec = write_spec(dir.path(), "stop", &job("stop", &out, n as usize, epochs as usize, ""));
+    let l = start_launch(&spec, &["--nproc", "3", "--min-nproc", "2"], &dir.path().join("ledger"));
+    wait_running(&l, "stop", 3, 20);
+    let victim = workers_of(&l)[2];
+    signal(victim, "-STOP");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = status(&l.url, "stop");
+        if s["progress"]["generation"].as_u64() >= Some(2) && s["progress"]["workers"].as_u64() == Some(2) {
+            let why: Vec<String> = s["transitions"].as_array().unwrap().iter().map(|t| t["reason"].to_string()).collect();
+            assert!(why.iter().any(|r| r.contains("no heartbeat") || r.contains("timed out")), "{why:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the stopped worker was never dropped: {s}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Let it die for good; the launch has no restarts left and goes on with 2.
+    signal(victim, "-KILL");
+    let ledger = l.ledger.clone();
+    let (code, o) = finish(l);
+    assert_eq!(code, 0, "{o}");
+    let (counts, lost) = tally(&[(read_ledger(&ledger), None)]);
+    assert_exactly_once(&counts, n, epochs);
+    assert!(lost.iter().all(|&k| k <= 1), "{lost:?}");
+}
+
+#[test]
+fn a_run_stopped_mid_epoch_resumes_on_one_and_on_three_workers_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (n, epochs) = (24000u64, 2u64);
+    let out = dir.path().join("first");
+    let spec = write_spec(
+        dir.path(),
+        "first",
+        &job("res", &out, n as usize, epochs as usize, "checkpoint_every_steps = 20\nkeep_checkpoints = 3"),
+    );
+    let l = start_launch(&spec, &["--nproc", "2"], &dir.path().join("ledger0"));
+    wait_running(&l, "res", 2, 60);
+    // Ctrl-C: the job is cancelled at a step boundary and rank 0 checkpoints there.
+    signal(l.child.id(), "-INT");
+    let ledger0 = l.ledger.clone();
+    let (code, _) = finish(l);
+    assert_eq!(code, 130);
+    let ck = out.join("checkpoint.safetensors");
+    let at = Checkpoint::cursor_of(&ck).unwrap();
+    assert!(at.epoch == 0 && at.step > 0, "stopped mid-epoch 1: {at:?}");
+    let kept: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with("checkpoint-e"))
+        .collect();
+    assert!(!kept.is_empty() && kept.len() <= 2, "keep_checkpoints = 3 keeps the latest and 2 before: {kept:?}");
+    let first = (read_ledger(&ledger0), Some((u64::from(at.epoch), at.step)));
+
+    for nproc in [1u32, 3] {
+        let resumed_out = dir.path().join(format!("resumed{nproc}"));
+        let resumed = std::fs::copy(&ck, dir.path().join(format!("ck{nproc}.safetensors"))).map(|_| ());
+        resumed.unwrap();
+        let spec = write_spec(
+            dir.path(),
+            &format!("r{nproc}"),
+            &job("res", &resumed_out, n as usize, epochs as usize, ""),
+        );
+        let ck_copy = dir.path().join(format!("ck{nproc}.safetensors"));
+        let ledger = dir.path().join(format!("ledger{nproc}"));
+        let l = start_launch(&spec, &["--nproc", &nproc.to_string(), "--resume", ck_copy.to_str().unwrap()], &ledger);
+        let (code, o) = finish(l);
+        assert_eq!(code, 0, "resume on {nproc}: {o}");
+        let runs = [(read_ledger(&ledger0), first.1), (read_ledger(&ledger), None)];
+        let (counts, _) = tally(&runs);
+        assert_exactly_once(&counts, n, epochs);
+    }
+    let _ = first.0;
+}
