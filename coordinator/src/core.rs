@@ -279,6 +279,8 @@ struct Job {
     regroup: Option<Regroup>,
     /// Newcomers to a running job, admitted at the next re-form.
     admitting: Vec<Arrival>,
+    /// Newcomers a regroup had no place for when it closed; told so when they ask.
+    turned_away: Vec<String>,
     /// A resumed job's checkpoint and its cursor.
     resume_from: Option<String>,
     resume_cursor: Option<EpochCursor>,
@@ -370,6 +372,7 @@ impl Job {
             }
             RegroupState::Closed(f) => {
                 let lost = g.dropped().to_vec();
+                self.turned_away.extend(g.turned_away().map(str::to_string));
                 self.regroup = None;
                 let world = f.members.len() as u32;
                 self.generation += 1;
@@ -540,6 +543,7 @@ impl Coordinator {
                 restarts: stored.restarts,
                 regroup: None,
                 admitting: Vec::new(),
+                turned_away: Vec::new(),
                 resume_from: None,
                 resume_cursor: None,
                 saved_ms: Some(now_ms),
@@ -624,6 +628,7 @@ impl Coordinator {
             restarts: 0,
             regroup: None,
             admitting: Vec::new(),
+            turned_away: Vec::new(),
             resume_cursor: resume.as_ref().map(|r| r.1),
             resume_from: resume.map(|r| r.0),
             saved_ms: None,
@@ -794,6 +799,10 @@ impl Coordinator {
             }
             JobState::Running => {
                 let Some(me) = job.members.iter().find(|m| m.worker_id == worker_id) else {
+                    if job.turned_away.iter().any(|w| w == worker_id) {
+                        let max = job.spec.distributed.max_workers;
+                        return Err(RegroupError::Full { job: job_id.into(), worker: worker_id.into(), max }.into());
+                    }
                     return Err(CoreError::NotAMember { job: job_id.into(), worker: worker_id.into() });
                 };
                 Ok(JoinPoll::Ready(Assignment {

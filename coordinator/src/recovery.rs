@@ -64,6 +64,10 @@ pub struct Regroup {
     /// Survivors not back yet, with their old ranks.
     expected: Vec<(String, u32)>,
     arrived: Vec<Arrival>,
+    /// Newcomers beyond `max_workers` while survivors are still expected: a respawned worker can
+    /// come back before its dead predecessor's heartbeat lapses. They take the places of members
+    /// dropped; those left over when the group closes are turned away.
+    waiting: Vec<Arrival>,
     /// Members dropped (lost or left) since the regroup began, for the record.
     dropped: Vec<String>,
     /// When the wait for replacements began (every expected member in or dropped, too few).
@@ -90,6 +94,7 @@ impl Regroup {
             rejoin_timeout,
             expected,
             arrived: Vec::new(),
+            waiting: Vec::new(),
             dropped: Vec::new(),
             short_since: None,
             best: None,
@@ -107,7 +112,12 @@ impl Regroup {
     }
 
     pub fn has_arrived(&self, worker: &str) -> bool {
-        self.arrived.iter().any(|a| a.worker_id == worker)
+        self.arrived.iter().chain(&self.waiting).any(|a| a.worker_id == worker)
+    }
+
+    /// Newcomers that found no place when the group closed.
+    pub fn turned_away(&self) -> impl Iterator<Item = &str> {
+        self.waiting.iter().map(|a| a.worker_id.as_str())
     }
 
     /// Workers dropped since the regroup began.
@@ -130,8 +140,13 @@ impl Regroup {
         } else {
             a.cursor = None;
             a.old_rank = None;
+            self.waiting.retain(|w| w.worker_id != a.worker_id);
             if self.arrived.len() + self.expected.len() >= self.max_workers as usize {
-                return Err(RegroupError::Full { job: self.job.clone(), worker: a.worker_id, max: self.max_workers });
+                if self.expected.is_empty() {
+                    return Err(RegroupError::Full { job: self.job.clone(), worker: a.worker_id, max: self.max_workers });
+                }
+                self.waiting.push(a);
+                return Ok(());
             }
         }
         self.arrived.push(a);
@@ -155,8 +170,13 @@ impl Regroup {
         let before = self.expected.len() + self.arrived.len();
         self.expected.retain(|(w, _)| w != worker);
         self.arrived.retain(|a| a.worker_id != worker);
+        self.waiting.retain(|a| a.worker_id != worker);
         if self.expected.len() + self.arrived.len() != before {
             self.dropped.push(worker.to_string());
+        }
+        while !self.waiting.is_empty() && self.arrived.len() + self.expected.len() < self.max_workers as usize {
+            let a = self.waiting.remove(0);
+            self.arrived.push(a);
         }
         self.poll(now);
     }
@@ -286,11 +306,30 @@ mod tests {
         let mut g = Regroup::new("j", expected(&["a"]), 1, 2, Duration::from_secs(5));
         // A newcomer claiming progress is still a newcomer.
         g.arrive(survivor("x", 9, 9), t0).unwrap();
-        let err = g.arrive(newcomer("y"), t0).unwrap_err();
-        assert_eq!(err.to_string(), "job `j` is full: 2 workers (distributed.max_workers); worker `y` cannot join");
+        // Full while `a` is expected: `y` waits for a place, and gets none when `a` comes back.
+        g.arrive(newcomer("y"), t0).unwrap();
+        assert!(g.has_arrived("y"));
         g.arrive(survivor("a", 0, 1), t0).unwrap();
         let RegroupState::Closed(f) = g.poll(t0).clone() else { panic!() };
         assert_eq!((f.members[0].worker_id.as_str(), f.source, f.cursor.epoch), ("a", 0, 0));
+        assert_eq!(g.turned_away().collect::<Vec<_>>(), ["y"]);
+        // Once every survivor is in, a newcomer over the limit is refused at once.
+        let mut g = Regroup::new("j", expected(&["a"]), 1, 1, Duration::from_secs(5));
+        let err = g.arrive(newcomer("z"), t0);
+        assert!(err.is_ok(), "a is still expected: z waits");
+        g.arrive(survivor("a", 0, 1), t0).unwrap();
+        assert_eq!(g.turned_away().collect::<Vec<_>>(), ["z"]);
+        // A dead member's place goes to the newcomer that came back in its stead.
+        let mut g = Regroup::new("j", expected(&["a", "b"]), 2, 2, Duration::from_secs(5));
+        g.arrive(survivor("a", 0, 4), t0).unwrap();
+        g.arrive(newcomer("b2"), t0).unwrap();
+        g.drop_member("b", t0);
+        let RegroupState::Closed(f) = g.poll(t0).clone() else { panic!("{:?}", g.poll(t0)) };
+        assert_eq!(f.members.iter().map(|m| m.worker_id.as_str()).collect::<Vec<_>>(), ["a", "b2"]);
+        let mut full = Regroup::new("j", expected(&["a"]), 1, 1, Duration::from_secs(5));
+        full.arrive(survivor("a", 0, 1), t0).unwrap();
+        let err = full.arrive(newcomer("y"), t0).unwrap_err();
+        assert_eq!(err.to_string(), "job `j` is full: 1 workers (distributed.max_workers); worker `y` cannot join");
         // Only newcomers, no survivor: nothing to take the state from, so the job fails.
         let mut g = Regroup::new("j", expected(&["a"]), 1, 2, Duration::from_secs(1));
         g.drop_member("a", t0);
