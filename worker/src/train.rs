@@ -232,7 +232,14 @@ impl Trainer {
         let cut = if epoch == self.cursor.epoch { self.cursor.cut } else { None };
         let n = self.splits.train.len() as u64;
         PlanInfo::for_spec(&self.spec, &self.stages, epoch as u32, n, 1, cut)
-            .and_then(|info| info.plan())
+            .and_then(|mut info| {
+                // One rank holds every sample anyway: the epoch's own order, cache or no cache
+                // (a cut keeps the layout the distributed run cut it from).
+                if cut.is_none() {
+                    info.affinity_epoch = None;
+                }
+                info.plan()
+            })
             .map_err(|e| TrainError::Invalid(e.to_string()))
     }
 
