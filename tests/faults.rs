@@ -91,9 +91,7 @@ fn signal(pid: u32, sig: &str) {
 }
 
 fn finish(mut l: Launch) -> (i32, serde_json::Value) {
-    let url = l.url.clone();
     let code = l.child.wait().unwrap().code().unwrap_or(-1);
-    let _ = url;
     let out = l.child.stdout.take().map(|mut o| {
         let mut s = String::new();
         std::io::Read::read_to_string(&mut o, &mut s).unwrap();
@@ -269,12 +267,11 @@ fn a_run_stopped_mid_epoch_resumes_on_one_and_on_three_workers_exactly_once() {
         .filter(|n| n.starts_with("checkpoint-e"))
         .collect();
     assert!(!kept.is_empty() && kept.len() <= 2, "keep_checkpoints = 3 keeps the latest and 2 before: {kept:?}");
-    let first = (read_ledger(&ledger0), Some((u64::from(at.epoch), at.step)));
+    let cutoff = Some((u64::from(at.epoch), at.step));
 
     for nproc in [1u32, 3] {
         let resumed_out = dir.path().join(format!("resumed{nproc}"));
-        let resumed = std::fs::copy(&ck, dir.path().join(format!("ck{nproc}.safetensors"))).map(|_| ());
-        resumed.unwrap();
+        std::fs::copy(&ck, dir.path().join(format!("ck{nproc}.safetensors"))).unwrap();
         let spec = write_spec(
             dir.path(),
             &format!("r{nproc}"),
@@ -285,9 +282,8 @@ fn a_run_stopped_mid_epoch_resumes_on_one_and_on_three_workers_exactly_once() {
         let l = start_launch(&spec, &["--nproc", &nproc.to_string(), "--resume", ck_copy.to_str().unwrap()], &ledger);
         let (code, o) = finish(l);
         assert_eq!(code, 0, "resume on {nproc}: {o}");
-        let runs = [(read_ledger(&ledger0), first.1), (read_ledger(&ledger), None)];
+        let runs = [(read_ledger(&ledger0), cutoff), (read_ledger(&ledger), None)];
         let (counts, _) = tally(&runs);
         assert_exactly_once(&counts, n, epochs);
     }
-    let _ = first.0;
 }

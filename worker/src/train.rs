@@ -861,31 +861,6 @@ impl Trainer {
             .collect()
     }
 
-    /// Variables (parameters and buffers) in a fixed order, the same on every rank.
-    fn ordered_variables(&self) -> Vec<(String, Tensor)> {
-        let mut v: Vec<(String, Tensor)> = self.net.vs.variables().into_iter().collect();
-        v.sort_by(|a, b| a.0.cmp(&b.0));
-        v
-    }
-
-    /// Makes every replica identical to rank 0's: parameters, buffers (BatchNorm statistics).
-    pub fn sync_from_rank0(&self, c: &mut dyn Collective) -> Result<(), TrainError> {
-        let vars = self.ordered_variables();
-        let flat: Vec<Tensor> = vars.iter().map(|(_, t)| t.detach().to_kind(Kind::Float).flatten(0, -1)).collect();
-        let mut buf = to_vec(&Tensor::cat(&flat, 0));
-        c.broadcast(&mut buf, 0)?;
-        let all = Tensor::from_slice(&buf);
-        let mut off = 0;
-        tch::no_grad(|| {
-            for (_, t) in &vars {
-                let n = t.numel() as i64;
-                t.shallow_clone().copy_(&all.narrow(0, off, n).view_as(t).to_kind(t.kind()));
-                off += n;
-            }
-        });
-        Ok(())
-    }
-
     /// Data-parallel training from the cursor on: this rank trains its share of every epoch's
     /// plan, gradients of the trainable parameters are averaged across ranks in buckets, every
     /// rank evaluates its share of the validation set, rank 0 checkpoints and reports. The caller
