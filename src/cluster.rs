@@ -139,9 +139,20 @@ fn submission(spec: &JobSpec, resume: Option<&Path>) -> Result<pb::SubmitRequest
         let cursor = thaw_worker::checkpoint::Checkpoint::cursor_of(&ck)
             .with_context(|| format!("cannot resume from {}", ck.display()))?;
         if cursor.epoch as usize >= spec.train.epochs {
-            bail!("{} is at the end of epoch {}: the job has {} epochs, nothing is left to train", ck.display(), cursor.epoch, spec.train.epochs);
+            bail!(
+                "{} is at the end of epoch {}: the job has {} epochs, nothing is left to train",
+                ck.display(),
+                cursor.epoch,
+                spec.train.epochs
+            );
         }
-        eprintln!("resuming from {}: epoch {} step {} (of a world of {})", ck.display(), cursor.epoch + 1, cursor.step, cursor.world);
+        eprintln!(
+            "resuming from {}: epoch {} step {} (of a world of {})",
+            ck.display(),
+            cursor.epoch + 1,
+            cursor.step,
+            cursor.world
+        );
         req.resume_from = ck.display().to_string();
         req.resume_cursor_json = serde_json::to_string(&cursor)?;
     }
@@ -155,10 +166,7 @@ pub fn submit(spec: &Path, url: &str, resume: Option<&Path>) -> Result<()> {
     let rt = runtime()?;
     rt.block_on(async {
         let mut c = jobs_client(url).await?;
-        let r = c
-            .submit(req)
-            .await
-            .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+        let r = c.submit(req).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?;
         println!("{}", r.into_inner().job_id);
         Ok(())
     })
@@ -293,8 +301,7 @@ pub fn worker(url: &str, job: &str, worker_id: Option<String>, bind_host: &str, 
     if let Some(n) = std::env::var("THAW_TORCH_THREADS").ok().and_then(|s| s.parse::<i32>().ok()) {
         tch::set_num_threads(n.max(1));
     }
-    let worker_name =
-        worker_id.unwrap_or_else(|| std::env::var("HOSTNAME").unwrap_or_else(|_| "worker".into()));
+    let worker_name = worker_id.unwrap_or_else(|| std::env::var("HOSTNAME").unwrap_or_else(|_| "worker".into()));
     let out = thaw_worker::agent::run(thaw_worker::agent::AgentOptions {
         coordinator: url.to_string(),
         job: job.to_string(),
@@ -341,6 +348,9 @@ pub struct LaunchOptions {
     pub nproc: u32,
     /// The job goes on while at least this many are left (default: all of them).
     pub min_nproc: Option<u32>,
+    /// Workers the job admits in all (default: `nproc`): more than `nproc` lets workers started
+    /// elsewhere (`thaw worker --job J --coordinator URL`) join the running job.
+    pub max_nproc: Option<u32>,
     /// Worker processes that died are started again, up to this many times in all (torchrun's
     /// `--max-restarts`); also the job's failure budget when larger than the spec's.
     pub max_restarts: u32,
@@ -363,9 +373,13 @@ pub fn launch(spec_path: &Path, opts: &LaunchOptions, device: &str) -> Result<i3
     if min_nproc == 0 || min_nproc > nproc {
         bail!("--min-nproc {min_nproc}: must be between 1 and --nproc ({nproc})");
     }
+    let max_nproc = opts.max_nproc.unwrap_or(nproc);
+    if max_nproc < nproc {
+        bail!("--max-nproc {max_nproc}: must be at least --nproc ({nproc})");
+    }
     let mut spec = resolved_spec(spec_path)?;
     spec.distributed.min_workers = min_nproc;
-    spec.distributed.max_workers = nproc;
+    spec.distributed.max_workers = max_nproc;
     spec.distributed.max_restarts = spec.distributed.max_restarts.max(opts.max_restarts);
     let submit = submission(&spec, opts.resume.as_deref())?;
     let logs: PathBuf = spec.output.dir.join("logs");

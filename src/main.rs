@@ -156,6 +156,10 @@ enum Command {
         /// Go on while at least this many workers are left (default: --nproc).
         #[arg(long)]
         min_nproc: Option<u32>,
+        /// Admit up to this many workers (default: --nproc); the others join from elsewhere with
+        /// `thaw worker --job NAME --coordinator URL`, at the next step, and get the group's state.
+        #[arg(long)]
+        max_nproc: Option<u32>,
         /// Start a worker that died again, up to this many times in all (torchrun's
         /// --max-restarts); it rejoins and receives the group's state.
         #[arg(long, default_value_t = 0)]
@@ -381,13 +385,13 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Models { json } => models(json),
-        Command::Launch { nproc, min_nproc, max_restarts, resume, spec, device } => {
+        Command::Launch { nproc, min_nproc, max_nproc, max_restarts, resume, spec, device } => {
             let dev = match device {
                 DeviceArg::Cuda => "cuda",
                 DeviceArg::Auto => "auto",
                 DeviceArg::Cpu => "cpu",
             };
-            let opts = cluster::LaunchOptions { nproc, min_nproc, max_restarts, resume };
+            let opts = cluster::LaunchOptions { nproc, min_nproc, max_nproc, max_restarts, resume };
             exit_with(cluster::launch(&spec, &opts, dev)?)
         }
         Command::Coordinator { listen, state_dir } => {

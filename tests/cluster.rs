@@ -3,7 +3,6 @@
 
 mod common;
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -356,8 +355,13 @@ fn sigterm_on_a_worker_is_a_graceful_leave_and_the_others_go_on() {
     let job: serde_json::Value = serde_json::from_str(&s).unwrap();
     let job = if job.is_array() { job[0].clone() } else { job };
     assert_eq!(job["state"], "succeeded", "{s}");
-    assert_eq!((job["progress"]["generation"].as_u64(), job["progress"]["restarts"].as_u64()), (Some(2), Some(0)), "{s}");
-    let reasons: Vec<&str> = job["transitions"].as_array().unwrap().iter().filter_map(|t| t["reason"].as_str()).collect();
+    assert_eq!(
+        (job["progress"]["generation"].as_u64(), job["progress"]["restarts"].as_u64()),
+        (Some(2), Some(0)),
+        "{s}"
+    );
+    let reasons: Vec<&str> =
+        job["transitions"].as_array().unwrap().iter().filter_map(|t| t["reason"].as_str()).collect();
     // The leaver's goodbye or the survivor's re-join reaches the coordinator first; either names it.
     assert!(reasons.iter().any(|r| r.contains("left")), "{reasons:?}");
     assert!(reasons.iter().any(|r| r.contains("generation 2 formed with 1 workers")), "{reasons:?}");
@@ -370,23 +374,7 @@ fn interrupting_launch_cancels_keeps_a_checkpoint_and_leaves_no_worker() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
     let spec = write_spec(dir.path(), "long", &lenet_job("long", &out, "batch_size = 16", 20000, 5));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_thaw"))
-        .args(["launch", "--nproc", "2"])
-        .arg(&spec)
-        .env("THAW_HOME", thaw_home())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut err = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    while !line.contains("coordinator http://") {
-        line.clear();
-        assert!(err.read_line(&mut line).unwrap() > 0, "launch ended before printing its coordinator");
-    }
-    let url = line.split_whitespace().find(|w| w.starts_with("http://")).unwrap().trim_end_matches(',').to_string();
-    // Keep draining stderr so the launcher never blocks on a full pipe.
-    std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+    let (mut child, url) = spawn_launch(&spec, &["--nproc", "2"], &[]);
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         let s = stdout(&thaw_url(&["status", "long", "--json"], &url));

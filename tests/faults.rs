@@ -6,7 +6,6 @@
 
 mod common;
 use std::collections::{BTreeMap, HashMap};
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -34,30 +33,21 @@ struct Launch {
 }
 
 fn start_launch(spec: &Path, args: &[&str], ledger: &Path) -> Launch {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_thaw"))
-        .arg("launch")
-        .args(args)
-        .arg(spec)
-        .env("THAW_HOME", thaw_home())
-        .env("THAW_LEDGER_DIR", ledger)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut err = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    while !line.contains("coordinator http://") {
-        line.clear();
-        assert!(err.read_line(&mut line).unwrap() > 0, "launch ended before printing its coordinator");
-    }
-    let url = line.split_whitespace().find(|w| w.starts_with("http://")).unwrap().trim_end_matches(',').to_string();
-    std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+    start_launch_with(spec, args, ledger, &[])
+}
+
+fn start_launch_with(spec: &Path, args: &[&str], ledger: &Path, envs: &[(&str, &std::ffi::OsStr)]) -> Launch {
+    let mut all = vec![("THAW_LEDGER_DIR", ledger.as_os_str())];
+    all.extend_from_slice(envs);
+    let (child, url) = spawn_launch(spec, args, &all);
     Launch { child, url, ledger: ledger.to_path_buf() }
 }
 
 fn status(url: &str, job: &str) -> serde_json::Value {
-    let o = Command::new(env!("CARGO_BIN_EXE_thaw")).args(["status", job, "--json", "--coordinator", url]).output().unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_thaw"))
+        .args(["status", job, "--json", "--coordinator", url])
+        .output()
+        .unwrap();
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or(serde_json::Value::Null);
     if v.is_array() {
         v[0].clone()
@@ -224,7 +214,8 @@ fn a_stopped_worker_is_dropped_and_the_others_finish_every_sample_once() {
     loop {
         let s = status(&l.url, "stop");
         if s["progress"]["generation"].as_u64() >= Some(2) && s["progress"]["workers"].as_u64() == Some(2) {
-            let why: Vec<String> = s["transitions"].as_array().unwrap().iter().map(|t| t["reason"].to_string()).collect();
+            let why: Vec<String> =
+                s["transitions"].as_array().unwrap().iter().map(|t| t["reason"].to_string()).collect();
             assert!(why.iter().any(|r| r.contains("no heartbeat") || r.contains("timed out")), "{why:?}");
             break;
         }
@@ -272,11 +263,8 @@ fn a_run_stopped_mid_epoch_resumes_on_one_and_on_three_workers_exactly_once() {
     for nproc in [1u32, 3] {
         let resumed_out = dir.path().join(format!("resumed{nproc}"));
         std::fs::copy(&ck, dir.path().join(format!("ck{nproc}.safetensors"))).unwrap();
-        let spec = write_spec(
-            dir.path(),
-            &format!("r{nproc}"),
-            &job("res", &resumed_out, n as usize, epochs as usize, ""),
-        );
+        let spec =
+            write_spec(dir.path(), &format!("r{nproc}"), &job("res", &resumed_out, n as usize, epochs as usize, ""));
         let ck_copy = dir.path().join(format!("ck{nproc}.safetensors"));
         let ledger = dir.path().join(format!("ledger{nproc}"));
         let l = start_launch(&spec, &["--nproc", &nproc.to_string(), "--resume", ck_copy.to_str().unwrap()], &ledger);
@@ -286,4 +274,110 @@ fn a_run_stopped_mid_epoch_resumes_on_one_and_on_three_workers_exactly_once() {
         let (counts, _) = tally(&runs);
         assert_exactly_once(&counts, n, epochs);
     }
+}
+
+/// Every checkpoint in `dir` loads, and no partial write is left beside them.
+fn assert_checkpoints_load(dir: &Path) -> usize {
+    let mut n = 0;
+    for e in std::fs::read_dir(dir).unwrap() {
+        let name = e.unwrap().file_name().into_string().unwrap();
+        assert!(!name.ends_with(".tmp"), "a partial write was left: {name}");
+        if name.starts_with("checkpoint") && name.ends_with(".safetensors") {
+            Checkpoint::load(&dir.join(&name)).unwrap_or_else(|e| panic!("{name} does not load: {e}"));
+            n += 1;
+        }
+    }
+    n
+}
+
+#[test]
+fn kills_during_a_checkpoint_write_an_evaluation_and_a_stage_change_each_cost_one_respawn() {
+    // A MobileNetV2 subset under progressive unfreezing (epoch 1 trains the head, epoch 2 one more
+    // group), checkpointing every 10 steps. Three failpoints kill a worker with SIGKILL at exact
+    // moments: rank 0 half-way through a checkpoint write (epoch 1), rank 1 after scoring its
+    // share of the validation set (end of epoch 1), rank 0 as stage 2 begins. Each time the launch
+    // respawns the worker, which rejoins and receives the survivor's state.
+    let dir = tempfile::tempdir().unwrap();
+    let (n, epochs) = (1536u64, 2u64);
+    let out = dir.path().join("out");
+    let text = format!(
+        "name = \"points\"\nseed = 5\n[model]\narch = \"mobilenet_v2\"\nweights = \"imagenet\"\n[data]\nformat = \"idx\"\n\
+         root = \"{}\"\nimage_size = 32\ntrain_limit = {n}\nval_limit = 256\n[train]\nepochs = {epochs}\nbatch_size = 16\n\
+         lr = 0.01\nmomentum = 0.9\n[schedule]\nstrategy = \"progressive\"\nevery = 1\n[output]\ndir = \"{}\"\n\
+         checkpoint_every_steps = 10\nkeep_checkpoints = 3\n[distributed]\nheartbeat_timeout_secs = 3\n\
+         step_timeout_secs = 10\nrejoin_timeout_secs = 60\n",
+        fashion_mnist().display(),
+        out.display()
+    );
+    let spec = write_spec(dir.path(), "points", &text);
+    let m = |name: &str| dir.path().join(name);
+    let points = format!(
+        "checkpoint-write:{},evaluate@1:{},stage-change@0:{}",
+        m("fired-ckpt").display(),
+        m("fired-eval").display(),
+        m("fired-stage").display()
+    );
+    let l = start_launch_with(
+        &spec,
+        &["--nproc", "2", "--max-restarts", "3"],
+        &dir.path().join("ledger"),
+        &[("THAW_FAILPOINT", std::ffi::OsStr::new(&points))],
+    );
+    let ledger = l.ledger.clone();
+    let (code, o) = finish(l);
+    assert_eq!(code, 0, "{o}");
+    for f in ["fired-ckpt", "fired-eval", "fired-stage"] {
+        assert!(m(f).exists(), "failpoint {f} never fired");
+    }
+    let ledger = read_ledger(&ledger);
+    let generations = ledger.steps.keys().map(|k| k.0).max().unwrap();
+    assert!(generations >= 4, "three failures, three re-formed groups: {generations} generations");
+    let (counts, lost) = tally(&[(ledger, None)]);
+    assert_exactly_once(&counts, n, epochs);
+    assert!(lost.iter().all(|&k| k <= 1), "at most one step lost per failure: {lost:?}");
+    assert!(assert_checkpoints_load(&out) >= 2, "the final checkpoint and the kept ones");
+    let metrics: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    assert_eq!(metrics.as_array().map(|a| a.len()), Some(epochs as usize), "one evaluation per epoch: {metrics}");
+}
+
+#[test]
+fn a_worker_added_mid_epoch_is_admitted_at_a_step_boundary_and_trains_its_share() {
+    let dir = tempfile::tempdir().unwrap();
+    let (n, epochs) = (24000u64, 1u64);
+    let out = dir.path().join("add");
+    let spec = write_spec(dir.path(), "add", &job("add", &out, n as usize, epochs as usize, ""));
+    let ledger = dir.path().join("ledger");
+    let l = start_launch(&spec, &["--nproc", "2", "--max-nproc", "3"], &ledger);
+    wait_running(&l, "add", 2, 40);
+    let mut extra = Command::new(env!("CARGO_BIN_EXE_thaw"))
+        .args(["worker", "--job", "add", "--coordinator", &l.url])
+        .env("THAW_HOME", thaw_home())
+        .env("THAW_LEDGER_DIR", &ledger)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_running(&l, "add", 3, 0);
+    let s = status(&l.url, "add");
+    assert_eq!(s["progress"]["restarts"].as_u64(), Some(0), "an added worker is not a failure: {s}");
+    let (code, o) = finish(l);
+    assert_eq!(code, 0, "{o}");
+    assert!(extra.wait().unwrap().success(), "the added worker ends with the job");
+    let ledger = read_ledger(&ledger);
+    // The last generation is the group of three: each rank logged its joining.
+    let last = ledger.steps.keys().map(|k| k.0).max().unwrap();
+    let mut ranks = std::collections::BTreeSet::new();
+    for f in std::fs::read_dir(dir.path().join("ledger")).unwrap() {
+        for line in std::fs::read_to_string(f.unwrap().path()).unwrap().lines() {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            if v["gen"].as_u64() == Some(last) && v.get("rank").is_some() {
+                ranks.insert(v["rank"].as_u64().unwrap());
+            }
+        }
+    }
+    assert_eq!(ranks, (0..3).collect(), "generation {last} has three ranks");
+    let (counts, lost) = tally(&[(ledger, None)]);
+    assert_exactly_once(&counts, n, epochs);
+    assert!(lost.iter().all(|&k| k <= 1), "{lost:?}");
 }

@@ -149,6 +149,9 @@ pub struct JoinInfo<'a> {
     /// Whether that was a failure (a collective error), as opposed to an agreed re-form (a
     /// graceful leave, an admission): only failures count against `max_restarts`.
     pub failed: bool,
+    /// Ranks of the survivor's generation whose connection closed (their process is gone): not
+    /// waited for in the regroup.
+    pub closed_ranks: &'a [u32],
 }
 
 /// The answer to a worker waiting in the rendezvous.
@@ -165,9 +168,13 @@ pub enum JoinPoll {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Command {
     Continue,
-    Stop { reason: String },
+    Stop {
+        reason: String,
+    },
     /// Finish the step in flight (agreed with the other ranks) and join again.
-    Reform { reason: String },
+    Reform {
+        reason: String,
+    },
 }
 
 /// The parameters of one epoch's plan; a worker rebuilds the [`EpochPlan`] from them.
@@ -266,6 +273,8 @@ struct Job {
     nccl_unique_id: Vec<u8>,
     metrics: Vec<EpochMetrics>,
     last_seen: HashMap<String, Instant>,
+    /// Members that finished the job and said goodbye before rank 0 did: done, not lost.
+    finished: Vec<String>,
     /// Size of the group the rendezvous formed (kept when the members are not, after a restore).
     world_size: u32,
     /// The group's generation (0 before the first group forms) and where it started.
@@ -341,7 +350,8 @@ impl Job {
                 return Ok(());
             }
         }
-        let counted = if failure { format!(" (failure {} of {} allowed)", self.restarts, d.max_restarts) } else { String::new() };
+        let counted =
+            if failure { format!(" (failure {} of {} allowed)", self.restarts, d.max_restarts) } else { String::new() };
         self.record.start_recovering(format!("{reason}{counted}"), now_ms)?;
         let expected = self.members.iter().map(|m| (m.worker_id.clone(), m.rank)).collect();
         let mut g = Regroup::new(&self.spec.name, expected, d.min_workers, d.max_workers, secs(d.rejoin_timeout_secs));
@@ -536,6 +546,7 @@ impl Coordinator {
                 nccl_unique_id: Vec::new(),
                 metrics: stored.metrics.clone(),
                 last_seen: HashMap::new(),
+                finished: Vec::new(),
                 world_size: stored.workers,
                 generation: stored.generation,
                 cursor: EpochCursor::default(),
@@ -621,6 +632,7 @@ impl Coordinator {
             nccl_unique_id: Vec::new(),
             metrics: Vec::new(),
             last_seen: HashMap::new(),
+            finished: Vec::new(),
             world_size: 0,
             generation: 0,
             cursor: EpochCursor::default(),
@@ -715,6 +727,15 @@ impl Coordinator {
                 job.begin_recovery(format!("rank {rank} ({worker_id}) re-joins: {why}"), j.failed, None, now, now_ms)?;
                 if let Some(g) = job.regroup.as_mut() {
                     g.arrive(arrival, now)?;
+                    // A peer whose connection closed is gone: a process that died does not come
+                    // back under its id, so waiting for its heartbeat to lapse would only delay.
+                    for &r in j.closed_ranks.iter().filter(|&&r| r != rank) {
+                        let Some(m) = job.members.iter().find(|m| m.rank == r) else { continue };
+                        if g.is_expected(&m.worker_id) {
+                            tracing::info!(job = %job_id, rank = r, worker = %m.worker_id, by = rank, "its connection closed: not waited for");
+                            g.drop_member(&m.worker_id, now);
+                        }
+                    }
                 }
             }
             JobState::Running => {
@@ -793,7 +814,9 @@ impl Coordinator {
         advanced?;
         match job.record.state() {
             JobState::Rendezvous => Ok(JoinPoll::Waiting { until: job.rendezvous.next_deadline() }),
-            JobState::Recovering => Ok(JoinPoll::Waiting { until: job.regroup.as_ref().and_then(Regroup::next_deadline) }),
+            JobState::Recovering => {
+                Ok(JoinPoll::Waiting { until: job.regroup.as_ref().and_then(Regroup::next_deadline) })
+            }
             JobState::Running if job.admitting.iter().any(|a| a.worker_id == worker_id) => {
                 Ok(JoinPoll::Waiting { until: None })
             }
@@ -950,6 +973,8 @@ impl Coordinator {
         } else if rank == 0 && job.record.state() == JobState::Running {
             job.record.succeed(format!("rank 0 ({worker_id}) finished"), now_ms)?;
         } else {
+            // Finished ahead of rank 0: its silence from now on is not a failure.
+            job.finished.push(worker_id.to_string());
             return Ok(());
         }
         job.save_or_defer(store, now_ms);
@@ -976,7 +1001,13 @@ impl Coordinator {
             }
             JobState::Running if job.is_member(worker_id) => {
                 let rank = job.rank_of(worker_id).unwrap_or(0);
-                job.begin_recovery(format!("rank {rank} ({worker_id}) left: {reason}"), false, Some(worker_id), now, now_ms)?;
+                job.begin_recovery(
+                    format!("rank {rank} ({worker_id}) left: {reason}"),
+                    false,
+                    Some(worker_id),
+                    now,
+                    now_ms,
+                )?;
             }
             JobState::Recovering => {
                 if let Some(g) = job.regroup.as_mut() {
@@ -1010,7 +1041,8 @@ impl Coordinator {
             let before = job.record.history().len();
             let timeout = job.heartbeat_timeout();
             let silent = |job: &Job, w: &str| {
-                job.last_seen.get(w).is_none_or(|t| now.saturating_duration_since(*t) > timeout)
+                !job.finished.iter().any(|f| f == w)
+                    && job.last_seen.get(w).is_none_or(|t| now.saturating_duration_since(*t) > timeout)
             };
             let quiet: Vec<String> =
                 job.admitting.iter().filter(|a| silent(job, &a.worker_id)).map(|a| a.worker_id.clone()).collect();
@@ -1126,6 +1158,9 @@ mod tests {
         assert_eq!(c.get(&id).unwrap().record.progress().samples_done, 10);
         c.leave(&id, "w-b", true, "", t0, 6).unwrap();
         assert_eq!(c.get(&id).unwrap().record.state(), JobState::Running, "only rank 0 ends the job");
+        // A liveness sweep between the two goodbyes: w-b is done, not lost.
+        assert!(c.check_liveness(t0 + Duration::from_millis(500), 6).is_empty());
+        assert_eq!(c.get(&id).unwrap().record.state(), JobState::Running);
         c.leave(&id, "w-a", true, "", t0, 7).unwrap();
         let v = c.get(&id).unwrap();
         assert_eq!(v.record.state(), JobState::Succeeded);
@@ -1493,13 +1528,36 @@ mod tests {
         let v = c.get(&id).unwrap();
         assert_eq!((v.generation, v.restarts, v.workers), (2, 1, 2));
         let why = &v.record.history().last().unwrap().reason;
-        assert!(why.contains("generation 2 formed with 2 workers from rank 1's state at epoch 1 step 1; lost: w-c"), "{why}");
+        assert!(
+            why.contains("generation 2 formed with 2 workers from rank 1's state at epoch 1 step 1; lost: w-c"),
+            "{why}"
+        );
         // Only current members of the current generation speak for the job.
         let err = c.check_member(&id, "w-a", 0, 1).unwrap_err();
         assert!(err.to_string().contains("generation 1, the group is at generation 2"), "{err}");
         assert!(c.check_member(&id, "w-c", 2, 2).is_err());
         assert!(c.check_member(&id, "w-b", 0, 2).is_err(), "w-b is rank 1 now");
         assert!(c.heartbeat(&id, "w-c", later).is_err(), "a dropped worker is no longer known");
+    }
+
+    #[test]
+    fn a_peer_whose_connection_closed_is_not_waited_for() {
+        let t0 = Instant::now();
+        let mut c = Coordinator::new();
+        let id = three(&mut c, "j", "", t0);
+        let at = |step| EpochCursor { epoch: 0, world: 3, step, cut: None };
+        // w-c (rank 2) is killed: its neighbours see the connection close, and say so.
+        let closed = [2u32];
+        let a = JoinInfo { closed_ranks: &closed, ..survivor("w-a", "a:2", 1, at(1), true) };
+        c.join_with(&id, &a, t0, 3).unwrap();
+        assert!(matches!(c.poll_join(&id, "w-a", t0, 4).unwrap(), JoinPoll::Waiting { .. }), "w-b is still expected");
+        // A rank that reports itself, or one that timed out, changes nothing.
+        let b = JoinInfo { closed_ranks: &[1], ..survivor("w-b", "b:2", 1, at(1), true) };
+        c.join_with(&id, &b, t0, 5).unwrap();
+        // No heartbeat had to lapse: the group forms at once, without w-c.
+        let g = ready(c.poll_join(&id, "w-a", t0, 6).unwrap());
+        assert_eq!((g.world_size, g.generation), (2, 2));
+        assert!(c.get(&id).unwrap().record.history().last().unwrap().reason.contains("lost: w-c"));
     }
 
     #[test]

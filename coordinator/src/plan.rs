@@ -584,9 +584,7 @@ impl EpochPlan {
         } else {
             let (r, s, j) = base.locate(sample)?;
             let b = u64::from(self.batch_size);
-            (s * b + u64::from(j))
-                .checked_sub(k * b)
-                .map(|left| base.count_before(r) - u64::from(r) * k * b + left)
+            (s * b + u64::from(j)).checked_sub(k * b).map(|left| base.count_before(r) - u64::from(r) * k * b + left)
         };
         i.and_then(|i| i.checked_sub(rest.cut.offset)).ok_or(PlanError::DoneBeforeCut { sample })
     }

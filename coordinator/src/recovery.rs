@@ -46,7 +46,9 @@ pub enum RegroupState {
     Waiting,
     Closed(Formed),
     /// Not enough workers came back within the rejoin timeout.
-    Failed { reason: String },
+    Failed {
+        reason: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -143,7 +145,11 @@ impl Regroup {
             self.waiting.retain(|w| w.worker_id != a.worker_id);
             if self.arrived.len() + self.expected.len() >= self.max_workers as usize {
                 if self.expected.is_empty() {
-                    return Err(RegroupError::Full { job: self.job.clone(), worker: a.worker_id, max: self.max_workers });
+                    return Err(RegroupError::Full {
+                        job: self.job.clone(),
+                        worker: a.worker_id,
+                        max: self.max_workers,
+                    });
                 }
                 self.waiting.push(a);
                 return Ok(());
@@ -162,6 +168,11 @@ impl Regroup {
                 self.best = Some(c);
             }
         }
+    }
+
+    /// Whether `worker`, a member of the old generation, is still awaited.
+    pub fn is_expected(&self, worker: &str) -> bool {
+        self.expected.iter().any(|(w, _)| w == worker)
     }
 
     /// A member is gone (heartbeat lapsed, left, or failed): no longer expected, nor counted if it

@@ -17,9 +17,9 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::core::{Command, Coordinator, CoreError, ErrorKind, JobView, JoinInfo, JoinPoll};
-use crate::plan::{Cut, EpochCursor};
 use crate::job::JobState;
 use crate::metrics::EpochMetrics;
+use crate::plan::{Cut, EpochCursor};
 use crate::spec::{BnPolicy, LrSchedule, Stage};
 use crate::store::StateStore;
 
@@ -252,6 +252,7 @@ impl Workers for WorkersService {
             cursor: r.cursor.as_ref().map(cursor_from_proto),
             reason: &r.reason,
             failed: r.failed,
+            closed_ranks: &r.closed_ranks,
         };
         self.0.core().join_with(&r.job_id, &info, Instant::now(), now_ms()).map_err(status)?;
         tracing::info!(job = %r.job_id, worker = %r.worker_id, addr = %r.collective_addr, "worker joined");

@@ -102,3 +102,34 @@ pub fn start_coordinator(state_dir: &Path) -> (std::process::Child, String) {
     assert!(url.starts_with("http://127.0.0.1:"), "no url from the coordinator: {line:?}");
     (child, url)
 }
+
+/// Starts `thaw launch ARGS SPEC` with `envs` set; returns the process and its coordinator's URL
+/// (read from stderr, which is then drained so the launcher never blocks on a full pipe).
+pub fn spawn_launch(spec: &Path, args: &[&str], envs: &[(&str, &std::ffi::OsStr)]) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_thaw"));
+    cmd.arg("launch")
+        .args(args)
+        .arg(spec)
+        .env("THAW_HOME", thaw_home())
+        .env("THAW_OFFLINE", "1")
+        .env("RUST_LOG", "info");
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start thaw launch");
+    let mut err = std::io::BufReader::new(child.stderr.take().expect("piped stderr"));
+    let mut line = String::new();
+    while !line.contains("coordinator http://") {
+        line.clear();
+        assert!(err.read_line(&mut line).expect("read stderr") > 0, "launch ended before printing its coordinator");
+    }
+    let url =
+        line.split_whitespace().find(|w| w.starts_with("http://")).expect("url").trim_end_matches(',').to_string();
+    std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+    (child, url)
+}

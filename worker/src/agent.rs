@@ -20,7 +20,9 @@ use std::time::Duration;
 use rand::Rng;
 use thaw_coordinator::core::PlanInfo;
 use thaw_coordinator::plan::EpochPlan;
-use thaw_coordinator::service::{cursor_from_proto, cursor_to_proto, cut_from_proto, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT};
+use thaw_coordinator::service::{
+    cursor_from_proto, cursor_to_proto, cut_from_proto, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT,
+};
 use thaw_coordinator::spec::{CollectiveKind, JobSpec};
 use thaw_proto::v1 as pb;
 use thaw_proto::v1::jobs_client::JobsClient;
@@ -367,7 +369,7 @@ pub fn run(opts: AgentOptions) -> Result<AgentOutcome, AgentError> {
 
     let mut generation = 0u32;
     // Why this worker joins again, and whether that was a failure.
-    let mut again: Option<(String, bool)> = None;
+    let mut again: Option<(String, bool, Vec<u32>)> = None;
     let (mut rank, mut world) = (0, 0);
     let result: Result<DistOutcome, AgentError> = loop {
         if let Some(why) = flags(&shared).stop.clone() {
@@ -377,7 +379,7 @@ pub fn run(opts: AgentOptions) -> Result<AgentOutcome, AgentError> {
             .map_err(|e| AgentError::Setup(format!("cannot listen on {}: {e}", opts.bind_host)))?;
         let addr = listener.local_addr().map_err(|e| AgentError::Setup(e.to_string()))?;
         let before = trainer.cursor().position();
-        let (reason, failed) = again.take().unwrap_or_default();
+        let (reason, failed, closed_ranks) = again.take().unwrap_or_default();
         let join = pb::JoinRequest {
             job_id: opts.job.clone(),
             worker_id: me.clone(),
@@ -389,6 +391,7 @@ pub fn run(opts: AgentOptions) -> Result<AgentOutcome, AgentError> {
             cursor: (generation > 0).then(|| cursor_to_proto(&before)),
             reason,
             failed,
+            closed_ranks,
         };
         let a = match rt.block_on(within(join_deadline, clients.workers.join(join))) {
             Ok(a) => a,
@@ -413,7 +416,7 @@ pub fn run(opts: AgentOptions) -> Result<AgentOutcome, AgentError> {
             Ok(c) => c,
             Err(TrainError::Collective(e)) => {
                 tracing::warn!(error = %e, "the group failed while forming; joining again");
-                again = Some((e.to_string(), true));
+                again = Some((e.to_string(), true, e.closed_peer().map(|p| p as u32).into_iter().collect()));
                 continue;
             }
             Err(e) => break Err(e.into()),
@@ -440,15 +443,15 @@ pub fn run(opts: AgentOptions) -> Result<AgentOutcome, AgentError> {
         match outcome {
             Ok(DistOutcome { end: DistEnd::Reform(why), .. }) => {
                 tracing::info!(reason = %why, "the group re-forms at this step");
-                again = Some((why, false));
+                again = Some((why, false, Vec::new()));
             }
             Err(TrainError::Collective(e)) => {
                 tracing::warn!(error = %e, "the group failed; dropping the step in flight and joining again");
-                again = Some((e.to_string(), true));
+                again = Some((e.to_string(), true, e.closed_peer().map(|p| p as u32).into_iter().collect()));
             }
             Err(TrainError::Control(e)) => {
                 tracing::warn!(error = %e, "the coordinator did not answer; joining again");
-                again = Some((e, true));
+                again = Some((e, true, Vec::new()));
             }
             other => break other.map_err(AgentError::from),
         }

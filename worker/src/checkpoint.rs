@@ -111,9 +111,18 @@ pub enum CheckpointError {
 }
 
 impl Checkpoint {
+    /// Writes the checkpoint atomically: a process killed during the write leaves the previous
+    /// file at `path` whole (the `checkpoint-write` failpoint tests exactly that).
     pub fn save(&self, path: &Path) -> Result<(), CheckpointError> {
-        let (tensors, meta) = self.parts();
-        tensor_io::write_safetensors(path, &tensors, meta)?;
+        let bytes = self.to_bytes()?;
+        tensor_io::write_atomic(path, |f| {
+            use std::io::Write;
+            let half = bytes.len() / 2;
+            f.write_all(&bytes[..half])?;
+            f.flush()?;
+            crate::failpoint::hit("checkpoint-write", 0);
+            f.write_all(&bytes[half..])
+        })?;
         Ok(())
     }
 
@@ -167,7 +176,8 @@ impl Checkpoint {
             return Err(bad(format!("metadata `format` is {}, expected {FORMAT:?}", meta["format"])));
         }
         let cursor = meta["cursor"].as_str().ok_or_else(|| bad("metadata lacks `cursor`".into()))?;
-        let cursor: Cursor = serde_json::from_str(cursor).map_err(|e| bad(format!("metadata `cursor` is malformed: {e}")))?;
+        let cursor: Cursor =
+            serde_json::from_str(cursor).map_err(|e| bad(format!("metadata `cursor` is malformed: {e}")))?;
         Ok(cursor.position())
     }
 
@@ -290,7 +300,8 @@ mod tests {
         assert_eq!((again.cursor, again.spec_toml), (ck.cursor.clone(), ck.spec_toml.clone()));
         assert!(again.model["fc.weight"].equal(&ck.model["fc.weight"]));
         // A checkpoint written before cursors had a world reads as one process's.
-        let old: Cursor = serde_json::from_str(r#"{"epoch":1,"step":2,"loss_sum":0.0,"correct":0,"seen":0,"skipped":0}"#).unwrap();
+        let old: Cursor =
+            serde_json::from_str(r#"{"epoch":1,"step":2,"loss_sum":0.0,"correct":0,"seen":0,"skipped":0}"#).unwrap();
         assert_eq!((old.world, old.cut), (1, None));
 
         let other = dir.path().join("w.safetensors");

@@ -12,6 +12,7 @@ pub mod buckets;
 pub mod checkpoint;
 pub mod collective;
 pub mod data;
+pub mod failpoint;
 pub mod feature_cache;
 pub mod imagenet_classes;
 pub mod optim;

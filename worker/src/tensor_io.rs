@@ -35,6 +35,26 @@ pub fn temp_path_beside(dst: &Path, ext: &str) -> PathBuf {
     dst.with_file_name(format!(".{name}.{}-{n}.{ext}", std::process::id()))
 }
 
+/// Removes the temporary files that processes killed while writing `dst` left beside it (named
+/// by [`temp_path_beside`] with the writer's pid; a writer still alive keeps its file).
+pub fn remove_stale_temps(dst: &Path) {
+    let (Some(dir), Some(name)) = (dst.parent(), dst.file_name().and_then(|n| n.to_str())) else { return };
+    let prefix = format!(".{name}.");
+    let Ok(entries) = std::fs::read_dir(if dir.as_os_str().is_empty() { Path::new(".") } else { dir }) else { return };
+    for e in entries.flatten() {
+        let file = e.file_name();
+        let Some(rest) = file.to_str().and_then(|f| f.strip_prefix(&prefix)) else { continue };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<i32>().ok()) else { continue };
+        // SAFETY: kill(2) with signal 0 only checks whether the process exists.
+        let gone =
+            unsafe { libc::kill(pid, 0) } != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        if gone {
+            tracing::info!(file = %e.path().display(), pid, "removing a partial write of a process that died");
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
 /// Writes a file atomically through `write`: temp file beside `path`, fsync, rename, fsync of
 /// the directory. On any error the temp file is removed and `path` is untouched.
 pub fn write_atomic(
@@ -126,8 +146,8 @@ pub fn write_safetensors(
     for (name, t) in tensors {
         dtype_of(name, t.kind())?;
     }
-    let bytes =
-        safetensors_bytes(tensors, metadata).map_err(|reason| TensorIoError::Format { path: path.to_path_buf(), reason })?;
+    let bytes = safetensors_bytes(tensors, metadata)
+        .map_err(|reason| TensorIoError::Format { path: path.to_path_buf(), reason })?;
     write_atomic(path, |f| f.write_all(&bytes))
 }
 

@@ -383,20 +383,23 @@ impl Trainer {
     fn save_checkpoint(&self) -> Result<PathBuf, TrainError> {
         let path = self.checkpoint_path();
         self.checkpoint().save(&path)?;
+        crate::tensor_io::remove_stale_temps(&path);
         let keep = self.spec.output.keep_checkpoints;
         if keep > 1 {
             let dir = &self.spec.output.dir;
             let name = format!("checkpoint-e{:04}-s{:08}.safetensors", self.cursor.epoch, self.cursor.step);
             let kept = dir.join(name);
             let _ = std::fs::remove_file(&kept);
-            std::fs::hard_link(&path, &kept).or_else(|_| std::fs::copy(&path, &kept).map(|_| ())).map_err(|e| {
-                TrainError::Invalid(format!("cannot keep checkpoint {}: {e}", kept.display()))
-            })?;
+            std::fs::hard_link(&path, &kept)
+                .or_else(|_| std::fs::copy(&path, &kept).map(|_| ()))
+                .map_err(|e| TrainError::Invalid(format!("cannot keep checkpoint {}: {e}", kept.display())))?;
             let mut old: Vec<PathBuf> = std::fs::read_dir(dir)
                 .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
                 .unwrap_or_default();
             old.retain(|p| {
-                p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("checkpoint-e") && n.ends_with(".safetensors"))
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("checkpoint-e") && n.ends_with(".safetensors"))
             });
             old.sort();
             for p in old.iter().take(old.len().saturating_sub(keep - 1)) {
@@ -624,6 +627,7 @@ impl Trainer {
         let (rank, world) = (c.rank(), c.world_size());
         let share: Vec<usize> = (rank..self.splits.val.len()).step_by(world).collect();
         let s = self.evaluate_on(share)?;
+        crate::failpoint::hit("evaluate", rank as u32);
         let mut sums = [s.loss_sum as f32, s.correct as f32, s.seen as f32];
         c.all_reduce_sum(&mut sums)?;
         EvalSums { loss_sum: sums[0] as f64, correct: sums[1] as i64, seen: sums[2] as i64 }.mean()
@@ -906,6 +910,7 @@ impl Trainer {
                 if rank == 0 {
                     self.log_stage();
                 }
+                crate::failpoint::hit("stage-change", rank);
                 tracing::debug!(trainable = params.len(), buckets = buckets.buckets.len(), "buckets rebuilt");
             }
             self.cursor.world = plan.world_size();

@@ -195,6 +195,25 @@ pub enum CollectiveError {
 }
 
 impl CollectiveError {
+    /// The peer whose connection closed (end of stream, reset, broken pipe), when that is the
+    /// error: its process is gone, which a timeout does not prove.
+    pub fn closed_peer(&self) -> Option<usize> {
+        use std::io::ErrorKind as K;
+        match self {
+            CollectiveError::PeerClosed { peer, .. } => Some(*peer),
+            CollectiveError::Aborted { reason: AbortReason::Closed, culprit, .. } => Some(*culprit),
+            CollectiveError::Io { peer, source, .. }
+                if matches!(
+                    source.kind(),
+                    K::UnexpectedEof | K::ConnectionReset | K::BrokenPipe | K::ConnectionAborted
+                ) =>
+            {
+                Some(*peer)
+            }
+            _ => None,
+        }
+    }
+
     /// Whether forming the group again and retrying may succeed: a peer that is late, died, was slow
     /// or had a network error. Configuration and programming errors (invalid arguments, handshake
     /// rejections, mismatched calls) fail again, as does any call on a broken group.
