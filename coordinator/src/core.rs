@@ -26,7 +26,7 @@ use crate::plan::{Cut, EpochCursor, EpochPlan, PlanError};
 use crate::recovery::{Arrival, Regroup, RegroupError, RegroupState};
 use crate::rendezvous::{Member, Rendezvous, RendezvousConfig, RendezvousError, RendezvousState};
 use crate::spec::{JobSpec, SpecError, Stage};
-use crate::store::{MemoryStore, StateStore, StoreError, StoredJob};
+use crate::store::{LiveState, MemoryStore, StateStore, StoreError, StoredJob};
 
 /// Progress alone (no state change, no finished epoch) is written to the store at most this often
 /// per job; [`Coordinator::flush`] writes what was held back.
@@ -353,8 +353,7 @@ impl Job {
         let counted =
             if failure { format!(" (failure {} of {} allowed)", self.restarts, d.max_restarts) } else { String::new() };
         self.record.start_recovering(format!("{reason}{counted}"), now_ms)?;
-        let expected = self.members.iter().map(|m| (m.worker_id.clone(), m.rank)).collect();
-        let mut g = Regroup::new(&self.spec.name, expected, d.min_workers, d.max_workers, secs(d.rejoin_timeout_secs));
+        let mut g = self.new_regroup();
         if let Some(w) = gone {
             g.drop_member(w, now);
         }
@@ -366,6 +365,13 @@ impl Job {
         self.regroup = Some(g);
         self.nccl_unique_id.clear();
         Ok(())
+    }
+
+    /// A regroup round that expects every member of the current generation.
+    fn new_regroup(&self) -> Regroup {
+        let d = &self.spec.distributed;
+        let expected = self.members.iter().map(|m| (m.worker_id.clone(), m.rank)).collect();
+        Regroup::new(&self.spec.name, expected, d.min_workers, d.max_workers, secs(d.rejoin_timeout_secs))
     }
 
     /// Moves a recovering job on when its regroup closed (a new generation) or failed.
@@ -431,6 +437,15 @@ impl Job {
             workers: self.world_size,
             generation: self.generation,
             restarts: self.restarts,
+            live: (!self.record.state().is_terminal()).then(|| LiveState {
+                members: self.members.clone(),
+                cursor: self.cursor,
+                source: self.source,
+                groups: self.groups.clone(),
+                nccl_unique_id: self.nccl_unique_id.clone(),
+                resume_from: self.resume_from.clone(),
+                resume_cursor: self.resume_cursor,
+            }),
         }
     }
 
@@ -485,17 +500,20 @@ impl Coordinator {
         Coordinator { jobs: BTreeMap::new(), store }
     }
 
-    /// A coordinator with every job of `store`, as a restarted coordinator sees them.
+    /// A coordinator with every job of `store`, as a restarted coordinator (or a standby taking
+    /// over) sees them.
     ///
-    /// Terminal jobs come back as they were: history, progress, metrics. A job that was not
-    /// terminal cannot go on: its workers' rendezvous or ring was with the coordinator that died,
-    /// and their membership is not stored. It is failed with a reason that says so (and written
-    /// back), and its workers, if still alive, are told to stop at their next heartbeat. A stored
-    /// job whose spec no longer validates is skipped with a warning; its stored value stays until a
-    /// job of that name is submitted.
+    /// Terminal jobs come back as they were: history, progress, metrics. Live jobs carry on from
+    /// their stored [`LiveState`]: a running job keeps its members, ranks, generation and epoch
+    /// position, and every member gets a fresh heartbeat deadline (its workers trained on through
+    /// the outage, on the ring they hold); a recovering job opens its regroup again and its
+    /// survivors join again; a job still in its rendezvous opens it again, empty, and its workers
+    /// join again. A live job stored without that state (by an older version) cannot go on and is
+    /// failed with a reason that says so. A stored job whose spec no longer validates is skipped
+    /// with a warning; its stored value stays until a job of that name is submitted.
     pub fn restore(store: Box<dyn StateStore>, now: Instant, now_ms: u64) -> Result<Self, CoreError> {
         let mut c = Self::with_store(store);
-        let mut interrupted = 0;
+        let (mut interrupted, mut resumed) = (0, 0);
         for stored in c.store.load_all()? {
             let id = stored.record.job_id().to_string();
             let spec = match JobSpec::from_toml(&stored.spec_toml, Path::new("/")) {
@@ -525,7 +543,8 @@ impl Coordinator {
             };
             let mut record = stored.record;
             let was = record.state();
-            let lost = !was.is_terminal();
+            let live = stored.live.filter(|_| !was.is_terminal());
+            let lost = !was.is_terminal() && live.is_none();
             if lost {
                 record.fail(
                     format!("coordinator restarted while the job was {was}; resubmit or resume from its checkpoint"),
@@ -534,38 +553,58 @@ impl Coordinator {
                 interrupted += 1;
                 tracing::warn!(job = %id, state = %was, "the job was interrupted by the coordinator's restart; failed");
             }
+            let live = live.unwrap_or_default();
             let mut job = Job {
                 record,
                 spec_toml: stored.spec_toml,
                 spec,
                 rendezvous: Rendezvous::new(config, now),
-                members: Vec::new(),
+                members: live.members,
                 num_samples: stored.num_samples,
                 groups: Vec::new(),
                 stages: Vec::new(),
-                nccl_unique_id: Vec::new(),
+                nccl_unique_id: live.nccl_unique_id,
                 metrics: stored.metrics.clone(),
                 last_seen: HashMap::new(),
                 finished: Vec::new(),
                 world_size: stored.workers,
                 generation: stored.generation,
-                cursor: EpochCursor::default(),
-                source: 0,
+                cursor: live.cursor,
+                source: live.source,
                 restarts: stored.restarts,
                 regroup: None,
                 admitting: Vec::new(),
                 turned_away: Vec::new(),
-                resume_from: None,
-                resume_cursor: None,
+                resume_from: live.resume_from,
+                resume_cursor: live.resume_cursor,
                 saved_ms: Some(now_ms),
                 dirty: false,
             };
-            if lost {
-                job.save(&*c.store, now_ms)?;
+            if !live.groups.is_empty() {
+                let names: Vec<&str> = live.groups.iter().map(String::as_str).collect();
+                match job.spec.schedule.expand(&names, &job.spec.train) {
+                    Ok(stages) => (job.stages, job.groups) = (stages, live.groups),
+                    Err(e) => tracing::warn!(job = %id, error = %e, "cannot expand the stored job's schedule"),
+                }
+            }
+            for m in &job.members {
+                job.last_seen.insert(m.worker_id.clone(), now);
+            }
+            match was {
+                _ if lost => job.save(&*c.store, now_ms)?,
+                JobState::Recovering => job.regroup = Some(job.new_regroup()),
+                _ => {}
+            }
+            if !was.is_terminal() && !lost {
+                resumed += 1;
+                tracing::info!(
+                    job = %id, state = %was, generation = job.generation, workers = job.members.len(),
+                    epoch = job.record.progress().epoch + 1, "carrying on with a live job"
+                );
             }
             c.jobs.insert(id, job);
         }
-        tracing::info!(jobs = c.jobs.len(), interrupted, "restored the jobs of the state store");
+        tracing::info!(jobs = c.jobs.len(), resumed, interrupted, "restored the jobs of the state store");
         Ok(c)
     }
 
@@ -1347,7 +1386,7 @@ mod tests {
     }
 
     #[test]
-    fn a_restarted_coordinator_keeps_finished_jobs_and_fails_interrupted_ones() {
+    fn a_restarted_coordinator_keeps_finished_jobs_and_carries_on_with_live_ones() {
         use JobState::*;
         let t0 = Instant::now();
         let store = MemoryStore::new();
@@ -1357,50 +1396,68 @@ mod tests {
         let m = EpochMetrics { epoch: 1, train_loss: 0.25, val_acc: 0.5, images: 10, ..Default::default() };
         c.report_progress(&done, 0, 0, 3, 10, Some(m.clone()), 1_002).unwrap();
         c.leave(&done, "w-a", true, "", t0, 1_003).unwrap();
-        let running = c.submit(&spec("running", 1), t0, 2_000).unwrap();
-        c.join(&running, "w-b", "b:1", 10, &[], &[], t0, 2_001).unwrap();
-        c.report_progress(&running, 0, 0, 2, 8, None, 3_500).unwrap();
+        let running = three(&mut c, "running", "", t0);
+        c.report_progress(&running, 0, 0, 2, 24, None, 3_500).unwrap();
+        let plan_before = c.epoch_plan(&running, 0).unwrap();
         let waiting = c.submit(&spec("waiting", 2), t0, 4_000).unwrap();
         c.join(&waiting, "w-c", "c:1", 10, &[], &[], t0, 4_001).unwrap();
+        let recovering = three(&mut c, "recovering", "", t0);
+        let at = EpochCursor { epoch: 0, world: 3, step: 1, cut: None };
+        c.join_with(&recovering, &survivor("w-a", "a:2", 1, at, true), t0, 4_002).unwrap();
         let before = c.get(&done).unwrap();
         drop(c);
 
-        let t1 = Instant::now();
+        let t1 = t0 + Duration::from_secs(60);
         let mut c = Coordinator::restore(Box::new(store.clone()), t1, 9_000).unwrap();
-        assert_eq!(c.list().len(), 3);
+        assert_eq!(c.list().len(), 4);
         let after = c.get(&done).unwrap();
         assert_eq!(after.record, before.record, "a finished job comes back as it was");
         assert_eq!(after.metrics, [m]);
         assert_eq!((after.workers, after.steps_per_epoch), (before.workers, before.steps_per_epoch));
-        for (id, was) in [(&running, "running"), (&waiting, "rendezvous")] {
-            let v = c.get(id).unwrap();
-            assert_eq!(v.record.state(), Failed);
-            let last = v.record.history().last().unwrap();
-            assert_eq!(
-                last.reason,
-                format!("coordinator restarted while the job was {was}; resubmit or resume from its checkpoint")
-            );
-            assert_eq!(last.at_ms, 9_000);
-            assert_eq!(states(&stored(&store, id).record).last(), Some(&Failed), "the failure is written back");
-        }
-        assert_eq!(c.get(&running).unwrap().record.progress().samples_done, 8, "progress survives");
 
-        // The old workers learn why at their next heartbeat, and may still say goodbye.
-        match c.heartbeat(&running, "w-b", t1).unwrap() {
-            Command::Stop { reason } => assert!(reason.contains("coordinator restarted"), "{reason}"),
-            other => panic!("{other:?}"),
+        // The recovering job's regroup starts over: the survivors join again.
+        assert_eq!(c.get(&recovering).unwrap().record.state(), Recovering);
+        for (w, a, step) in [("w-a", "a:3", 1), ("w-b", "b:3", 2), ("w-c", "c:3", 1)] {
+            let at = EpochCursor { epoch: 0, world: 3, step, cut: None };
+            c.join_with(&recovering, &survivor(w, a, 1, at, true), t1, 9_005).unwrap();
         }
-        c.leave(&running, "w-b", false, "stopped", t1, 9_001).unwrap();
-        assert!(c.join(&waiting, "w-d", "d:1", 10, &[], &[], t1, 9_002).is_err());
+        let g = ready(c.poll_join(&recovering, "w-a", t1, 9_006).unwrap());
+        assert_eq!((g.generation, g.world_size, g.source_rank), (2, 3, 1));
+        assert_eq!(c.get(&recovering).unwrap().restarts, 1, "the takeover is not a failure");
 
-        // A second restart changes nothing; a job of the same name may be submitted again.
-        let again = Coordinator::restore(Box::new(store.clone()), t1, 10_000).unwrap();
-        assert_eq!(again.get(&running).unwrap().record, c.get(&running).unwrap().record);
-        let id = c.submit(&spec("running", 1), t1, 11_000).unwrap();
-        assert_eq!(states(&c.get(&id).unwrap().record), [Pending, Rendezvous]);
-        assert_eq!(states(&stored(&store, &id).record), [Pending, Rendezvous]);
-        let err = c.submit(&spec("running", 1), t1, 11_001).unwrap_err();
-        assert_eq!(err.kind(), ErrorKind::AlreadyExists, "a live job keeps its name");
+        // The running job carries on: same members, ranks, generation and plan; every member has
+        // a fresh heartbeat deadline from the takeover.
+        let v = c.get(&running).unwrap();
+        assert_eq!((v.record.state(), v.generation, v.workers), (Running, 1, 3));
+        assert_eq!(v.record.progress().samples_done, 24, "progress survives");
+        assert_eq!(c.epoch_plan(&running, 0).unwrap(), plan_before, "the same plan from the new coordinator");
+        assert!(c.check_member(&running, "w-b", 1, 1).is_ok());
+        assert_eq!(c.heartbeat(&running, "w-a", t1).unwrap(), Command::Continue);
+        assert!(c.check_liveness(t1 + Duration::from_secs(1), 9_001).is_empty(), "no heartbeat missed yet");
+        c.heartbeat(&running, "w-a", t1 + Duration::from_secs(4)).unwrap();
+        c.heartbeat(&running, "w-b", t1 + Duration::from_secs(4)).unwrap();
+        assert!(c.check_liveness(t1 + Duration::from_secs(4), 9_002).contains(&running));
+        let why = c.get(&running).unwrap().record.history().last().unwrap().reason.clone();
+        assert!(why.contains("rank 2 (w-c) sent no heartbeat"), "w-c never came back: {why}");
+
+        // The rendezvous opens again, empty: its worker joins again.
+        assert_eq!(c.get(&waiting).unwrap().record.state(), Rendezvous);
+        c.join(&waiting, "w-c", "c:1", 10, &[], &[], t1, 9_003).unwrap();
+        c.join(&waiting, "w-d", "d:1", 10, &[], &[], t1, 9_004).unwrap();
+        assert_eq!(c.get(&waiting).unwrap().record.state(), Running);
+
+        // A live job stored by a version without live state cannot go on: failed, with the reason.
+        let mut old = stored(&store, &waiting);
+        old.live = None;
+        store.put_job(&old).unwrap();
+        let c = Coordinator::restore(Box::new(store.clone()), t1, 10_000).unwrap();
+        let v = c.get(&waiting).unwrap();
+        assert_eq!(v.record.state(), Failed);
+        assert_eq!(
+            v.record.history().last().unwrap().reason,
+            "coordinator restarted while the job was running; resubmit or resume from its checkpoint"
+        );
+        assert_eq!(states(&stored(&store, &waiting).record).last(), Some(&Failed), "the failure is written back");
     }
 
     #[test]

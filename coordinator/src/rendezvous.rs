@@ -98,7 +98,7 @@ impl RendezvousConfig {
 }
 
 /// A worker of a closed rendezvous.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Member {
     /// Position in the collective: join order, 0 first.
     pub rank: u32,

@@ -186,6 +186,9 @@ pub struct DistributedSpec {
     pub heartbeat_timeout_secs: f64,
     /// How long a group below `min_workers` waits for replacements before the job fails.
     pub rejoin_timeout_secs: f64,
+    /// How long workers train on, and wait, while the coordinator is unreachable (restarting, a
+    /// standby taking over) before they stop.
+    pub coordinator_timeout_secs: f64,
     /// Failures (lost workers) the job survives; a graceful leave or an added worker is not one.
     pub max_restarts: u32,
 }
@@ -202,6 +205,7 @@ impl Default for DistributedSpec {
             step_timeout_secs: 30.0,
             heartbeat_timeout_secs: 10.0,
             rejoin_timeout_secs: 120.0,
+            coordinator_timeout_secs: 60.0,
             max_restarts: 3,
         }
     }
@@ -301,6 +305,7 @@ struct RawDistributed {
     step_timeout_secs: Option<f64>,
     heartbeat_timeout_secs: Option<f64>,
     rejoin_timeout_secs: Option<f64>,
+    coordinator_timeout_secs: Option<f64>,
     max_restarts: Option<u32>,
 }
 
@@ -629,6 +634,13 @@ impl JobSpec {
                 true,
                 Some(86_400.0),
             )?,
+            coordinator_timeout_secs: check_finite(
+                "distributed.coordinator_timeout_secs",
+                d.coordinator_timeout_secs.unwrap_or(defaults.coordinator_timeout_secs),
+                1.0,
+                true,
+                Some(86_400.0),
+            )?,
             max_restarts: d.max_restarts.unwrap_or(defaults.max_restarts),
         };
         Ok(JobSpec { name, seed: raw.seed, model, data, train, schedule, output, distributed })
@@ -699,7 +711,7 @@ impl JobSpec {
         );
         let d = &self.distributed;
         s += &format!(
-            "\n[distributed]\nmin_workers = {}\nmax_workers = {}\njoin_timeout_secs = {:?}\nlast_call_secs = {:?}\ncollective = {}\nbucket_mb = {:?}\nstep_timeout_secs = {:?}\nheartbeat_timeout_secs = {:?}\nrejoin_timeout_secs = {:?}\nmax_restarts = {}\n",
+            "\n[distributed]\nmin_workers = {}\nmax_workers = {}\njoin_timeout_secs = {:?}\nlast_call_secs = {:?}\ncollective = {}\nbucket_mb = {:?}\nstep_timeout_secs = {:?}\nheartbeat_timeout_secs = {:?}\nrejoin_timeout_secs = {:?}\ncoordinator_timeout_secs = {:?}\nmax_restarts = {}\n",
             d.min_workers,
             d.max_workers,
             d.join_timeout_secs,
@@ -709,6 +721,7 @@ impl JobSpec {
             d.step_timeout_secs,
             d.heartbeat_timeout_secs,
             d.rejoin_timeout_secs,
+            d.coordinator_timeout_secs,
             d.max_restarts
         );
         s

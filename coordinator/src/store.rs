@@ -97,6 +97,33 @@ pub struct StoredJob {
     pub generation: u32,
     #[serde(default)]
     pub restarts: u32,
+    /// What a coordinator that takes over needs to carry on with a live job (absent for the
+    /// jobs of older versions, which are then failed on restore as before).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub live: Option<LiveState>,
+}
+
+/// The durable part of a running job's group: membership and where its generation started. The
+/// rest (heartbeat times, a regroup in progress, newcomers waiting) is rebuilt by a coordinator
+/// that takes over: heartbeats start afresh, and survivors of an unfinished regroup join again.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct LiveState {
+    /// Members of the current generation, by rank.
+    pub members: Vec<crate::rendezvous::Member>,
+    /// The generation's starting cursor (epoch, world, steps done, cut).
+    pub cursor: crate::plan::EpochCursor,
+    /// The rank whose state the generation started from.
+    pub source: u32,
+    /// The model's layer groups the workers reported (the schedule is expanded against them).
+    pub groups: Vec<String>,
+    /// The NCCL unique id handed to the current generation (empty for the ring).
+    #[serde(default)]
+    pub nccl_unique_id: Vec<u8>,
+    /// A resumed job's checkpoint and cursor, for workers that join its first generation.
+    #[serde(default)]
+    pub resume_from: Option<String>,
+    #[serde(default)]
+    pub resume_cursor: Option<crate::plan::EpochCursor>,
 }
 
 /// Where a coordinator keeps its jobs. Implementations are atomic per job: after a crash, a job
@@ -376,6 +403,24 @@ mod tests {
             generation: 2,
             restarts: 1,
             workers: 2,
+            live: Some(LiveState {
+                members: vec![crate::rendezvous::Member {
+                    rank: 0,
+                    worker_id: "w-0123".into(),
+                    collective_addr: "127.0.0.1:4000".into(),
+                }],
+                cursor: crate::plan::EpochCursor {
+                    epoch: 1,
+                    world: 2,
+                    step: 5,
+                    cut: Some(crate::plan::Cut { base_world: 3, base_steps: 2, offset: 0 }),
+                },
+                source: 1,
+                groups: vec!["features".into(), "head".into()],
+                nccl_unique_id: vec![1, 2, 3],
+                resume_from: None,
+                resume_cursor: None,
+            }),
         }
     }
 

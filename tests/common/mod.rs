@@ -88,9 +88,14 @@ pub fn write_spec(dir: &Path, name: &str, text: &str) -> PathBuf {
 /// Starts `thaw coordinator` on a free port with its state in `state_dir`; returns the process and
 /// its URL (the first line it prints).
 pub fn start_coordinator(state_dir: &Path) -> (std::process::Child, String) {
+    start_coordinator_on(state_dir, "127.0.0.1:0")
+}
+
+/// [`start_coordinator`] on `listen` (a restarted coordinator takes its old port again).
+pub fn start_coordinator_on(state_dir: &Path, listen: &str) -> (std::process::Child, String) {
     use std::io::BufRead;
     let mut child = Command::new(env!("CARGO_BIN_EXE_thaw"))
-        .args(["coordinator", "--listen", "127.0.0.1:0", "--state-dir"])
+        .args(["coordinator", "--listen", listen, "--state-dir"])
         .arg(state_dir)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())

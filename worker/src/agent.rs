@@ -54,6 +54,45 @@ fn rpc(what: &'static str) -> impl Fn(tonic::Status) -> AgentError {
     move |s| AgentError::Rpc { what, message: s.message().to_string() }
 }
 
+/// Whether `s` says the coordinator could not be reached or gave no answer (it is restarting, or
+/// a standby is taking over), rather than answering.
+fn is_outage(s: &tonic::Status) -> bool {
+    use tonic::Code;
+    matches!(s.code(), Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Cancelled)
+}
+
+/// Calls `call` until the coordinator answers, for up to `outage` of it being unreachable
+/// (backoff with jitter, up to 2 s between tries; one log line when the outage starts and one
+/// when it ends). An answer, error or not, is returned as it is.
+async fn through_outage<T, F, Fut>(what: &str, outage: Duration, mut call: F) -> Result<T, tonic::Status>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    let started = std::time::Instant::now();
+    let mut pause = Duration::from_millis(100);
+    let mut waiting = false;
+    loop {
+        match call().await {
+            Err(s) if is_outage(&s) && started.elapsed() < outage => {
+                if !waiting {
+                    tracing::warn!(what, error = %s.message(), deadline = ?outage, "the coordinator is unreachable; waiting for it");
+                    waiting = true;
+                }
+                let jitter = rand::rng().random_range(0..=pause.as_millis() as u64 / 2);
+                tokio::time::sleep(pause + Duration::from_millis(jitter)).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
+            }
+            answer => {
+                if waiting && answer.as_ref().is_ok() {
+                    tracing::info!(what, after = ?started.elapsed(), "the coordinator answers again");
+                }
+                return answer;
+            }
+        }
+    }
+}
+
 /// Runs `call` with a deadline; a call past it is a DEADLINE_EXCEEDED status.
 async fn within<T>(
     deadline: Duration,
@@ -192,6 +231,8 @@ struct GrpcControl {
     ledger: Arc<Mutex<Ledger>>,
     /// The stage the coordinator sent with the last epoch plan.
     stage: Option<(u32, pb::FreezeStage)>,
+    /// How long to wait for an unreachable coordinator.
+    outage: Duration,
 }
 
 impl Control for GrpcControl {
@@ -203,10 +244,16 @@ impl Control for GrpcControl {
             worker_id: self.worker.clone(),
             generation: self.generation,
         };
-        let mut w = self.workers.clone();
+        let w = self.workers.clone();
+        // Through a coordinator outage (a restart, a takeover) the plan is waited for, up to the
+        // job's coordinator_timeout_secs; the step in flight is already done.
         let p = self
             .rt
-            .block_on(within(RPC_DEADLINE, w.get_epoch_plan(req)))
+            .block_on(through_outage("the epoch plan", self.outage, || {
+                let mut w = w.clone();
+                let req = req.clone();
+                async move { within(RPC_DEADLINE, w.get_epoch_plan(req)).await }
+            }))
             .map_err(|s| TrainError::Control(format!("epoch plan {}: {}", epoch + 1, s.message())))?;
         self.stage = p.stage.clone().map(|s| (epoch, s));
         let info = PlanInfo {
@@ -301,6 +348,7 @@ pub fn run(opts: AgentOptions) -> Result<AgentOutcome, AgentError> {
     let join_deadline = Duration::from_secs_f64(d.join_timeout_secs + d.rejoin_timeout_secs + 30.0);
     let beat_every = Duration::from_secs_f64(d.heartbeat_timeout_secs / 4.0)
         .clamp(Duration::from_millis(100), Duration::from_secs(1));
+    let outage = Duration::from_secs_f64(d.coordinator_timeout_secs);
     // Every check (data, weights, groups) happens before joining, so a bad worker never holds up
     // the group.
     let mut trainer = Trainer::prepare(spec, opts.device)?;
@@ -313,7 +361,7 @@ pub fn run(opts: AgentOptions) -> Result<AgentOutcome, AgentError> {
         let (shared, mut w, job, worker) = (shared.clone(), clients.workers.clone(), opts.job.clone(), me.clone());
         rt.spawn(async move {
             let mut failures = 0;
-            let lost_after = (60.0 / beat_every.as_secs_f64()).ceil() as u32;
+            let lost_after = (outage.as_secs_f64() / beat_every.as_secs_f64()).ceil() as u32;
             loop {
                 tokio::time::sleep(beat_every).await;
                 let (rank, generation) = {
@@ -334,6 +382,9 @@ pub fn run(opts: AgentOptions) -> Result<AgentOutcome, AgentError> {
                     Ok(_) => failures = 0,
                     Err(e) => {
                         failures += 1;
+                        if failures == 1 {
+                            tracing::warn!(error = %e.message(), "heartbeat unanswered; training on until the coordinator is back");
+                        }
                         if failures >= lost_after {
                             f.stop = Some(format!("lost the coordinator: {}", e.message()));
                         }
@@ -360,7 +411,18 @@ pub fn run(opts: AgentOptions) -> Result<AgentOutcome, AgentError> {
         let mut w = clients.workers.clone();
         rt.spawn(async move {
             while let Some(r) = queue.recv().await {
-                if let Err(e) = within(RPC_DEADLINE, w.report_progress(r)).await {
+                // An epoch's metrics wait out an outage; plain progress is superseded by the next
+                // report and is dropped instead.
+                let answer = if r.metrics.is_some() {
+                    through_outage("an epoch's metrics", outage, || {
+                        let (mut w, r) = (w.clone(), r.clone());
+                        async move { within(RPC_DEADLINE, w.report_progress(r)).await }
+                    })
+                    .await
+                } else {
+                    within(RPC_DEADLINE, w.report_progress(r)).await
+                };
+                if let Err(e) = answer {
                     tracing::debug!(error = %e.message(), "progress report failed");
                 }
             }
@@ -393,7 +455,10 @@ pub fn run(opts: AgentOptions) -> Result<AgentOutcome, AgentError> {
             failed,
             closed_ranks,
         };
-        let a = match rt.block_on(within(join_deadline, clients.workers.join(join))) {
+        let a = match rt.block_on(through_outage("the join", outage, || {
+            let (mut w, join) = (clients.workers.clone(), join.clone());
+            async move { within(join_deadline, w.join(join)).await }
+        })) {
             Ok(a) => a,
             Err(e) if generation == 0 => break Err(rpc("the join")(e)),
             // The job ended or failed while this worker was away: say why and stop.
@@ -437,6 +502,7 @@ pub fn run(opts: AgentOptions) -> Result<AgentOutcome, AgentError> {
             reports: reports.clone(),
             ledger: ledger.clone(),
             stage: None,
+            outage,
         };
         let outcome = trainer.run_distributed(rank, collective.as_mut(), &mut ctl, bucket_bytes);
         drop(collective);
@@ -479,7 +545,12 @@ pub fn run(opts: AgentOptions) -> Result<AgentOutcome, AgentError> {
         graceful,
         generation,
     };
-    if let Err(e) = rt.block_on(within(RPC_DEADLINE, clients.workers.leave(leave))) {
+    // Rank 0's goodbye ends the job: it waits out an outage too.
+    let said = rt.block_on(through_outage("the goodbye", outage, || {
+        let (mut w, leave) = (clients.workers.clone(), leave.clone());
+        async move { within(RPC_DEADLINE, w.leave(leave)).await }
+    }));
+    if let Err(e) = said {
         tracing::warn!(error = %e.message(), "could not tell the coordinator we left");
     }
     Ok(AgentOutcome { rank, world_size: world, outcome: result? })
