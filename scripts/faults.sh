@@ -120,7 +120,8 @@ EOF
   rec=""
   if [ -n "$injected" ]; then
     while kill -0 $launcher 2>/dev/null; do
-      if grep -h '"x"' "$dir"/ledger/*.jsonl 2>/dev/null | grep -q '"gen":2,'; then
+      # One grep: with pipefail, grep -q closing a pipe early fails the whole pipeline.
+      if grep -qh '"gen":2,.*"x"' "$dir"/ledger/*.jsonl 2>/dev/null; then
         rec=$(python3 -c "print(f'{$(date +%s.%N) - $injected:.2f}')")
         break
       fi
