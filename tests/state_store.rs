@@ -51,13 +51,7 @@ impl Coordinator {
     }
 
     fn thaw(&self, args: &[&str]) -> std::process::Output {
-        Command::new(env!("CARGO_BIN_EXE_thaw"))
-            .args(args)
-            .env("THAW_COORDINATOR", &self.url)
-            .env("THAW_HOME", thaw_home())
-            .env("THAW_OFFLINE", "1")
-            .output()
-            .unwrap()
+        thaw_url(args, &self.url)
     }
 
     fn status(&self, job: &str) -> Value {

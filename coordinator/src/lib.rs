@@ -5,7 +5,9 @@
 //! both the coordinator and the workers need (the job spec, schedule types) lives here only;
 //! `thaw-worker` depends on this crate, never the other way round.
 
+pub mod client;
 pub mod core;
+pub mod etcd;
 pub mod job;
 pub mod metrics;
 pub mod plan;

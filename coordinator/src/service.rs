@@ -37,6 +37,9 @@ pub fn status(e: CoreError) -> Status {
     }
 }
 
+/// The metadata key of a standby's answer that names the leader's URL.
+pub const LEADER_HEADER: &str = "thaw-leader";
+
 /// How often the coordinator checks heartbeats and regroup deadlines.
 pub const SWEEP_EVERY: Duration = Duration::from_millis(250);
 
@@ -52,6 +55,8 @@ fn now_ms() -> u64 {
 /// Shared state of both services.
 pub struct State {
     core: Mutex<Coordinator>,
+    /// With several coordinators on etcd: whether this one leads (and may answer).
+    leadership: Option<Arc<crate::etcd::Leadership>>,
     /// Woken on every membership change, so long-polling joins re-check at once.
     changed: Notify,
     /// Job ids whose status changed, for watchers.
@@ -73,7 +78,36 @@ impl State {
 
     fn with_core(core: Coordinator) -> Arc<State> {
         let (events, _) = broadcast::channel(1024);
-        Arc::new(State { core: Mutex::new(core), changed: Notify::new(), events })
+        Arc::new(State { core: Mutex::new(core), leadership: None, changed: Notify::new(), events })
+    }
+
+    /// One of several coordinators on etcd: a standby (no jobs, every call refused with the
+    /// leader's address) until [`State::install`] gives it the jobs of the store it won.
+    pub fn standby(leadership: Arc<crate::etcd::Leadership>) -> Arc<State> {
+        let (events, _) = broadcast::channel(1024);
+        Arc::new(State {
+            core: Mutex::new(Coordinator::new()),
+            leadership: Some(leadership),
+            changed: Notify::new(),
+            events,
+        })
+    }
+
+    /// Replaces the jobs this coordinator serves (a takeover, or stepping down to none).
+    pub fn install(&self, core: Coordinator) {
+        *self.core() = core;
+        self.changed.notify_waiters();
+    }
+
+    /// Why this coordinator must not answer now (a standby, or a leader whose lease ran out),
+    /// as the status to answer with: UNAVAILABLE, with the leader's URL in `thaw-leader`.
+    pub fn refusal(&self) -> Option<Status> {
+        let (why, leader) = self.leadership.as_ref()?.refusal()?;
+        let mut s = Status::unavailable(why);
+        if let Some(url) = leader.and_then(|l| l.parse().ok()) {
+            s.metadata_mut().insert(LEADER_HEADER, url);
+        }
+        Some(s)
     }
 
     fn core(&self) -> MutexGuard<'_, Coordinator> {
@@ -90,6 +124,9 @@ impl State {
     /// writes what the store is missing (throttled progress, failed writes); run every
     /// [`SWEEP_EVERY`].
     pub fn sweep(&self) {
+        if self.refusal().is_some() {
+            return;
+        }
         let changed = {
             let mut core = self.core();
             let changed = core.check_liveness(Instant::now(), now_ms());
@@ -370,17 +407,26 @@ pub async fn serve(
         })
     };
     let max = thaw_proto::MAX_MESSAGE_BYTES;
+    // A standby (or a leader whose lease ran out) answers every call with where the leader is.
+    let gate = |state: Arc<State>| {
+        move |req: Request<()>| match state.refusal() {
+            Some(s) => Err(s),
+            None => Ok(req),
+        }
+    };
     let result = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
-        .add_service(
+        .add_service(tonic::service::interceptor::InterceptedService::new(
             JobsServer::new(JobsService(state.clone())).max_decoding_message_size(max).max_encoding_message_size(max),
-        )
-        .add_service(
+            gate(state.clone()),
+        ))
+        .add_service(tonic::service::interceptor::InterceptedService::new(
             WorkersServer::new(WorkersService(state.clone()))
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
-        )
+            gate(state.clone()),
+        ))
         .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
         .await;
     sweeper.abort();

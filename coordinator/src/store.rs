@@ -42,13 +42,19 @@ pub enum StoreError {
     Encode { id: String, source: serde_json::Error },
     #[error("state directory {} is in use by another coordinator (it holds {})", dir.display(), dir.join(LOCK_FILE).display())]
     InUse { dir: PathBuf },
+    #[error("state store: cannot {what}: etcd is unavailable: {reason}")]
+    Unavailable { what: String, reason: String },
+    #[error("state store: write refused, this coordinator is not the leader: {reason}")]
+    Fenced { reason: String },
+    #[error("state store: job `{id}` is {bytes} bytes, over the {max}-byte limit of one etcd value")]
+    TooLarge { id: String, bytes: usize, max: usize },
 }
 
 impl StoreError {
     /// Whether trying again may succeed: I/O can recover (space freed, disk back); a bad id, an
     /// unencodable job or a directory held by another coordinator will not.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, StoreError::Io { .. })
+        matches!(self, StoreError::Io { .. } | StoreError::Unavailable { .. })
     }
 }
 
@@ -138,7 +144,7 @@ pub trait StateStore: Send + Sync {
     fn load_all(&self) -> Result<Vec<StoredJob>, StoreError>;
 }
 
-fn encode(rec: &StoredJob) -> Result<(String, Vec<u8>), StoreError> {
+pub(crate) fn encode(rec: &StoredJob) -> Result<(String, Vec<u8>), StoreError> {
     let id = rec.record.job_id().to_string();
     validate_job_id(&id)?;
     let mut bytes = serde_json::to_vec_pretty(rec).map_err(|source| StoreError::Encode { id: id.clone(), source })?;
@@ -147,7 +153,7 @@ fn encode(rec: &StoredJob) -> Result<(String, Vec<u8>), StoreError> {
 }
 
 /// Decodes the value stored under `id`; the record inside must carry the same id.
-fn decode(id: &str, bytes: &[u8]) -> Result<StoredJob, String> {
+pub(crate) fn decode(id: &str, bytes: &[u8]) -> Result<StoredJob, String> {
     let job: StoredJob = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
     if job.record.job_id() != id {
         return Err(format!("it holds job `{}`, not `{id}`", job.record.job_id()));

@@ -66,6 +66,17 @@ pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// `thaw ARGS` against the coordinator(s) at `url` (`THAW_COORDINATOR`).
+pub fn thaw_url(args: &[&str], url: &str) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_thaw"))
+        .args(args)
+        .env("THAW_COORDINATOR", url)
+        .env("THAW_HOME", thaw_home())
+        .env("THAW_OFFLINE", "1")
+        .output()
+        .expect("run thaw")
+}
+
 /// Asserts success, showing both streams otherwise.
 pub fn ok(o: Output) -> Output {
     assert!(o.status.success(), "thaw failed\nstdout:\n{}\nstderr:\n{}", stdout(&o), stderr(&o));

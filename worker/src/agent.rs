@@ -18,14 +18,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rand::Rng;
+use thaw_coordinator::client::Coordinators;
 use thaw_coordinator::core::PlanInfo;
 use thaw_coordinator::plan::EpochPlan;
-use thaw_coordinator::service::{
-    cursor_from_proto, cursor_to_proto, cut_from_proto, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT,
-};
+use thaw_coordinator::service::{cursor_from_proto, cursor_to_proto, cut_from_proto, LEADER_HEADER};
 use thaw_coordinator::spec::{CollectiveKind, JobSpec};
 use thaw_proto::v1 as pb;
-use thaw_proto::v1::jobs_client::JobsClient;
 use thaw_proto::v1::workers_client::WorkersClient;
 use tonic::transport::Channel;
 
@@ -64,17 +62,27 @@ fn is_outage(s: &tonic::Status) -> bool {
 /// Calls `call` until the coordinator answers, for up to `outage` of it being unreachable
 /// (backoff with jitter, up to 2 s between tries; one log line when the outage starts and one
 /// when it ends). An answer, error or not, is returned as it is.
-async fn through_outage<T, F, Fut>(what: &str, outage: Duration, mut call: F) -> Result<T, tonic::Status>
+async fn through_outage<T, F, Fut>(
+    what: &str,
+    outage: Duration,
+    coords: &Coordinators,
+    mut call: F,
+) -> Result<T, tonic::Status>
 where
-    F: FnMut() -> Fut,
+    F: FnMut(WorkersClient<Channel>) -> Fut,
     Fut: std::future::Future<Output = Result<T, tonic::Status>>,
 {
     let started = std::time::Instant::now();
     let mut pause = Duration::from_millis(100);
     let mut waiting = false;
     loop {
-        match call().await {
+        match call(coords.workers()).await {
             Err(s) if is_outage(&s) && started.elapsed() < outage => {
+                // A standby names the leader (go there at once); an unreachable address gives way
+                // to the next one after the pause.
+                if coords.after_error(&s) && s.metadata().contains_key(LEADER_HEADER) {
+                    continue;
+                }
                 if !waiting {
                     tracing::warn!(what, error = %s.message(), deadline = ?outage, "the coordinator is unreachable; waiting for it");
                     waiting = true;
@@ -129,37 +137,23 @@ pub fn worker_id(name: &str) -> String {
     format!("{name}-{:016x}", rand::rng().random::<u64>())
 }
 
-struct Clients {
-    jobs: JobsClient<Channel>,
-    workers: WorkersClient<Channel>,
-}
-
-async fn connect(url: &str, attempts: u32) -> Result<Clients, AgentError> {
+/// Finds the coordinator that answers for `job` among `list` (comma-separated URLs: a standby
+/// points at the leader), with `attempts` tries (backoff with jitter) while none answers.
+async fn connect(list: &str, attempts: u32, job: &str) -> Result<(Arc<Coordinators>, pb::Job), AgentError> {
+    let coords = Coordinators::parse(list).map_err(AgentError::Setup)?;
     let attempts = attempts.max(1);
     let mut last = String::new();
     for i in 0..attempts {
-        match Channel::from_shared(url.to_string()) {
-            Err(e) => return Err(AgentError::Setup(format!("bad coordinator url `{url}`: {e}"))),
-            Ok(ep) => match ep
-                .connect_timeout(Duration::from_secs(5))
-                .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
-                .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-                .keep_alive_while_idle(true)
-                .connect()
-                .await
-            {
-                Ok(ch) => {
-                    let max = thaw_proto::MAX_MESSAGE_BYTES;
-                    return Ok(Clients {
-                        jobs: JobsClient::new(ch.clone()).max_decoding_message_size(max),
-                        workers: WorkersClient::new(ch).max_decoding_message_size(max),
-                    });
+        match within(RPC_DEADLINE, coords.jobs().get(pb::GetJobRequest { job_id: job.to_string() })).await {
+            Ok(j) => return Ok((coords, j)),
+            Err(s) if is_outage(&s) => {
+                last = s.message().to_string();
+                if coords.after_error(&s) && s.metadata().contains_key(LEADER_HEADER) {
+                    continue;
                 }
-                Err(e) => {
-                    last = format!("{e}: {}", std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default());
-                    tracing::warn!(url, attempt = i + 1, attempts, error = %last, "coordinator not reachable yet");
-                }
-            },
+                tracing::warn!(url = %coords.url(), attempt = i + 1, attempts, error = %last, "coordinator not reachable yet");
+            }
+            Err(s) => return Err(rpc("the job lookup")(s)),
         }
         if i + 1 < attempts {
             // Exponential backoff with jitter, capped at 5 s.
@@ -168,7 +162,7 @@ async fn connect(url: &str, attempts: u32) -> Result<Clients, AgentError> {
             tokio::time::sleep(Duration::from_millis(base + jitter)).await;
         }
     }
-    Err(AgentError::Unreachable { url: url.to_string(), attempts, last })
+    Err(AgentError::Unreachable { url: list.to_string(), attempts, last })
 }
 
 /// What the control tasks (heartbeats, signals) tell the training thread, and who this worker is
@@ -221,7 +215,7 @@ impl Ledger {
 
 struct GrpcControl {
     rt: Arc<tokio::runtime::Runtime>,
-    workers: WorkersClient<Channel>,
+    coords: Arc<Coordinators>,
     job: String,
     worker: String,
     rank: u32,
@@ -244,13 +238,11 @@ impl Control for GrpcControl {
             worker_id: self.worker.clone(),
             generation: self.generation,
         };
-        let w = self.workers.clone();
         // Through a coordinator outage (a restart, a takeover) the plan is waited for, up to the
         // job's coordinator_timeout_secs; the step in flight is already done.
         let p = self
             .rt
-            .block_on(through_outage("the epoch plan", self.outage, || {
-                let mut w = w.clone();
+            .block_on(through_outage("the epoch plan", self.outage, &self.coords, |mut w| {
                 let req = req.clone();
                 async move { within(RPC_DEADLINE, w.get_epoch_plan(req)).await }
             }))
@@ -331,10 +323,7 @@ pub fn run(opts: AgentOptions) -> Result<AgentOutcome, AgentError> {
             .map_err(|e| AgentError::Setup(format!("cannot start the control runtime: {e}")))?,
     );
     let me = worker_id(&opts.worker_name);
-    let mut clients = rt.block_on(connect(&opts.coordinator, opts.connect_attempts))?;
-    let job = rt
-        .block_on(within(RPC_DEADLINE, clients.jobs.get(pb::GetJobRequest { job_id: opts.job.clone() })))
-        .map_err(rpc("the job lookup"))?;
+    let (coords, job) = rt.block_on(connect(&opts.coordinator, opts.connect_attempts, &opts.job))?;
     let spec = JobSpec::from_toml(&job.spec_toml, std::path::Path::new("/")).map_err(TrainError::from)?;
     let nccl = spec.distributed.collective == CollectiveKind::Nccl;
     // Before anything heavy: a job that wants NCCL fails here, clearly, where NCCL cannot run.
@@ -358,7 +347,7 @@ pub fn run(opts: AgentOptions) -> Result<AgentOutcome, AgentError> {
     // Heartbeats on the control runtime: a stop or re-form command sets the flag that the
     // training loop agrees on at the next step; a coordinator silent for long stops the worker.
     let hb = {
-        let (shared, mut w, job, worker) = (shared.clone(), clients.workers.clone(), opts.job.clone(), me.clone());
+        let (shared, coords, job, worker) = (shared.clone(), coords.clone(), opts.job.clone(), me.clone());
         rt.spawn(async move {
             let mut failures = 0;
             let lost_after = (outage.as_secs_f64() / beat_every.as_secs_f64()).ceil() as u32;
@@ -369,7 +358,10 @@ pub fn run(opts: AgentOptions) -> Result<AgentOutcome, AgentError> {
                     (f.rank, f.generation)
                 };
                 let req = pb::HeartbeatRequest { job_id: job.clone(), worker_id: worker.clone(), rank, generation };
-                let answer = within(RPC_DEADLINE, w.heartbeat(req)).await;
+                let answer = within(RPC_DEADLINE, coords.workers().heartbeat(req)).await;
+                if let Err(e) = &answer {
+                    coords.after_error(e);
+                }
                 let mut f = flags(&shared);
                 match answer {
                     Ok(r) if r.command == pb::WorkerCommand::Stop as i32 => f.stop = Some(r.reason),
@@ -408,19 +400,19 @@ pub fn run(opts: AgentOptions) -> Result<AgentOutcome, AgentError> {
     // Progress and metrics: a bounded queue, drained here with deadlines.
     let (reports, mut queue) = tokio::sync::mpsc::channel::<pb::ProgressReport>(64);
     let reporter = {
-        let mut w = clients.workers.clone();
+        let coords = coords.clone();
         rt.spawn(async move {
             while let Some(r) = queue.recv().await {
                 // An epoch's metrics wait out an outage; plain progress is superseded by the next
                 // report and is dropped instead.
                 let answer = if r.metrics.is_some() {
-                    through_outage("an epoch's metrics", outage, || {
-                        let (mut w, r) = (w.clone(), r.clone());
+                    through_outage("an epoch's metrics", outage, &coords, |mut w| {
+                        let r = r.clone();
                         async move { within(RPC_DEADLINE, w.report_progress(r)).await }
                     })
                     .await
                 } else {
-                    within(RPC_DEADLINE, w.report_progress(r)).await
+                    within(RPC_DEADLINE, coords.workers().report_progress(r)).await
                 };
                 if let Err(e) = answer {
                     tracing::debug!(error = %e.message(), "progress report failed");
@@ -455,8 +447,8 @@ pub fn run(opts: AgentOptions) -> Result<AgentOutcome, AgentError> {
             failed,
             closed_ranks,
         };
-        let a = match rt.block_on(through_outage("the join", outage, || {
-            let (mut w, join) = (clients.workers.clone(), join.clone());
+        let a = match rt.block_on(through_outage("the join", outage, &coords, |mut w| {
+            let join = join.clone();
             async move { within(join_deadline, w.join(join)).await }
         })) {
             Ok(a) => a,
@@ -493,7 +485,7 @@ pub fn run(opts: AgentOptions) -> Result<AgentOutcome, AgentError> {
         }));
         let mut ctl = GrpcControl {
             rt: rt.clone(),
-            workers: clients.workers.clone(),
+            coords: coords.clone(),
             job: opts.job.clone(),
             worker: me.clone(),
             rank,
@@ -546,8 +538,8 @@ pub fn run(opts: AgentOptions) -> Result<AgentOutcome, AgentError> {
         generation,
     };
     // Rank 0's goodbye ends the job: it waits out an outage too.
-    let said = rt.block_on(through_outage("the goodbye", outage, || {
-        let (mut w, leave) = (clients.workers.clone(), leave.clone());
+    let said = rt.block_on(through_outage("the goodbye", outage, &coords, |mut w| {
+        let leave = leave.clone();
         async move { within(RPC_DEADLINE, w.leave(leave)).await }
     }));
     if let Err(e) = said {

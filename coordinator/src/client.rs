@@ -1,0 +1,123 @@
+//! How clients (the CLI, workers) reach the coordinator when there are several: `--coordinator`
+//! (or `THAW_COORDINATOR`) takes a comma-separated list. A client talks to one of them; when it
+//! is a standby, its UNAVAILABLE answer names the leader in the `thaw-leader` metadata and the
+//! client moves there; when it cannot be reached, the client moves to the next address. Behind a
+//! Kubernetes Service that routes only to the ready (leading) coordinator, the list is that one
+//! Service URL.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use thaw_proto::v1::jobs_client::JobsClient;
+use thaw_proto::v1::workers_client::WorkersClient;
+use tonic::transport::{Channel, Endpoint};
+use tonic::Status;
+
+use crate::service::{KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, LEADER_HEADER};
+
+/// The coordinators a client may talk to, and the one it talks to now.
+#[derive(Debug)]
+pub struct Coordinators {
+    urls: Vec<String>,
+    current: Mutex<(String, Channel)>,
+}
+
+fn channel(url: &str) -> Result<Channel, String> {
+    Ok(Endpoint::from_shared(url.to_string())
+        .map_err(|e| format!("bad coordinator url `{url}`: {e}"))?
+        .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true)
+        .connect_lazy())
+}
+
+impl Coordinators {
+    /// `http://a:7070,http://b:7070`: every URL is checked; the first is used first.
+    pub fn parse(list: &str) -> Result<Arc<Coordinators>, String> {
+        let urls: Vec<String> = list.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect();
+        let first = urls.first().ok_or_else(|| format!("`{list}`: no coordinator url"))?;
+        for u in &urls {
+            channel(u)?;
+        }
+        let ch = channel(first)?;
+        Ok(Arc::new(Coordinators { current: Mutex::new((first.clone(), ch)), urls }))
+    }
+
+    fn current(&self) -> std::sync::MutexGuard<'_, (String, Channel)> {
+        self.current.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The URL talked to now.
+    pub fn url(&self) -> String {
+        self.current().0.clone()
+    }
+
+    /// Every URL given, in order.
+    pub fn urls(&self) -> &[String] {
+        &self.urls
+    }
+
+    pub fn jobs(&self) -> JobsClient<Channel> {
+        JobsClient::new(self.current().1.clone()).max_decoding_message_size(thaw_proto::MAX_MESSAGE_BYTES)
+    }
+
+    pub fn workers(&self) -> WorkersClient<Channel> {
+        WorkersClient::new(self.current().1.clone()).max_decoding_message_size(thaw_proto::MAX_MESSAGE_BYTES)
+    }
+
+    /// After a failed call: follow a standby's pointer to the leader, or move on to the next
+    /// address when this one gave no answer. Returns whether the target changed.
+    pub fn after_error(&self, s: &Status) -> bool {
+        if s.code() != tonic::Code::Unavailable
+            && s.code() != tonic::Code::DeadlineExceeded
+            && s.code() != tonic::Code::Unknown
+        {
+            return false;
+        }
+        let mut cur = self.current();
+        let leader = s.metadata().get(LEADER_HEADER).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let next = match leader {
+            Some(l) if l != cur.0 => l,
+            Some(_) => return false,
+            None if self.urls.len() > 1 => {
+                let i = self.urls.iter().position(|u| *u == cur.0).map_or(0, |i| (i + 1) % self.urls.len());
+                self.urls[i].clone()
+            }
+            None => return false,
+        };
+        match channel(&next) {
+            Ok(ch) => {
+                tracing::info!(from = %cur.0, to = %next, "following the coordinator");
+                *cur = (next, ch);
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "a standby named a leader url that does not parse");
+                false
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn follows_the_leader_named_by_a_standby_and_rotates_when_unreachable() {
+        let c = Coordinators::parse("http://127.0.0.1:1, http://127.0.0.1:2").unwrap();
+        assert_eq!(c.url(), "http://127.0.0.1:1");
+        assert!(!c.after_error(&Status::invalid_argument("bad spec")), "an answer is not an outage");
+        assert!(c.after_error(&Status::unavailable("connection refused")));
+        assert_eq!(c.url(), "http://127.0.0.1:2");
+        let mut s = Status::unavailable("standby coordinator; the leader is http://127.0.0.1:3");
+        s.metadata_mut().insert(LEADER_HEADER, "http://127.0.0.1:3".parse().unwrap());
+        assert!(c.after_error(&s));
+        assert_eq!(c.url(), "http://127.0.0.1:3");
+        assert!(c.after_error(&Status::unavailable("down")));
+        assert_eq!(c.url(), "http://127.0.0.1:1", "an unlisted leader that went away: back to the list");
+        assert!(Coordinators::parse(" , ").is_err());
+        assert!(Coordinators::parse("not a url").unwrap_err().contains("not a url"));
+    }
+}

@@ -1,0 +1,371 @@
+//! The highly available coordinator, with real processes on 127.0.0.1: a 3-member etcd 3.4 cluster
+//! (set-up's binary, started and stopped here), two `thaw coordinator --store etcd://...` and two
+//! workers. Killing the active coordinator mid-epoch hands the job to the standby, which carries
+//! it to the end, every sample trained exactly once; a leader paused past its lease is replaced,
+//! and when it wakes it writes nothing, steps down and says so.
+
+mod common;
+use std::collections::{BTreeMap, HashMap};
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A 3-member etcd cluster; every member killed on drop.
+struct Etcd {
+    members: Vec<Option<Child>>,
+    args: Vec<Vec<String>>,
+    clients: Vec<String>,
+}
+
+impl Etcd {
+    fn start(dir: &Path) -> Etcd {
+        let peers: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let clients: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let cluster: Vec<String> = (0..3).map(|i| format!("m{i}=http://127.0.0.1:{}", peers[i])).collect();
+        let args: Vec<Vec<String>> = (0..3)
+            .map(|i| {
+                let c = format!("http://127.0.0.1:{}", clients[i]);
+                let p = format!("http://127.0.0.1:{}", peers[i]);
+                vec![
+                    "--name".into(),
+                    format!("m{i}"),
+                    "--data-dir".into(),
+                    dir.join(format!("m{i}")).display().to_string(),
+                    "--listen-client-urls".into(),
+                    c.clone(),
+                    "--advertise-client-urls".into(),
+                    c,
+                    "--listen-peer-urls".into(),
+                    p.clone(),
+                    "--initial-advertise-peer-urls".into(),
+                    p,
+                    "--initial-cluster".into(),
+                    cluster.join(","),
+                    "--initial-cluster-state".into(),
+                    "new".into(),
+                    "--heartbeat-interval".into(),
+                    "50".into(),
+                    "--election-timeout".into(),
+                    "500".into(),
+                ]
+            })
+            .collect();
+        let mut e = Etcd {
+            members: vec![None, None, None],
+            args,
+            clients: clients.iter().map(|p| format!("127.0.0.1:{p}")).collect(),
+        };
+        for i in 0..3 {
+            e.start_member(i);
+        }
+        e
+    }
+
+    fn start_member(&mut self, i: usize) {
+        let log = std::fs::File::create(format!("{}.log", self.args[i][3])).unwrap();
+        self.members[i] = Some(
+            Command::new(setup_file("bin/etcd"))
+                .args(&self.args[i])
+                .env("ETCD_UNSUPPORTED_ARCH", "")
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("start etcd (run scripts/setup.sh)"),
+        );
+    }
+
+    fn kill_member(&mut self, i: usize) {
+        if let Some(mut c) = self.members[i].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("etcd://{}", self.clients.join(","))
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        for i in 0..3 {
+            self.kill_member(i);
+        }
+    }
+}
+
+/// A `thaw coordinator` on etcd, its URL and its log file; killed on drop.
+struct Coord {
+    child: Child,
+    url: String,
+    log: PathBuf,
+}
+
+impl Coord {
+    fn start(etcd: &Etcd, dir: &Path, name: &str) -> Coord {
+        let log = dir.join(format!("{name}.log"));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_thaw"))
+            .args([
+                "coordinator",
+                "--listen",
+                "127.0.0.1:0",
+                "--store",
+                &etcd.url(),
+                "--prefix",
+                "/ha",
+                "--lease-secs",
+                "3",
+            ])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let url = line.trim().rsplit(' ').next().unwrap().to_string();
+        assert!(url.starts_with("http://127.0.0.1:"), "{line:?}");
+        Coord { child, url, log }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Coord {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn thaw_at(url: &str, args: &[&str]) -> std::process::Output {
+    thaw_url(args, url)
+}
+
+/// Whether the coordinator at `url` itself answers as the leader (a standby, or a leader whose
+/// lease ran out, answers UNAVAILABLE; nothing is followed here).
+fn leads(url: &str) -> bool {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let call = async {
+            let mut c = thaw_proto::v1::jobs_client::JobsClient::connect(url.to_string()).await.ok()?;
+            Some(c.get(thaw_proto::v1::GetJobRequest { job_id: String::new() }).await)
+        };
+        match tokio::time::timeout(Duration::from_secs(5), call).await {
+            Ok(Some(Ok(_))) => true,
+            Ok(Some(Err(s))) => s.code() != tonic::Code::Unavailable,
+            _ => false,
+        }
+    })
+}
+
+/// Waits until exactly one of `coords` leads; returns its index.
+fn leader(coords: &[&Coord], within: Duration) -> usize {
+    let deadline = Instant::now() + within;
+    loop {
+        let leading: Vec<usize> = (0..coords.len()).filter(|&i| leads(&coords[i].url)).collect();
+        if leading.len() == 1 {
+            return leading[0];
+        }
+        assert!(Instant::now() < deadline, "no single leader: {leading:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn status(urls: &str, job: &str) -> Value {
+    let o = thaw_at(urls, &["status", job, "--json"]);
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+    v.as_array().and_then(|a| a.first()).cloned().unwrap_or(Value::Null)
+}
+
+#[test]
+fn killing_the_active_coordinator_hands_the_running_job_to_the_standby() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(dir.path());
+    let (a, b) = (Coord::start(&etcd, dir.path(), "a"), Coord::start(&etcd, dir.path(), "b"));
+    let coords = [&a, &b];
+    let first = leader(&coords, Duration::from_secs(30));
+    let urls = format!("{},{}", a.url, b.url);
+
+    // A standby answers UNAVAILABLE and names the leader; the CLI follows it.
+    let standby = coords[1 - first];
+    assert!(!leads(&standby.url));
+    let o = thaw_at(&standby.url, &["status", "--json"]);
+    assert!(o.status.success(), "the CLI follows the standby to the leader: {}", stderr(&o));
+
+    let n = 12000u64;
+    let out = dir.path().join("out");
+    let spec = write_spec(
+        dir.path(),
+        "ha",
+        &format!(
+            "name = \"ha\"\nseed = 3\n[model]\narch = \"lenet5\"\nweights = \"none\"\n[data]\nformat = \"idx\"\nroot = \"{}\"\n\
+             train_limit = {n}\nval_limit = 200\n[train]\nepochs = 2\nbatch_size = 16\nlr = 0.05\n[output]\ndir = \"{}\"\n\
+             [distributed]\nworkers = 2\n",
+            fashion_mnist().display(),
+            out.display()
+        ),
+    );
+    let o = thaw_at(&urls, &["submit", spec.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let ledger = dir.path().join("ledger");
+    let mut workers: Vec<Child> = (0..2)
+        .map(|i| {
+            Command::new(env!("CARGO_BIN_EXE_thaw"))
+                .args(["worker", "--job", "ha", "--worker-id", &format!("w{i}"), "--coordinator", &urls])
+                .env("THAW_HOME", thaw_home())
+                .env("THAW_OFFLINE", "1")
+                .env("THAW_LEDGER_DIR", &ledger)
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(dir.path().join(format!("w{i}.log"))).unwrap())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let s = status(&urls, "ha");
+        if s["state"] == "running" && s["progress"]["step"].as_u64() >= Some(40) {
+            break;
+        }
+        if Instant::now() > deadline {
+            let logs: Vec<String> = (0..2)
+                .map(|i| std::fs::read_to_string(dir.path().join(format!("w{i}.log"))).unwrap_or_default())
+                .collect();
+            panic!(
+                "the job never got going: {s}\nworkers:\n{}\ncoordinators:\n{}\n{}",
+                logs.join("\n---\n"),
+                a.log(),
+                b.log()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // kill -9 the leader mid-epoch: the standby takes over within about the lease.
+    let (mut a, mut b) = (a, b);
+    let killed_at = Instant::now();
+    let survivor_url = if first == 0 {
+        a.child.kill().unwrap();
+        b.url.clone()
+    } else {
+        b.child.kill().unwrap();
+        a.url.clone()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !leads(&survivor_url) {
+        assert!(Instant::now() < deadline, "the standby never took over");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("failover: the standby serves {:?} after the kill", killed_at.elapsed());
+
+    for w in &mut workers {
+        if !w.wait().unwrap().success() {
+            let logs: Vec<String> = (0..2)
+                .map(|i| std::fs::read_to_string(dir.path().join(format!("w{i}.log"))).unwrap_or_default())
+                .collect();
+            let tail =
+                |s: &str| s.lines().rev().take(25).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+            panic!(
+                "a worker failed:\n{}\n---\n{}\ncoordinators:\n{}\n---\n{}",
+                tail(&logs[0]),
+                tail(&logs[1]),
+                tail(&a.log()),
+                tail(&b.log())
+            );
+        }
+    }
+    let done = status(&survivor_url, "ha");
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let path: Vec<&str> = done["transitions"].as_array().unwrap().iter().map(|t| t["to"].as_str().unwrap()).collect();
+    assert!(!path.contains(&"failed"), "{path:?}");
+    assert_eq!(done["metrics"].as_array().map(Vec::len), Some(2), "{done}");
+    // Every sample of every epoch exactly once, by the ledger.
+    let mut seen: BTreeMap<u64, HashMap<u64, u32>> = BTreeMap::new();
+    let mut steps: BTreeMap<(u64, u64, u64), Vec<u64>> = BTreeMap::new();
+    let mut committed: HashMap<u64, (u64, u64)> = HashMap::new();
+    for f in std::fs::read_dir(&ledger).unwrap() {
+        for line in std::fs::read_to_string(f.unwrap().path()).unwrap().lines() {
+            let v: Value = serde_json::from_str(line).unwrap();
+            let g = v["gen"].as_u64().unwrap();
+            if let Some(xs) = v["x"].as_array() {
+                let k = (g, v["e"].as_u64().unwrap(), v["s"].as_u64().unwrap());
+                steps.entry(k).or_default().extend(xs.iter().map(|x| x.as_u64().unwrap()));
+            } else if v["source"] == true && g > 1 {
+                let b = v["before"].as_array().unwrap();
+                committed.insert(g - 1, (b[0].as_u64().unwrap(), b[1].as_u64().unwrap()));
+            }
+        }
+    }
+    let last = steps.keys().map(|k| k.0).max().unwrap();
+    for (&(g, e, s), xs) in &steps {
+        if g == last || (e, s) < committed[&g] {
+            for &x in xs {
+                *seen.entry(e).or_default().entry(x).or_default() += 1;
+            }
+        }
+    }
+    assert_eq!(seen.len(), 2);
+    for (e, c) in &seen {
+        assert_eq!(c.len() as u64, n, "epoch {e}: every sample");
+        assert!(c.values().all(|&k| k == 1), "epoch {e}: a sample trained twice");
+    }
+}
+
+#[test]
+fn a_leader_paused_past_its_lease_is_replaced_and_steps_down_when_it_wakes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut etcd = Etcd::start(dir.path());
+    let (a, b) = (Coord::start(&etcd, dir.path(), "a"), Coord::start(&etcd, dir.path(), "b"));
+    let coords = [&a, &b];
+    let first = leader(&coords, Duration::from_secs(30));
+    let (old, new) = (coords[first], coords[1 - first]);
+    // A job for the new leader to carry: written by the old one before its pause.
+    let spec = write_spec(dir.path(), "j", &format!(
+        "name = \"j\"\n[model]\narch = \"lenet5\"\nweights = \"none\"\n[data]\nformat = \"idx\"\nroot = \"{}\"\n[output]\ndir = \"{}\"\n",
+        fashion_mnist().display(),
+        dir.path().join("j").display()
+    ));
+    assert!(thaw_at(&old.url, &["submit", spec.to_str().unwrap()]).status.success());
+
+    assert!(Command::new("kill").args(["-STOP", &old.child.id().to_string()]).status().unwrap().success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !leads(&new.url) {
+        assert!(Instant::now() < deadline, "the standby never took over from the paused leader");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(status(&new.url, "j")["state"], "rendezvous", "the new leader has the job");
+    assert!(Command::new("kill").args(["-CONT", &old.child.id().to_string()]).status().unwrap().success());
+    // Awake, the old leader knows its lease ran out: it answers as a standby pointing at the new
+    // one, never as the leader, and says in its log that it stepped down.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        assert!(!leads(&old.url), "the old leader answered as the leader after its lease ran out");
+        let log = old.log();
+        if log.contains("stepping down") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the old leader never said it stepped down:\n{log}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!old.log().contains("write fenced off"), "it never tried to write: its own clock stopped it first");
+    let o = thaw_at(&old.url, &["status", "j", "--json"]);
+    assert!(o.status.success(), "the CLI is sent on to the new leader: {}\n{}", stderr(&o), old.log());
+    assert_eq!(leader(&coords, Duration::from_secs(5)), 1 - first);
+
+    // One etcd member of three lost: the leader goes on (a log line at most).
+    etcd.kill_member(0);
+    let o = thaw_at(&new.url, &["cancel", "j"]);
+    assert!(o.status.success(), "a write with 2 of 3 etcd members: {}", stderr(&o));
+    assert_eq!(status(&new.url, "j")["state"], "cancelled");
+}
