@@ -14,94 +14,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::Value;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// A 3-member etcd cluster; every member killed on drop.
-struct Etcd {
-    members: Vec<Option<Child>>,
-    args: Vec<Vec<String>>,
-    clients: Vec<String>,
-}
-
-impl Etcd {
-    fn start(dir: &Path) -> Etcd {
-        let peers: Vec<u16> = (0..3).map(|_| free_port()).collect();
-        let clients: Vec<u16> = (0..3).map(|_| free_port()).collect();
-        let cluster: Vec<String> = (0..3).map(|i| format!("m{i}=http://127.0.0.1:{}", peers[i])).collect();
-        let args: Vec<Vec<String>> = (0..3)
-            .map(|i| {
-                let c = format!("http://127.0.0.1:{}", clients[i]);
-                let p = format!("http://127.0.0.1:{}", peers[i]);
-                vec![
-                    "--name".into(),
-                    format!("m{i}"),
-                    "--data-dir".into(),
-                    dir.join(format!("m{i}")).display().to_string(),
-                    "--listen-client-urls".into(),
-                    c.clone(),
-                    "--advertise-client-urls".into(),
-                    c,
-                    "--listen-peer-urls".into(),
-                    p.clone(),
-                    "--initial-advertise-peer-urls".into(),
-                    p,
-                    "--initial-cluster".into(),
-                    cluster.join(","),
-                    "--initial-cluster-state".into(),
-                    "new".into(),
-                    "--heartbeat-interval".into(),
-                    "50".into(),
-                    "--election-timeout".into(),
-                    "500".into(),
-                ]
-            })
-            .collect();
-        let mut e = Etcd {
-            members: vec![None, None, None],
-            args,
-            clients: clients.iter().map(|p| format!("127.0.0.1:{p}")).collect(),
-        };
-        for i in 0..3 {
-            e.start_member(i);
-        }
-        e
-    }
-
-    fn start_member(&mut self, i: usize) {
-        let log = std::fs::File::create(format!("{}.log", self.args[i][3])).unwrap();
-        self.members[i] = Some(
-            Command::new(setup_file("bin/etcd"))
-                .args(&self.args[i])
-                .env("ETCD_UNSUPPORTED_ARCH", "")
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .expect("start etcd (run scripts/setup.sh)"),
-        );
-    }
-
-    fn kill_member(&mut self, i: usize) {
-        if let Some(mut c) = self.members[i].take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("etcd://{}", self.clients.join(","))
-    }
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        for i in 0..3 {
-            self.kill_member(i);
-        }
-    }
-}
-
 /// A `thaw coordinator` on etcd, its URL and its log file; killed on drop.
 struct Coord {
     child: Child,
@@ -188,113 +100,66 @@ fn status(urls: &str, job: &str) -> Value {
     v.as_array().and_then(|a| a.first()).cloned().unwrap_or(Value::Null)
 }
 
-#[test]
-fn killing_the_active_coordinator_hands_the_running_job_to_the_standby() {
-    let dir = tempfile::tempdir().unwrap();
-    let etcd = Etcd::start(dir.path());
-    let (a, b) = (Coord::start(&etcd, dir.path(), "a"), Coord::start(&etcd, dir.path(), "b"));
-    let coords = [&a, &b];
-    let first = leader(&coords, Duration::from_secs(30));
-    let urls = format!("{},{}", a.url, b.url);
-
-    // A standby answers UNAVAILABLE and names the leader; the CLI follows it.
-    let standby = coords[1 - first];
-    assert!(!leads(&standby.url));
-    let o = thaw_at(&standby.url, &["status", "--json"]);
-    assert!(o.status.success(), "the CLI follows the standby to the leader: {}", stderr(&o));
-
-    let n = 12000u64;
-    let out = dir.path().join("out");
+/// A 2-worker LeNet-5 job of `n` samples x 2 epochs, submitted through `urls`, its workers
+/// started with the same list; returns them once the job is at step 40 of its first epoch.
+fn start_job(dir: &Path, urls: &str, n: u64, logs: &dyn Fn() -> String) -> Vec<Child> {
     let spec = write_spec(
-        dir.path(),
+        dir,
         "ha",
         &format!(
             "name = \"ha\"\nseed = 3\n[model]\narch = \"lenet5\"\nweights = \"none\"\n[data]\nformat = \"idx\"\nroot = \"{}\"\n\
              train_limit = {n}\nval_limit = 200\n[train]\nepochs = 2\nbatch_size = 16\nlr = 0.05\n[output]\ndir = \"{}\"\n\
              [distributed]\nworkers = 2\n",
             fashion_mnist().display(),
-            out.display()
+            dir.join("out").display()
         ),
     );
-    let o = thaw_at(&urls, &["submit", spec.to_str().unwrap()]);
+    let o = thaw_at(urls, &["submit", spec.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let ledger = dir.path().join("ledger");
-    let mut workers: Vec<Child> = (0..2)
+    let workers: Vec<Child> = (0..2)
         .map(|i| {
             Command::new(env!("CARGO_BIN_EXE_thaw"))
-                .args(["worker", "--job", "ha", "--worker-id", &format!("w{i}"), "--coordinator", &urls])
+                .args(["worker", "--job", "ha", "--worker-id", &format!("w{i}"), "--coordinator", urls])
                 .env("THAW_HOME", thaw_home())
                 .env("THAW_OFFLINE", "1")
-                .env("THAW_LEDGER_DIR", &ledger)
+                .env("THAW_LEDGER_DIR", dir.join("ledger"))
                 .stdout(Stdio::null())
-                .stderr(std::fs::File::create(dir.path().join(format!("w{i}.log"))).unwrap())
+                .stderr(std::fs::File::create(dir.join(format!("w{i}.log"))).unwrap())
                 .spawn()
                 .unwrap()
         })
         .collect();
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let s = status(&urls, "ha");
+        let s = status(urls, "ha");
         if s["state"] == "running" && s["progress"]["step"].as_u64() >= Some(40) {
-            break;
+            return workers;
         }
-        if Instant::now() > deadline {
-            let logs: Vec<String> = (0..2)
-                .map(|i| std::fs::read_to_string(dir.path().join(format!("w{i}.log"))).unwrap_or_default())
-                .collect();
-            panic!(
-                "the job never got going: {s}\nworkers:\n{}\ncoordinators:\n{}\n{}",
-                logs.join("\n---\n"),
-                a.log(),
-                b.log()
-            );
-        }
+        assert!(Instant::now() < deadline, "the job never got going: {s}\n{}\n{}", worker_logs(dir), logs());
         std::thread::sleep(Duration::from_millis(100));
     }
+}
 
-    // kill -9 the leader mid-epoch: the standby takes over within about the lease.
-    let (mut a, mut b) = (a, b);
-    let killed_at = Instant::now();
-    let survivor_url = if first == 0 {
-        a.child.kill().unwrap();
-        b.url.clone()
-    } else {
-        b.child.kill().unwrap();
-        a.url.clone()
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !leads(&survivor_url) {
-        assert!(Instant::now() < deadline, "the standby never took over");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    eprintln!("failover: the standby serves {:?} after the kill", killed_at.elapsed());
+/// The last lines of both workers' logs.
+fn worker_logs(dir: &Path) -> String {
+    let tail =
+        |s: String| s.lines().rev().take(25).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+    (0..2)
+        .map(|i| tail(std::fs::read_to_string(dir.join(format!("w{i}.log"))).unwrap_or_default()))
+        .collect::<Vec<_>>()
+        .join("\n---\n")
+}
 
-    for w in &mut workers {
-        if !w.wait().unwrap().success() {
-            let logs: Vec<String> = (0..2)
-                .map(|i| std::fs::read_to_string(dir.path().join(format!("w{i}.log"))).unwrap_or_default())
-                .collect();
-            let tail =
-                |s: &str| s.lines().rev().take(25).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
-            panic!(
-                "a worker failed:\n{}\n---\n{}\ncoordinators:\n{}\n---\n{}",
-                tail(&logs[0]),
-                tail(&logs[1]),
-                tail(&a.log()),
-                tail(&b.log())
-            );
-        }
+/// Waits for both workers to succeed and checks, by the ledger, that every one of the `n`
+/// samples of both epochs was trained exactly once.
+fn finish_exactly_once(dir: &Path, workers: &mut [Child], n: u64, logs: &dyn Fn() -> String) {
+    for w in workers.iter_mut() {
+        assert!(w.wait().unwrap().success(), "a worker failed:\n{}\ncoordinators:\n{}", worker_logs(dir), logs());
     }
-    let done = status(&survivor_url, "ha");
-    assert_eq!(done["state"], "succeeded", "{done}");
-    let path: Vec<&str> = done["transitions"].as_array().unwrap().iter().map(|t| t["to"].as_str().unwrap()).collect();
-    assert!(!path.contains(&"failed"), "{path:?}");
-    assert_eq!(done["metrics"].as_array().map(Vec::len), Some(2), "{done}");
-    // Every sample of every epoch exactly once, by the ledger.
     let mut seen: BTreeMap<u64, HashMap<u64, u32>> = BTreeMap::new();
     let mut steps: BTreeMap<(u64, u64, u64), Vec<u64>> = BTreeMap::new();
     let mut committed: HashMap<u64, (u64, u64)> = HashMap::new();
-    for f in std::fs::read_dir(&ledger).unwrap() {
+    for f in std::fs::read_dir(dir.join("ledger")).unwrap() {
         for line in std::fs::read_to_string(f.unwrap().path()).unwrap().lines() {
             let v: Value = serde_json::from_str(line).unwrap();
             let g = v["gen"].as_u64().unwrap();
@@ -322,10 +187,92 @@ fn killing_the_active_coordinator_hands_the_running_job_to_the_standby() {
     }
 }
 
+fn assert_succeeded(url: &str) {
+    let done = status(url, "ha");
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let path: Vec<&str> = done["transitions"].as_array().unwrap().iter().map(|t| t["to"].as_str().unwrap()).collect();
+    assert!(!path.contains(&"failed"), "{path:?}");
+    assert_eq!(done["metrics"].as_array().map(Vec::len), Some(2), "both epochs' metrics: {done}");
+}
+
+#[test]
+fn killing_the_active_coordinator_hands_the_running_job_to_the_standby() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(&dir.path().join("etcd"), 3);
+    let (mut a, mut b) = (Coord::start(&etcd, dir.path(), "a"), Coord::start(&etcd, dir.path(), "b"));
+    let first = leader(&[&a, &b], Duration::from_secs(30));
+    let urls = format!("{},{}", a.url, b.url);
+
+    // A standby answers UNAVAILABLE and names the leader; the CLI follows it.
+    let standby = if first == 0 { &b } else { &a };
+    assert!(!leads(&standby.url));
+    let o = thaw_at(&standby.url, &["status", "--json"]);
+    assert!(o.status.success(), "the CLI follows the standby to the leader: {}", stderr(&o));
+
+    let n = 12000u64;
+    let logs = || String::new();
+    let mut workers = start_job(dir.path(), &urls, n, &logs);
+
+    // kill -9 the leader mid-epoch: the standby takes over within about the lease.
+    let killed_at = Instant::now();
+    let survivor_url = if first == 0 { b.url.clone() } else { a.url.clone() };
+    if first == 0 {
+        a.child.kill().unwrap()
+    } else {
+        b.child.kill().unwrap()
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !leads(&survivor_url) {
+        assert!(Instant::now() < deadline, "the standby never took over");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("failover: the standby serves {:?} after the kill", killed_at.elapsed());
+    finish_exactly_once(dir.path(), &mut workers, n, &|| format!("{}\n---\n{}", a.log(), b.log()));
+    assert_succeeded(&survivor_url);
+}
+
+#[test]
+fn losing_etcd_quorum_pauses_the_coordinator_not_the_training() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut etcd = Etcd::start(&dir.path().join("etcd"), 3);
+    let c = Coord::start(&etcd, dir.path(), "c");
+    leader(&[&c], Duration::from_secs(30));
+    let n = 12000u64;
+    let mut workers = start_job(dir.path(), &c.url, n, &|| c.log());
+    let lines = || -> usize {
+        std::fs::read_dir(dir.path().join("ledger"))
+            .unwrap()
+            .map(|f| std::fs::read_to_string(f.unwrap().path()).unwrap().lines().count())
+            .sum()
+    };
+    // Two of three members gone: no quorum. The coordinator's lease cannot be renewed; it
+    // stops answering (UNAVAILABLE) within its lease, and says why.
+    etcd.kill_member(1);
+    etcd.kill_member(2);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while leads(&c.url) {
+        assert!(Instant::now() < deadline, "the coordinator kept answering without etcd");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let o = thaw_at(&c.url, &["status", "ha", "--json"]);
+    assert!(!o.status.success());
+    // The workers train on meanwhile, on the plan of their epoch.
+    let before = lines();
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(lines() > before, "training stopped with the coordinator");
+    // etcd back: the coordinator leads again (the same lease, or a new election) and the job
+    // finishes, every sample once.
+    etcd.start_member(1);
+    etcd.start_member(2);
+    leader(&[&c], Duration::from_secs(60));
+    finish_exactly_once(dir.path(), &mut workers, n, &|| c.log());
+    assert_succeeded(&c.url);
+}
+
 #[test]
 fn a_leader_paused_past_its_lease_is_replaced_and_steps_down_when_it_wakes() {
     let dir = tempfile::tempdir().unwrap();
-    let mut etcd = Etcd::start(dir.path());
+    let mut etcd = Etcd::start(&dir.path().join("etcd"), 3);
     let (a, b) = (Coord::start(&etcd, dir.path(), "a"), Coord::start(&etcd, dir.path(), "b"));
     let coords = [&a, &b];
     let first = leader(&coords, Duration::from_secs(30));

@@ -153,7 +153,9 @@ impl Leadership {
         matches!(&*self.lead(), Lead::Leader { .. })
     }
 
-    fn elected(&self, fence: Fence, valid_until: Instant) {
+    /// This coordinator won the election with `fence`, its lease good until `valid_until`
+    /// ([`campaign`] calls it; a test of fencing calls it with a fence etcd has moved past).
+    pub fn elected(&self, fence: Fence, valid_until: Instant) {
         *self.lead() = Lead::Leader { fence, valid_until };
     }
 

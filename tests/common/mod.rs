@@ -149,3 +149,109 @@ pub fn spawn_launch(spec: &Path, args: &[&str], envs: &[(&str, &std::ffi::OsStr)
     std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
     (child, url)
 }
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// An etcd 3.4 cluster (set-up's binary) on 127.0.0.1; every member killed on drop.
+pub struct Etcd {
+    members: Vec<Option<std::process::Child>>,
+    args: Vec<Vec<String>>,
+    pub clients: Vec<String>,
+}
+
+impl Etcd {
+    /// `n` members (1 or 3) with data under `dir`.
+    pub fn start(dir: &Path, n: usize) -> Etcd {
+        std::fs::create_dir_all(dir).expect("etcd data directory");
+        let peers: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let clients: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let cluster: Vec<String> = (0..n).map(|i| format!("m{i}=http://127.0.0.1:{}", peers[i])).collect();
+        let args: Vec<Vec<String>> = (0..n)
+            .map(|i| {
+                let c = format!("http://127.0.0.1:{}", clients[i]);
+                let p = format!("http://127.0.0.1:{}", peers[i]);
+                vec![
+                    "--name".into(),
+                    format!("m{i}"),
+                    "--data-dir".into(),
+                    dir.join(format!("m{i}")).display().to_string(),
+                    "--listen-client-urls".into(),
+                    c.clone(),
+                    "--advertise-client-urls".into(),
+                    c,
+                    "--listen-peer-urls".into(),
+                    p.clone(),
+                    "--initial-advertise-peer-urls".into(),
+                    p,
+                    "--initial-cluster".into(),
+                    cluster.join(","),
+                    "--initial-cluster-state".into(),
+                    "new".into(),
+                    "--heartbeat-interval".into(),
+                    "50".into(),
+                    "--election-timeout".into(),
+                    "500".into(),
+                ]
+            })
+            .collect();
+        let mut e = Etcd {
+            members: (0..n).map(|_| None).collect(),
+            args,
+            clients: clients.iter().map(|p| format!("127.0.0.1:{p}")).collect(),
+        };
+        for i in 0..n {
+            e.start_member(i);
+        }
+        e.wait_ready();
+        e
+    }
+
+    pub fn start_member(&mut self, i: usize) {
+        let log = std::fs::File::create(format!("{}.log", self.args[i][3])).unwrap();
+        self.members[i] = Some(
+            Command::new(setup_file("bin/etcd"))
+                .args(&self.args[i])
+                .env("ETCD_UNSUPPORTED_ARCH", "")
+                .stdout(std::process::Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("start etcd (run scripts/setup.sh)"),
+        );
+    }
+
+    /// Waits until every running member accepts connections.
+    pub fn wait_ready(&self) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        for (i, c) in self.clients.iter().enumerate() {
+            if self.members[i].is_none() {
+                continue;
+            }
+            while std::net::TcpStream::connect(c).is_err() {
+                assert!(std::time::Instant::now() < deadline, "etcd member {i} never listened on {c}");
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        }
+    }
+
+    pub fn kill_member(&mut self, i: usize) {
+        if let Some(mut c) = self.members[i].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// `etcd://h:p,h:p,...`, as `thaw coordinator --store` takes it.
+    pub fn url(&self) -> String {
+        format!("etcd://{}", self.clients.join(","))
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill_member(i);
+        }
+    }
+}
