@@ -111,11 +111,12 @@ fn print_job(j: &pb::Job) {
 
 /// `thaw coordinator`: restores the jobs of `state_dir` (a `FileStore`; jobs that were running
 /// are failed), then serves until Ctrl-C / SIGTERM.
-pub fn coordinator(listen: &str, state_dir: &Path) -> Result<()> {
+pub fn coordinator(listen: &str, state_dir: &Path, retention: Option<Duration>) -> Result<()> {
     let store = FileStore::open(state_dir)
         .with_context(|| format!("cannot open the coordinator's state directory {}", state_dir.display()))?;
     let state = State::with_store(Box::new(store))
         .with_context(|| format!("cannot restore the jobs of {}", state_dir.display()))?;
+    state.set_retention(retention);
     tracing::info!(dir = %state_dir.display(), "coordinator state");
     let rt = runtime()?;
     rt.block_on(async {
@@ -134,7 +135,14 @@ pub fn coordinator(listen: &str, state_dir: &Path) -> Result<()> {
 /// standby (every call answered UNAVAILABLE with the leader's URL) until it wins the election,
 /// then takes the jobs from etcd and carries them on; it steps down to standby when it loses the
 /// lease.
-pub fn coordinator_ha(listen: &str, store: &str, prefix: &str, advertise: Option<&str>, lease_secs: i64) -> Result<()> {
+pub fn coordinator_ha(
+    listen: &str,
+    store: &str,
+    prefix: &str,
+    advertise: Option<&str>,
+    lease_secs: i64,
+    retention: Option<Duration>,
+) -> Result<()> {
     use thaw_coordinator::etcd::{self, EtcdOptions, EtcdStore, Leadership, Takeover};
     let opts = EtcdOptions::parse(store, prefix, lease_secs).map_err(|e| anyhow::anyhow!("--store: {e}"))?;
     struct Owner {
@@ -174,6 +182,7 @@ pub fn coordinator_ha(listen: &str, store: &str, prefix: &str, advertise: Option
         let me = advertise.map(str::to_string).unwrap_or_else(|| format!("http://{addr}"));
         let lead = Leadership::new(&me);
         let state = State::standby(lead.clone());
+        state.set_retention(retention);
         let owner = std::sync::Arc::new(Owner { state: state.clone(), opts: opts.clone(), lead: lead.clone() });
         let campaign = election.spawn(etcd::campaign(opts.clone(), lead, owner));
         tracing::info!(%addr, advertise = %me, etcd = %opts.endpoints.join(","), prefix = %opts.prefix, "coordinator listening (standing by until elected)");
@@ -252,8 +261,9 @@ pub fn submit(spec: &Path, url: &str, resume: Option<&Path>) -> Result<()> {
     })
 }
 
-/// `thaw status [JOB]`.
-pub fn status(job: Option<&str>, url: &str, json: bool) -> Result<()> {
+/// `thaw status [JOB] [--limit N --after ID]`: one job, one page of jobs (in id order), or every
+/// job, fetched a page of 100 at a time.
+pub fn status(job: Option<&str>, url: &str, json: bool, limit: Option<u32>, after: Option<&str>) -> Result<()> {
     let rt = runtime()?;
     rt.block_on(async {
         let mut c = jobs_client(url).await?;
@@ -264,7 +274,26 @@ pub fn status(job: Option<&str>, url: &str, json: bool) -> Result<()> {
                 .map_err(|s| anyhow::anyhow!("{}", s.message()))?
                 .into_inner()],
             None => {
-                c.list(pb::ListJobsRequest {}).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?.into_inner().jobs
+                let mut jobs = Vec::new();
+                let mut token = after.unwrap_or_default().to_string();
+                loop {
+                    let page_size = limit.unwrap_or(100);
+                    let r = c
+                        .list(pb::ListJobsRequest { page_size, page_token: token.clone() })
+                        .await
+                        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+                        .into_inner();
+                    jobs.extend(r.jobs);
+                    token = r.next_page_token;
+                    if token.is_empty() {
+                        break;
+                    }
+                    if limit.is_some() {
+                        eprintln!("more: thaw status --limit {page_size} --after {token}");
+                        break;
+                    }
+                }
+                jobs
             }
         };
         if json {
@@ -274,6 +303,17 @@ pub fn status(job: Option<&str>, url: &str, json: bool) -> Result<()> {
                 print_job(j);
             }
         }
+        Ok(())
+    })
+}
+
+/// `thaw delete JOB`: forgets a finished job (its record and metrics; not its output files).
+pub fn delete(job: &str, url: &str) -> Result<()> {
+    let rt = runtime()?;
+    rt.block_on(async {
+        let mut c = jobs_client(url).await?;
+        c.delete(pb::DeleteRequest { job_id: job.into() }).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+        println!("deleted {job}");
         Ok(())
     })
 }

@@ -192,6 +192,9 @@ enum Command {
         /// TTL of the leadership lease: a lost leader is replaced within about this long.
         #[arg(long, default_value_t = 5)]
         lease_secs: i64,
+        /// Finished jobs are deleted this many hours after they ended (0: kept forever).
+        #[arg(long, default_value_t = 72.0)]
+        retention_hours: f64,
     },
     /// Run one worker of a job.
     Worker {
@@ -224,6 +227,18 @@ enum Command {
         coordinator: String,
         #[arg(long)]
         json: bool,
+        /// One page of at most this many jobs (in id order); the next page's command is printed.
+        #[arg(long, conflicts_with = "job")]
+        limit: Option<u32>,
+        /// Start the listing after this job id.
+        #[arg(long, conflicts_with = "job")]
+        after: Option<String>,
+    },
+    /// Delete a finished job's record (and metrics) from the coordinator.
+    Delete {
+        job: String,
+        #[arg(long, env = "THAW_COORDINATOR", default_value = cluster::DEFAULT_COORDINATOR)]
+        coordinator: String,
     },
     /// Follow a job until it ends; the exit status follows its state (0 succeeded, 1 failed, 130 cancelled).
     Watch {
@@ -407,18 +422,31 @@ fn run(cli: Cli) -> Result<()> {
             let opts = cluster::LaunchOptions { nproc, min_nproc, max_nproc, max_restarts, resume };
             exit_with(cluster::launch(&spec, &opts, dev)?)
         }
-        Command::Coordinator { listen, state_dir, store: Some(store), prefix, advertise, lease_secs } => {
-            let _ = state_dir;
-            cluster::coordinator_ha(&listen, &store, &prefix, advertise.as_deref(), lease_secs)
-        }
-        Command::Coordinator { listen, state_dir, store: None, .. } => {
-            cluster::coordinator(&listen, &state_dir.unwrap_or_else(|| weights::thaw_home().join("coordinator")))
+        Command::Coordinator { listen, state_dir, store, prefix, advertise, lease_secs, retention_hours } => {
+            if !(retention_hours >= 0.0 && retention_hours.is_finite()) {
+                anyhow::bail!("--retention-hours {retention_hours}: must be 0 (keep) or more");
+            }
+            let retention =
+                (retention_hours > 0.0).then(|| std::time::Duration::from_secs_f64(retention_hours * 3600.0));
+            match store {
+                Some(store) => {
+                    cluster::coordinator_ha(&listen, &store, &prefix, advertise.as_deref(), lease_secs, retention)
+                }
+                None => cluster::coordinator(
+                    &listen,
+                    &state_dir.unwrap_or_else(|| weights::thaw_home().join("coordinator")),
+                    retention,
+                ),
+            }
         }
         Command::Worker { coordinator, job, worker_id, bind_host, device } => {
             cluster::worker(&coordinator, &job, worker_id, &bind_host, device.device()?)
         }
         Command::Submit { spec, coordinator, resume } => cluster::submit(&spec, &coordinator, resume.as_deref()),
-        Command::Status { job, coordinator, json } => cluster::status(job.as_deref(), &coordinator, json),
+        Command::Status { job, coordinator, json, limit, after } => {
+            cluster::status(job.as_deref(), &coordinator, json, limit, after.as_deref())
+        }
+        Command::Delete { job, coordinator } => cluster::delete(&job, &coordinator),
         Command::Watch { job, coordinator, json } => exit_with(cluster::watch(&job, &coordinator, json)?),
         Command::Cancel { job, coordinator } => cluster::cancel(&job, &coordinator),
         Command::Recommend { data, model, format, weights, image_size, limit, probe_samples, seed, json, device } => {

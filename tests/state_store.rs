@@ -200,4 +200,17 @@ fn a_coordinator_killed_mid_epoch_and_restarted_carries_on_with_every_job() {
     let ids: Vec<&str> = listed.as_array().unwrap().iter().map(|j| j["id"].as_str().unwrap()).collect();
     assert_eq!(ids, ["finished", "running", "waiting"]);
     assert!(state_dir.join("jobs/finished.json").is_file());
+
+    // Paging: one page of 2, and the command for the next.
+    let o = ok(c.thaw(&["status", "--json", "--limit", "2"]));
+    let page: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(page.as_array().unwrap().len(), 2);
+    assert!(stderr(&o).contains("--after running"), "{}", stderr(&o));
+    let o = ok(c.thaw(&["status", "--json", "--after", "running"]));
+    assert_eq!(serde_json::from_str::<Value>(&stdout(&o)).unwrap()[0]["id"], "waiting");
+    // A finished job is deleted, record and all; a live one is refused.
+    ok(c.thaw(&["delete", "finished"]));
+    assert!(!state_dir.join("jobs/finished.json").exists());
+    let err = fails(c.thaw(&["status", "finished"]));
+    assert!(err.contains("finished"), "{err}");
 }

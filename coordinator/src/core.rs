@@ -1150,6 +1150,56 @@ impl Coordinator {
         })
     }
 
+    /// Forgets a finished job, here and in the store. A live job must be cancelled first.
+    pub fn delete(&mut self, job_id: &str) -> Result<(), CoreError> {
+        let state = self.job(job_id)?.record.state();
+        if !state.is_terminal() {
+            return Err(CoreError::WrongState {
+                job: job_id.into(),
+                state,
+                what: "only a finished job can be deleted; cancel it first".into(),
+            });
+        }
+        self.store.delete_job(job_id)?;
+        self.jobs.remove(job_id);
+        Ok(())
+    }
+
+    /// Deletes the finished jobs whose last change is older than `retention` (at `now_ms`);
+    /// returns their ids. A job the store cannot delete yet is kept and tried again next time.
+    pub fn expire(&mut self, retention: Duration, now_ms: u64) -> Vec<String> {
+        let cutoff = now_ms.saturating_sub(retention.as_millis() as u64);
+        let old: Vec<String> = self
+            .jobs
+            .iter()
+            .filter(|(_, j)| {
+                j.record.state().is_terminal() && j.record.history().last().is_some_and(|t| t.at_ms < cutoff)
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        old.into_iter()
+            .filter(|id| match self.delete(id) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(job = %id, error = %e, "cannot delete an expired job yet");
+                    false
+                }
+            })
+            .collect()
+    }
+
+    /// A page of jobs in id order: at most `size` (0: all) after the id `after`.
+    pub fn page(&self, size: usize, after: &str) -> (Vec<JobView>, Option<String>) {
+        // Ids are never empty, so after "" is the start.
+        let mut it = self.jobs.range::<str, _>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded));
+        let take = if size == 0 { usize::MAX } else { size };
+        let views: Vec<JobView> = it.by_ref().take(take).filter_map(|(id, _)| self.get(id).ok()).collect();
+        let next = (size > 0 && views.len() == size && it.next().is_some())
+            .then(|| views.last().map(|v| v.record.job_id().to_string()))
+            .flatten();
+        (views, next)
+    }
+
     pub fn list(&self) -> Vec<JobView> {
         self.jobs.keys().filter_map(|id| self.get(id).ok()).collect()
     }
@@ -1458,6 +1508,39 @@ mod tests {
             "coordinator restarted while the job was running; resubmit or resume from its checkpoint"
         );
         assert_eq!(states(&stored(&store, &waiting).record).last(), Some(&Failed), "the failure is written back");
+    }
+
+    #[test]
+    fn finished_jobs_are_deleted_on_request_or_after_their_retention_and_listed_by_page() {
+        let t0 = Instant::now();
+        let store = MemoryStore::new();
+        let mut c = Coordinator::with_store(Box::new(store.clone()));
+        for (i, name) in ["a", "b", "c", "d", "e"].into_iter().enumerate() {
+            c.submit(&spec(name, 1), t0, 1_000 * i as u64).unwrap();
+        }
+        c.cancel("a", "done", 1_000).unwrap();
+        c.cancel("b", "done", 50_000).unwrap();
+        // A live job cannot be deleted; a finished one can, here and in the store.
+        let err = c.delete("c").unwrap_err();
+        assert!(err.to_string().contains("cancel it first"), "{err}");
+        assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
+        assert_eq!(c.delete("nope").unwrap_err().kind(), ErrorKind::NotFound);
+        // Pages of 2 in id order, each naming the next.
+        let (p1, next) = c.page(2, "");
+        let ids = |v: &[JobView]| v.iter().map(|j| j.record.job_id().to_string()).collect::<Vec<_>>();
+        assert_eq!((ids(&p1), next.as_deref()), (vec!["a".to_string(), "b".into()], Some("b")));
+        let (p2, next) = c.page(2, "b");
+        assert_eq!((ids(&p2), next.as_deref()), (vec!["c".to_string(), "d".into()], Some("d")));
+        let (p3, next) = c.page(2, "d");
+        assert_eq!((ids(&p3), next), (vec!["e".to_string()], None));
+        assert_eq!(c.page(0, "").0.len(), 5, "0: everything");
+        // Retention: only finished jobs whose last change is older than it go.
+        assert_eq!(c.expire(Duration::from_secs(10), 20_000), ["a"]);
+        assert!(c.get("a").is_err() && store.load_all().unwrap().iter().all(|j| j.record.job_id() != "a"));
+        assert!(c.expire(Duration::from_secs(10), 20_000).is_empty());
+        c.delete("b").unwrap();
+        assert_eq!(ids(&c.page(0, "").0), ["c", "d", "e"]);
+        assert_eq!(store.load_all().unwrap().len(), 3);
     }
 
     #[test]

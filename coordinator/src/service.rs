@@ -61,6 +61,8 @@ pub struct State {
     changed: Notify,
     /// Job ids whose status changed, for watchers.
     events: broadcast::Sender<String>,
+    /// Finished jobs are deleted this many seconds after their last change (0: kept).
+    retention_secs: std::sync::atomic::AtomicU64,
 }
 
 impl State {
@@ -78,7 +80,13 @@ impl State {
 
     fn with_core(core: Coordinator) -> Arc<State> {
         let (events, _) = broadcast::channel(1024);
-        Arc::new(State { core: Mutex::new(core), leadership: None, changed: Notify::new(), events })
+        Arc::new(State {
+            core: Mutex::new(core),
+            leadership: None,
+            changed: Notify::new(),
+            events,
+            retention_secs: Default::default(),
+        })
     }
 
     /// One of several coordinators on etcd: a standby (no jobs, every call refused with the
@@ -90,7 +98,15 @@ impl State {
             leadership: Some(leadership),
             changed: Notify::new(),
             events,
+            retention_secs: Default::default(),
         })
+    }
+
+    /// Deletes finished jobs `retention` after their last change (`None`: keeps them), at the
+    /// sweep: the store does not grow without bound.
+    pub fn set_retention(&self, retention: Option<Duration>) {
+        let secs = retention.map_or(0, |d| d.as_secs().max(1));
+        self.retention_secs.store(secs, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Replaces the jobs this coordinator serves (a takeover, or stepping down to none).
@@ -131,6 +147,12 @@ impl State {
             let mut core = self.core();
             let changed = core.check_liveness(Instant::now(), now_ms());
             core.flush(now_ms());
+            let keep = self.retention_secs.load(std::sync::atomic::Ordering::Relaxed);
+            if keep > 0 {
+                for id in core.expire(Duration::from_secs(keep), now_ms()) {
+                    tracing::info!(job = %id, retention_secs = keep, "deleted a finished job past its retention");
+                }
+            }
             changed
         };
         for id in changed {
@@ -211,9 +233,19 @@ impl Jobs for JobsService {
         Ok(Response::new(job_pb(&v)))
     }
 
-    async fn list(&self, _req: Request<pb::ListJobsRequest>) -> Result<Response<pb::ListJobsResponse>, Status> {
-        let jobs = self.0.core().list().iter().map(job_pb).collect();
-        Ok(Response::new(pb::ListJobsResponse { jobs }))
+    async fn list(&self, req: Request<pb::ListJobsRequest>) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let r = req.into_inner();
+        let (views, next) = self.0.core().page(r.page_size as usize, &r.page_token);
+        let jobs = views.iter().map(job_pb).collect();
+        Ok(Response::new(pb::ListJobsResponse { jobs, next_page_token: next.unwrap_or_default() }))
+    }
+
+    async fn delete(&self, req: Request<pb::DeleteRequest>) -> Result<Response<pb::DeleteResponse>, Status> {
+        let id = req.into_inner().job_id;
+        self.0.core().delete(&id).map_err(status)?;
+        tracing::info!(job = %id, "job deleted");
+        self.0.touched(&id);
+        Ok(Response::new(pb::DeleteResponse {}))
     }
 
     async fn cancel(&self, req: Request<pb::CancelRequest>) -> Result<Response<pb::Job>, Status> {
