@@ -109,15 +109,23 @@ fn print_job(j: &pb::Job) {
     );
 }
 
-/// `thaw coordinator`: restores the jobs of `state_dir` (a `FileStore`; jobs that were running
-/// are failed), then serves until Ctrl-C / SIGTERM.
-pub fn coordinator(listen: &str, state_dir: &Path, retention: Option<Duration>) -> Result<()> {
-    let store = FileStore::open(state_dir)
-        .with_context(|| format!("cannot open the coordinator's state directory {}", state_dir.display()))?;
-    let state = State::with_store(Box::new(store))
-        .with_context(|| format!("cannot restore the jobs of {}", state_dir.display()))?;
+/// `thaw coordinator`: restores the jobs of `state_dir` (a `FileStore`; live jobs carry on) or
+/// keeps them in memory (`None`), then serves until Ctrl-C / SIGTERM.
+pub fn coordinator(listen: &str, state_dir: Option<&Path>, retention: Option<Duration>) -> Result<()> {
+    let state = match state_dir {
+        Some(dir) => {
+            let store = FileStore::open(dir)
+                .with_context(|| format!("cannot open the coordinator's state directory {}", dir.display()))?;
+            tracing::info!(dir = %dir.display(), "coordinator state");
+            State::with_store(Box::new(store))
+                .with_context(|| format!("cannot restore the jobs of {}", dir.display()))?
+        }
+        None => {
+            tracing::warn!("jobs are kept in memory only (--store memory): they end with this process");
+            State::new()
+        }
+    };
     state.set_retention(retention);
-    tracing::info!(dir = %state_dir.display(), "coordinator state");
     let rt = runtime()?;
     rt.block_on(async {
         let listener =

@@ -179,6 +179,8 @@ enum Command {
         /// coordinator at a time.
         #[arg(long, conflicts_with = "store")]
         state_dir: Option<PathBuf>,
+        /// Where jobs are kept: `file://DIR` (the default, `$THAW_HOME/coordinator`; one
+        /// coordinator), `memory` (nothing outlives the process), or
         /// `etcd://HOST:PORT[,HOST:PORT...]`: several coordinators share the jobs in etcd; one
         /// is elected and serves, the others stand by and take over when it is lost.
         #[arg(long)]
@@ -428,13 +430,18 @@ fn run(cli: Cli) -> Result<()> {
             }
             let retention =
                 (retention_hours > 0.0).then(|| std::time::Duration::from_secs_f64(retention_hours * 3600.0));
-            match store {
-                Some(store) => {
-                    cluster::coordinator_ha(&listen, &store, &prefix, advertise.as_deref(), lease_secs, retention)
+            match store.as_deref() {
+                Some(s) if s.starts_with("etcd://") => {
+                    cluster::coordinator_ha(&listen, s, &prefix, advertise.as_deref(), lease_secs, retention)
                 }
+                Some("memory") => cluster::coordinator(&listen, None, retention),
+                Some(s) if s.starts_with("file://") => {
+                    cluster::coordinator(&listen, Some(std::path::Path::new(&s["file://".len()..])), retention)
+                }
+                Some(other) => anyhow::bail!("--store {other}: expected file://DIR, memory or etcd://HOST:PORT[,...]"),
                 None => cluster::coordinator(
                     &listen,
-                    &state_dir.unwrap_or_else(|| weights::thaw_home().join("coordinator")),
+                    Some(&state_dir.unwrap_or_else(|| weights::thaw_home().join("coordinator"))),
                     retention,
                 ),
             }

@@ -140,3 +140,17 @@ fn a_deposed_leader_cannot_write_once_another_took_over() {
     assert!(matches!(err, StoreError::Unavailable { .. }) && err.is_retryable(), "{err}");
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
 }
+
+#[test]
+fn a_bad_store_is_refused_by_name() {
+    for (store, expect) in [
+        ("bogus://x", "--store bogus://x: expected file://DIR, memory or etcd://"),
+        ("etcd://", "`etcd://`: no etcd endpoint"),
+        ("etcd://hostonly", "endpoint `hostonly` has no port"),
+    ] {
+        let err = fails(thaw(&["coordinator", "--listen", "127.0.0.1:0", "--store", store]));
+        assert!(err.contains(expect), "{store}: {err}");
+    }
+    let err = fails(thaw(&["coordinator", "--listen", "127.0.0.1:0", "--store", "etcd://h:1", "--prefix", "thaw"]));
+    assert!(err.contains("--prefix `thaw`: must start with `/`"), "{err}");
+}

@@ -186,7 +186,7 @@ fn flags(s: &Shared) -> std::sync::MutexGuard<'_, Flags> {
 }
 
 /// The exactly-once ledger a worker writes when `THAW_LEDGER_DIR` is set: one JSON line per step
-/// it computed gradients for (written before the step's all-reduce), and one per generation it
+/// it computed gradients for (written before the step's all-reduce, with its unix time in ms), and one per generation it
 /// joined with its position before joining. A checker keeps the steps of each generation below
 /// the next generation's source position (see `tests/faults.rs`).
 struct Ledger(Option<std::fs::File>);
@@ -307,7 +307,8 @@ impl Control for GrpcControl {
 
     fn trained(&mut self, epoch: u32, step: u64, samples: &[usize]) {
         let mut ledger = self.ledger.lock().unwrap_or_else(|p| p.into_inner());
-        ledger.line(serde_json::json!({ "gen": self.generation, "e": epoch, "s": step, "x": samples }));
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        ledger.line(serde_json::json!({ "gen": self.generation, "e": epoch, "s": step, "t": t, "x": samples }));
     }
 }
 
