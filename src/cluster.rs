@@ -8,13 +8,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use thaw_coordinator::client::JobsApi;
 use thaw_coordinator::service::{self, State};
 use thaw_coordinator::spec::JobSpec;
 use thaw_coordinator::store::FileStore;
 use thaw_proto::v1 as pb;
-use thaw_proto::v1::jobs_client::JobsClient;
 use thaw_worker::train::DistEnd;
-use tonic::transport::Channel;
 
 pub const DEFAULT_COORDINATOR: &str = "http://127.0.0.1:7070";
 
@@ -26,7 +25,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 /// about no job in particular (a leader answers NOT_FOUND; a standby UNAVAILABLE, naming the
 /// leader, which is followed). While none leads (an election under way) it keeps asking for up
 /// to 15 s.
-async fn jobs_client(list: &str) -> Result<JobsClient<Channel>> {
+async fn jobs_client(list: &str) -> Result<JobsApi> {
     let coords = thaw_coordinator::client::Coordinators::parse(list).map_err(|e| anyhow::anyhow!(e))?;
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
@@ -109,9 +108,48 @@ fn print_job(j: &pb::Job) {
     );
 }
 
+/// Who may call a coordinator: its client tokens, or none with `--insecure`.
+pub struct Security {
+    pub tokens: Option<thaw_coordinator::auth::Tokens>,
+    pub insecure: bool,
+}
+
+impl Security {
+    /// Refuses to serve on a non-loopback address without tokens unless `--insecure` was given;
+    /// an insecure exposed coordinator says so every minute.
+    fn guard(&self, addr: std::net::SocketAddr, state: &std::sync::Arc<State>) -> Result<()> {
+        if let Some(t) = &self.tokens {
+            state.require_tokens(t.clone());
+            return Ok(());
+        }
+        if addr.ip().is_loopback() {
+            return Ok(());
+        }
+        if !self.insecure {
+            bail!(
+                "refusing to listen on {addr} with no client tokens: anyone who reaches it could submit, cancel or join jobs. \
+                 Give --tokens FILE (or THAW_TOKENS_FILE), or --insecure on a trusted network"
+            );
+        }
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                tick.tick().await;
+                tracing::warn!(%addr, "INSECURE: this coordinator accepts any caller (--insecure)");
+            }
+        });
+        Ok(())
+    }
+}
+
 /// `thaw coordinator`: restores the jobs of `state_dir` (a `FileStore`; live jobs carry on) or
 /// keeps them in memory (`None`), then serves until Ctrl-C / SIGTERM.
-pub fn coordinator(listen: &str, state_dir: Option<&Path>, retention: Option<Duration>) -> Result<()> {
+pub fn coordinator(
+    listen: &str,
+    state_dir: Option<&Path>,
+    retention: Option<Duration>,
+    security: &Security,
+) -> Result<()> {
     let state = match state_dir {
         Some(dir) => {
             let store = FileStore::open(dir)
@@ -131,6 +169,7 @@ pub fn coordinator(listen: &str, state_dir: Option<&Path>, retention: Option<Dur
         let listener =
             tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
         let addr = listener.local_addr()?;
+        security.guard(addr, &state)?;
         tracing::info!(%addr, "coordinator listening");
         println!("coordinator listening on http://{addr}");
         service::serve(listener, state, shutdown_signal()).await?;
@@ -150,6 +189,7 @@ pub fn coordinator_ha(
     advertise: Option<&str>,
     lease_secs: i64,
     retention: Option<Duration>,
+    security: &Security,
 ) -> Result<()> {
     use thaw_coordinator::etcd::{self, EtcdOptions, EtcdStore, Leadership, Takeover};
     let opts = EtcdOptions::parse(store, prefix, lease_secs).map_err(|e| anyhow::anyhow!("--store: {e}"))?;
@@ -191,6 +231,7 @@ pub fn coordinator_ha(
         let lead = Leadership::new(&me);
         let state = State::standby(lead.clone());
         state.set_retention(retention);
+        security.guard(addr, &state)?;
         let owner = std::sync::Arc::new(Owner { state: state.clone(), opts: opts.clone(), lead: lead.clone() });
         let campaign = election.spawn(etcd::campaign(opts.clone(), lead, owner));
         tracing::info!(%addr, advertise = %me, etcd = %opts.endpoints.join(","), prefix = %opts.prefix, "coordinator listening (standing by until elected)");
@@ -264,7 +305,14 @@ pub fn submit(spec: &Path, url: &str, resume: Option<&Path>) -> Result<()> {
     rt.block_on(async {
         let mut c = jobs_client(url).await?;
         let r = c.submit(req).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?;
-        println!("{}", r.into_inner().job_id);
+        let r = r.into_inner();
+        println!("{}", r.job_id);
+        if !r.job_token.is_empty() {
+            eprintln!(
+                "worker credential of `{}` (give it to its workers as THAW_JOB_TOKEN): {}",
+                r.job_id, r.job_token
+            );
+        }
         Ok(())
     })
 }
@@ -343,7 +391,7 @@ pub fn cancel(job: &str, url: &str) -> Result<()> {
 
 /// Follows a job's events until it ends, with a progress bar (or periodic lines) and a metrics
 /// line per epoch; returns the final job.
-async fn follow(c: &mut JobsClient<Channel>, job: &str, json: bool) -> Result<pb::Job> {
+async fn follow(c: &mut JobsApi, job: &str, json: bool) -> Result<pb::Job> {
     let mut stream = c
         .watch(pb::WatchRequest { job_id: job.into() })
         .await

@@ -197,6 +197,13 @@ enum Command {
         /// Finished jobs are deleted this many hours after they ended (0: kept forever).
         #[arg(long, default_value_t = 72.0)]
         retention_hours: f64,
+        /// Client tokens, one per line: `reader|operator TOKEN [NAME]`. Required to listen on a
+        /// non-loopback address (unless --insecure).
+        #[arg(long, env = "THAW_TOKENS_FILE")]
+        tokens: Option<PathBuf>,
+        /// Serve callers without tokens on a non-loopback address (a trusted network only).
+        #[arg(long)]
+        insecure: bool,
     },
     /// Run one worker of a job.
     Worker {
@@ -424,7 +431,20 @@ fn run(cli: Cli) -> Result<()> {
             let opts = cluster::LaunchOptions { nproc, min_nproc, max_nproc, max_restarts, resume };
             exit_with(cluster::launch(&spec, &opts, dev)?)
         }
-        Command::Coordinator { listen, state_dir, store, prefix, advertise, lease_secs, retention_hours } => {
+        Command::Coordinator {
+            listen,
+            state_dir,
+            store,
+            prefix,
+            advertise,
+            lease_secs,
+            retention_hours,
+            tokens,
+            insecure,
+        } => {
+            let tokens =
+                tokens.map(|p| thaw_coordinator::auth::Tokens::load(&p)).transpose().map_err(anyhow::Error::msg)?;
+            let security = cluster::Security { tokens, insecure };
             if !(retention_hours >= 0.0 && retention_hours.is_finite()) {
                 anyhow::bail!("--retention-hours {retention_hours}: must be 0 (keep) or more");
             }
@@ -432,17 +452,21 @@ fn run(cli: Cli) -> Result<()> {
                 (retention_hours > 0.0).then(|| std::time::Duration::from_secs_f64(retention_hours * 3600.0));
             match store.as_deref() {
                 Some(s) if s.starts_with("etcd://") => {
-                    cluster::coordinator_ha(&listen, s, &prefix, advertise.as_deref(), lease_secs, retention)
+                    cluster::coordinator_ha(&listen, s, &prefix, advertise.as_deref(), lease_secs, retention, &security)
                 }
-                Some("memory") => cluster::coordinator(&listen, None, retention),
-                Some(s) if s.starts_with("file://") => {
-                    cluster::coordinator(&listen, Some(std::path::Path::new(&s["file://".len()..])), retention)
-                }
+                Some("memory") => cluster::coordinator(&listen, None, retention, &security),
+                Some(s) if s.starts_with("file://") => cluster::coordinator(
+                    &listen,
+                    Some(std::path::Path::new(&s["file://".len()..])),
+                    retention,
+                    &security,
+                ),
                 Some(other) => anyhow::bail!("--store {other}: expected file://DIR, memory or etcd://HOST:PORT[,...]"),
                 None => cluster::coordinator(
                     &listen,
                     Some(&state_dir.unwrap_or_else(|| weights::thaw_home().join("coordinator"))),
                     retention,
+                    &security,
                 ),
             }
         }

@@ -107,10 +107,6 @@ fn path(j: &Value) -> Vec<&str> {
     j["transitions"].as_array().unwrap().iter().map(|t| t["to"].as_str().unwrap()).collect()
 }
 
-fn last_reason(j: &Value) -> &str {
-    j["transitions"].as_array().unwrap().last().unwrap()["reason"].as_str().unwrap()
-}
-
 #[test]
 fn a_coordinator_killed_mid_epoch_and_restarted_carries_on_with_every_job() {
     let dir = tempfile::tempdir().unwrap();

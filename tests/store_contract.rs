@@ -24,6 +24,7 @@ fn job(id: &str, samples: u64) -> StoredJob {
         generation: 1,
         restarts: 0,
         live: None,
+        worker_token: None,
     }
 }
 

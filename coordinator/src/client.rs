@@ -10,16 +10,71 @@ use std::time::Duration;
 
 use thaw_proto::v1::jobs_client::JobsClient;
 use thaw_proto::v1::workers_client::WorkersClient;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::service::Interceptor;
 use tonic::transport::{Channel, Endpoint};
 use tonic::Status;
 
+use crate::auth::JOB_TOKEN_HEADER;
 use crate::service::{KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, LEADER_HEADER};
+
+/// What a client presents on every call: its bearer token (`THAW_TOKEN`, or the file named by
+/// `THAW_TOKEN_FILE`) and, for a worker, its job's credential (`THAW_JOB_TOKEN`). Never taken from
+/// the command line.
+#[derive(Clone, Debug, Default)]
+pub struct Credentials {
+    bearer: Option<MetadataValue<Ascii>>,
+    job: Option<MetadataValue<Ascii>>,
+}
+
+impl Credentials {
+    /// From the environment; errors name the variable or the file.
+    pub fn from_env() -> Result<Credentials, String> {
+        let token = match (std::env::var("THAW_TOKEN").ok(), std::env::var("THAW_TOKEN_FILE").ok()) {
+            (Some(t), _) => Some(t),
+            (None, Some(path)) => Some(
+                std::fs::read_to_string(&path).map_err(|e| format!("THAW_TOKEN_FILE {path}: {e}"))?.trim().to_string(),
+            ),
+            (None, None) => None,
+        };
+        let value = |what: &str, v: String| -> Result<MetadataValue<Ascii>, String> {
+            v.parse().map_err(|_| format!("{what} is not a valid header value"))
+        };
+        Ok(Credentials {
+            bearer: token.filter(|t| !t.is_empty()).map(|t| value("THAW_TOKEN", format!("Bearer {t}"))).transpose()?,
+            job: std::env::var("THAW_JOB_TOKEN")
+                .ok()
+                .filter(|t| !t.is_empty())
+                .map(|t| value("THAW_JOB_TOKEN", t))
+                .transpose()?,
+        })
+    }
+}
+
+impl Interceptor for Credentials {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(b) = &self.bearer {
+            req.metadata_mut().insert("authorization", b.clone());
+        }
+        if let Some(j) = &self.job {
+            req.metadata_mut().insert(JOB_TOKEN_HEADER, j.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// The jobs API as a client calls it (with its credentials).
+pub type JobsApi = JobsClient<InterceptedService<Channel, Credentials>>;
+/// The workers API as a worker calls it (with its job's credential).
+pub type WorkersApi = WorkersClient<InterceptedService<Channel, Credentials>>;
 
 /// The coordinators a client may talk to, and the one it talks to now.
 #[derive(Debug)]
 pub struct Coordinators {
     urls: Vec<String>,
     current: Mutex<(String, Channel)>,
+    credentials: Credentials,
 }
 
 fn channel(url: &str) -> Result<Channel, String> {
@@ -33,15 +88,20 @@ fn channel(url: &str) -> Result<Channel, String> {
 }
 
 impl Coordinators {
-    /// `http://a:7070,http://b:7070`: every URL is checked; the first is used first.
+    /// `http://a:7070,http://b:7070`: every URL is checked; the first is used first. Calls carry
+    /// the credentials of the environment ([`Credentials::from_env`]).
     pub fn parse(list: &str) -> Result<Arc<Coordinators>, String> {
+        Self::with_credentials(list, Credentials::from_env()?)
+    }
+
+    pub fn with_credentials(list: &str, credentials: Credentials) -> Result<Arc<Coordinators>, String> {
         let urls: Vec<String> = list.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect();
         let first = urls.first().ok_or_else(|| format!("`{list}`: no coordinator url"))?;
         for u in &urls {
             channel(u)?;
         }
         let ch = channel(first)?;
-        Ok(Arc::new(Coordinators { current: Mutex::new((first.clone(), ch)), urls }))
+        Ok(Arc::new(Coordinators { current: Mutex::new((first.clone(), ch)), urls, credentials }))
     }
 
     fn current(&self) -> std::sync::MutexGuard<'_, (String, Channel)> {
@@ -58,12 +118,14 @@ impl Coordinators {
         &self.urls
     }
 
-    pub fn jobs(&self) -> JobsClient<Channel> {
-        JobsClient::new(self.current().1.clone()).max_decoding_message_size(thaw_proto::MAX_MESSAGE_BYTES)
+    pub fn jobs(&self) -> JobsApi {
+        JobsClient::with_interceptor(self.current().1.clone(), self.credentials.clone())
+            .max_decoding_message_size(thaw_proto::MAX_MESSAGE_BYTES)
     }
 
-    pub fn workers(&self) -> WorkersClient<Channel> {
-        WorkersClient::new(self.current().1.clone()).max_decoding_message_size(thaw_proto::MAX_MESSAGE_BYTES)
+    pub fn workers(&self) -> WorkersApi {
+        WorkersClient::with_interceptor(self.current().1.clone(), self.credentials.clone())
+            .max_decoding_message_size(thaw_proto::MAX_MESSAGE_BYTES)
     }
 
     /// After a failed call: follow a standby's pointer to the leader, or move on to the next
@@ -106,7 +168,8 @@ mod tests {
 
     #[tokio::test]
     async fn follows_the_leader_named_by_a_standby_and_rotates_when_unreachable() {
-        let c = Coordinators::parse("http://127.0.0.1:1, http://127.0.0.1:2").unwrap();
+        let c =
+            Coordinators::with_credentials("http://127.0.0.1:1, http://127.0.0.1:2", Credentials::default()).unwrap();
         assert_eq!(c.url(), "http://127.0.0.1:1");
         assert!(!c.after_error(&Status::invalid_argument("bad spec")), "an answer is not an outage");
         assert!(c.after_error(&Status::unavailable("connection refused")));
@@ -117,7 +180,7 @@ mod tests {
         assert_eq!(c.url(), "http://127.0.0.1:3");
         assert!(c.after_error(&Status::unavailable("down")));
         assert_eq!(c.url(), "http://127.0.0.1:1", "an unlisted leader that went away: back to the list");
-        assert!(Coordinators::parse(" , ").is_err());
-        assert!(Coordinators::parse("not a url").unwrap_err().contains("not a url"));
+        assert!(Coordinators::with_credentials(" , ", Credentials::default()).is_err());
+        assert!(Coordinators::with_credentials("not a url", Credentials::default()).unwrap_err().contains("not a url"));
     }
 }

@@ -275,6 +275,8 @@ struct Job {
     last_seen: HashMap<String, Instant>,
     /// Members that finished the job and said goodbye before rank 0 did: done, not lost.
     finished: Vec<String>,
+    /// The credential its workers must present to join, when one was issued.
+    worker_token: Option<String>,
     /// Size of the group the rendezvous formed (kept when the members are not, after a restore).
     world_size: u32,
     /// The group's generation (0 before the first group forms) and where it started.
@@ -437,6 +439,7 @@ impl Job {
             workers: self.world_size,
             generation: self.generation,
             restarts: self.restarts,
+            worker_token: self.worker_token.clone(),
             live: (!self.record.state().is_terminal()).then(|| LiveState {
                 members: self.members.clone(),
                 cursor: self.cursor,
@@ -567,6 +570,7 @@ impl Coordinator {
                 metrics: stored.metrics.clone(),
                 last_seen: HashMap::new(),
                 finished: Vec::new(),
+                worker_token: stored.worker_token.clone(),
                 world_size: stored.workers,
                 generation: stored.generation,
                 cursor: live.cursor,
@@ -672,6 +676,7 @@ impl Coordinator {
             metrics: Vec::new(),
             last_seen: HashMap::new(),
             finished: Vec::new(),
+            worker_token: None,
             world_size: 0,
             generation: 0,
             cursor: EpochCursor::default(),
@@ -1148,6 +1153,19 @@ impl Coordinator {
             generation: job.generation,
             restarts: job.restarts,
         })
+    }
+
+    /// Issues `token` as the credential `job_id`'s workers present to join (stored with the job).
+    pub fn set_worker_token(&mut self, job_id: &str, token: String, now_ms: u64) -> Result<(), CoreError> {
+        let (job, store) = self.job_mut(job_id)?;
+        job.worker_token = Some(token);
+        job.save(store, now_ms)?;
+        Ok(())
+    }
+
+    /// The credential of `job_id`'s workers, if one was issued.
+    pub fn worker_token(&self, job_id: &str) -> Result<Option<String>, CoreError> {
+        Ok(self.job(job_id)?.worker_token.clone())
     }
 
     /// Forgets a finished job, here and in the store. A live job must be cancelled first.

@@ -5,6 +5,7 @@
 //! both the coordinator and the workers need (the job spec, schedule types) lives here only;
 //! `thaw-worker` depends on this crate, never the other way round.
 
+pub mod auth;
 pub mod client;
 pub mod core;
 pub mod etcd;

@@ -16,6 +16,7 @@ use tokio::sync::{broadcast, Notify};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
+use crate::auth::Role;
 use crate::core::{Command, Coordinator, CoreError, ErrorKind, JobView, JoinInfo, JoinPoll};
 use crate::job::JobState;
 use crate::metrics::EpochMetrics;
@@ -63,6 +64,8 @@ pub struct State {
     events: broadcast::Sender<String>,
     /// Finished jobs are deleted this many seconds after their last change (0: kept).
     retention_secs: std::sync::atomic::AtomicU64,
+    /// Client tokens; unset, every call is allowed (`--insecure`, or loopback only).
+    tokens: std::sync::OnceLock<crate::auth::Tokens>,
 }
 
 impl State {
@@ -86,6 +89,7 @@ impl State {
             changed: Notify::new(),
             events,
             retention_secs: Default::default(),
+            tokens: Default::default(),
         })
     }
 
@@ -99,6 +103,7 @@ impl State {
             changed: Notify::new(),
             events,
             retention_secs: Default::default(),
+            tokens: Default::default(),
         })
     }
 
@@ -107,6 +112,36 @@ impl State {
     pub fn set_retention(&self, retention: Option<Duration>) {
         let secs = retention.map_or(0, |d| d.as_secs().max(1));
         self.retention_secs.store(secs, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Checks every client call against `tokens` from now on, and workers' joins against their
+    /// job's credential (issued at submit).
+    pub fn require_tokens(&self, tokens: crate::auth::Tokens) {
+        let _ = self.tokens.set(tokens);
+    }
+
+    /// Whether the caller's bearer token allows `need` (always, without tokens).
+    fn authorize<T>(&self, req: &Request<T>, need: crate::auth::Role) -> Result<(), Status> {
+        match self.tokens.get() {
+            Some(t) => t.check(req.metadata(), need).map(|_| ()),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether the caller presents `job_id`'s worker credential (always, without tokens).
+    fn authorize_worker<T>(&self, req: &Request<T>, job_id: &str) -> Result<(), Status> {
+        if self.tokens.get().is_none() {
+            return Ok(());
+        }
+        let expected = self.core().worker_token(job_id).map_err(status)?;
+        let presented = req.metadata().get(crate::auth::JOB_TOKEN_HEADER).and_then(|v| v.to_str().ok());
+        match (expected, presented) {
+            (Some(e), Some(p)) if crate::auth::same_secret(p, &e) => Ok(()),
+            (_, None) => {
+                Err(Status::unauthenticated(format!("job `{job_id}` needs its worker credential (THAW_JOB_TOKEN)")))
+            }
+            _ => Err(Status::unauthenticated(format!("wrong worker credential for job `{job_id}`"))),
+        }
     }
 
     /// Replaces the jobs this coordinator serves (a takeover, or stepping down to none).
@@ -213,6 +248,7 @@ type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::JobEvent, Status>> + Sen
 #[tonic::async_trait]
 impl Jobs for JobsService {
     async fn submit(&self, req: Request<pb::SubmitRequest>) -> Result<Response<pb::SubmitResponse>, Status> {
+        self.0.authorize(&req, Role::Operator)?;
         let r = req.into_inner();
         let resume = if r.resume_from.is_empty() {
             None
@@ -222,18 +258,37 @@ impl Jobs for JobsService {
             })?;
             Some((r.resume_from.clone(), cursor))
         };
-        let id = self.0.core().submit_resumed(&r.spec_toml, resume, Instant::now(), now_ms()).map_err(status)?;
-        tracing::info!(job = %id, "job submitted");
+        let job_token = {
+            let mut core = self.0.core();
+            let id = core.submit_resumed(&r.spec_toml, resume, Instant::now(), now_ms()).map_err(status)?;
+            let token = self.0.tokens.get().map(|_| crate::auth::new_job_token());
+            if let Some(t) = &token {
+                core.set_worker_token(&id, t.clone(), now_ms()).map_err(status)?;
+            }
+            tracing::info!(job = %id, "job submitted");
+            (id, token.unwrap_or_default())
+        };
+        let (id, job_token) = job_token;
         self.0.touched(&id);
-        Ok(Response::new(pb::SubmitResponse { job_id: id }))
+        Ok(Response::new(pb::SubmitResponse { job_id: id, job_token }))
     }
 
     async fn get(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
-        let v = self.0.core().get(&req.into_inner().job_id).map_err(status)?;
+        // A reader, or a worker of this job (it reads its spec before joining).
+        let id = req.get_ref().job_id.clone();
+        if self.0.authorize(&req, Role::Reader).is_err() {
+            if req.metadata().get(crate::auth::JOB_TOKEN_HEADER).is_some() && !id.is_empty() {
+                self.0.authorize_worker(&req, &id)?;
+            } else {
+                self.0.authorize(&req, Role::Reader)?;
+            }
+        }
+        let v = self.0.core().get(&id).map_err(status)?;
         Ok(Response::new(job_pb(&v)))
     }
 
     async fn list(&self, req: Request<pb::ListJobsRequest>) -> Result<Response<pb::ListJobsResponse>, Status> {
+        self.0.authorize(&req, Role::Reader)?;
         let r = req.into_inner();
         let (views, next) = self.0.core().page(r.page_size as usize, &r.page_token);
         let jobs = views.iter().map(job_pb).collect();
@@ -241,6 +296,7 @@ impl Jobs for JobsService {
     }
 
     async fn delete(&self, req: Request<pb::DeleteRequest>) -> Result<Response<pb::DeleteResponse>, Status> {
+        self.0.authorize(&req, Role::Operator)?;
         let id = req.into_inner().job_id;
         self.0.core().delete(&id).map_err(status)?;
         tracing::info!(job = %id, "job deleted");
@@ -249,6 +305,7 @@ impl Jobs for JobsService {
     }
 
     async fn cancel(&self, req: Request<pb::CancelRequest>) -> Result<Response<pb::Job>, Status> {
+        self.0.authorize(&req, Role::Operator)?;
         let r = req.into_inner();
         let v = self.0.core().cancel(&r.job_id, &r.reason, now_ms()).map_err(status)?;
         tracing::info!(job = %r.job_id, "job cancelled");
@@ -259,6 +316,7 @@ impl Jobs for JobsService {
     type WatchStream = WatchStream;
 
     async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<WatchStream>, Status> {
+        self.0.authorize(&req, Role::Reader)?;
         let id = req.into_inner().job_id;
         let state = self.0.clone();
         let mut rx = state.events.subscribe();
@@ -310,6 +368,7 @@ pub struct WorkersService(pub Arc<State>);
 #[tonic::async_trait]
 impl Workers for WorkersService {
     async fn join(&self, req: Request<pb::JoinRequest>) -> Result<Response<pb::JoinResponse>, Status> {
+        self.0.authorize_worker(&req, &req.get_ref().job_id)?;
         let r = req.into_inner();
         let info = JoinInfo {
             worker_id: &r.worker_id,

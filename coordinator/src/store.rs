@@ -107,6 +107,9 @@ pub struct StoredJob {
     /// jobs of older versions, which are then failed on restore as before).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub live: Option<LiveState>,
+    /// The credential its workers present to join (when the coordinator checks credentials).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker_token: Option<String>,
 }
 
 /// The durable part of a running job's group: membership and where its generation started. The
@@ -427,6 +430,7 @@ mod tests {
                 resume_from: None,
                 resume_cursor: None,
             }),
+            worker_token: Some("0123abcd".into()),
         }
     }
 

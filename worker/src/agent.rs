@@ -18,14 +18,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rand::Rng;
-use thaw_coordinator::client::Coordinators;
+use thaw_coordinator::client::{Coordinators, WorkersApi};
 use thaw_coordinator::core::PlanInfo;
 use thaw_coordinator::plan::EpochPlan;
 use thaw_coordinator::service::{cursor_from_proto, cursor_to_proto, cut_from_proto, LEADER_HEADER};
 use thaw_coordinator::spec::{CollectiveKind, JobSpec};
 use thaw_proto::v1 as pb;
-use thaw_proto::v1::workers_client::WorkersClient;
-use tonic::transport::Channel;
 
 use crate::checkpoint::EpochMetrics;
 use crate::collective::{Collective, RingCollective};
@@ -69,7 +67,7 @@ async fn through_outage<T, F, Fut>(
     mut call: F,
 ) -> Result<T, tonic::Status>
 where
-    F: FnMut(WorkersClient<Channel>) -> Fut,
+    F: FnMut(WorkersApi) -> Fut,
     Fut: std::future::Future<Output = Result<T, tonic::Status>>,
 {
     let started = std::time::Instant::now();
