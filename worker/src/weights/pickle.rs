@@ -19,7 +19,12 @@ use std::rc::Rc;
 
 /// A pickled value. Mutable containers are shared (`Rc<RefCell<..>>`) because the memo and the
 /// stack hold the same object, which later opcodes fill in (`EMPTY_DICT`, `BINPUT`, `SETITEMS`).
-#[derive(Clone, Debug)]
+///
+/// Pickles are outside input: a value may contain itself (a list appended to itself through the
+/// memo) or nest a million levels deep in two bytes a level. So `Debug` stops at a depth, and
+/// dropping takes nested containers apart with a work list instead of recursion; a value that
+/// contains itself is leaked (bounded by the input's size), never a stack overflow.
+#[derive(Clone)]
 pub enum Value {
     None,
     Bool(bool),
@@ -44,6 +49,120 @@ pub enum Value {
     Persistent(Rc<Value>),
     /// The result of calling a callable the VM does not interpret.
     Object(Rc<RefCell<Object>>),
+}
+
+/// Tuples nested deeper than this are not hashable dict keys (each such key is distinct).
+const KEY_DEPTH: usize = 32;
+
+/// How deep `Debug` shows a value, and how many items of each container.
+const DEBUG_DEPTH: usize = 4;
+const DEBUG_ITEMS: usize = 5;
+
+struct Shown<'a>(&'a Value, usize);
+
+impl std::fmt::Debug for Shown<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Shown(v, depth) = *self;
+        let seq = |f: &mut std::fmt::Formatter<'_>, open: &str, close: &str, items: &[Value]| {
+            if depth >= DEBUG_DEPTH {
+                return write!(f, "{open}..{close}");
+            }
+            write!(f, "{open}")?;
+            for (i, x) in items.iter().take(DEBUG_ITEMS).enumerate() {
+                write!(f, "{}{:?}", if i > 0 { ", " } else { "" }, Shown(x, depth + 1))?;
+            }
+            if items.len() > DEBUG_ITEMS {
+                write!(f, ", .. {} more", items.len() - DEBUG_ITEMS)?;
+            }
+            write!(f, "{close}")
+        };
+        match v {
+            Value::None => write!(f, "None"),
+            Value::Bool(b) => write!(f, "{b}"),
+            Value::Int(i) => write!(f, "{i}"),
+            Value::BigInt(b) => write!(f, "<{}-byte int>", b.len()),
+            Value::Float(x) => write!(f, "{x}"),
+            Value::Str(s) => write!(f, "{:?}", s.chars().take(64).collect::<String>()),
+            Value::Bytes(b) => write!(f, "<{} bytes>", b.len()),
+            Value::Tuple(t) => seq(f, "(", ")", t),
+            // A container being filled (or containing itself) is shown as such, not re-entered.
+            Value::List(l) => match l.try_borrow() {
+                Ok(items) => seq(f, "[", "]", &items),
+                Err(_) => write!(f, "[<list in use>]"),
+            },
+            Value::Set(l) => match l.try_borrow() {
+                Ok(items) => seq(f, "{", "}", &items),
+                Err(_) => write!(f, "{{<set in use>}}"),
+            },
+            Value::Dict(d) => match d.try_borrow() {
+                Ok(d) => write!(f, "{{<dict of {} entries>}}", d.len()),
+                Err(_) => write!(f, "{{<dict in use>}}"),
+            },
+            Value::Global { module, name } => write!(f, "{module}.{name}"),
+            Value::Persistent(p) if depth < DEBUG_DEPTH => write!(f, "persistent({:?})", Shown(p, depth + 1)),
+            Value::Persistent(_) => write!(f, "persistent(..)"),
+            Value::Object(_) => write!(f, "<{}>", v.type_name()),
+        }
+    }
+}
+
+impl std::fmt::Debug for Value {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        Shown(self, 0).fmt(f)
+    }
+}
+
+/// Moves the children of `v` that nothing else shares into `work`.
+fn take_children(v: &mut Value, work: &mut Vec<Value>) {
+    match v {
+        Value::Tuple(rc) => {
+            if let Some(items) = Rc::get_mut(rc) {
+                work.append(items);
+            }
+        }
+        Value::List(rc) | Value::Set(rc) => {
+            if let Some(cell) = Rc::get_mut(rc) {
+                work.append(cell.get_mut());
+            }
+        }
+        Value::Dict(rc) => {
+            if let Some(cell) = Rc::get_mut(rc) {
+                for (k, x) in cell.get_mut().drain(..) {
+                    work.push(k);
+                    work.push(x);
+                }
+            }
+        }
+        Value::Persistent(rc) => {
+            if let Some(inner) = Rc::get_mut(rc) {
+                work.push(std::mem::replace(inner, Value::None));
+            }
+        }
+        Value::Object(rc) => {
+            if let Some(cell) = Rc::get_mut(rc) {
+                let o = cell.get_mut();
+                work.push(std::mem::replace(&mut o.callable, Value::None));
+                work.push(std::mem::replace(&mut o.args, Value::None));
+                work.extend(o.state.take());
+                for (k, x) in o.dict_items.drain(..) {
+                    work.push(k);
+                    work.push(x);
+                }
+                work.append(&mut o.list_items);
+            }
+        }
+        _ => {}
+    }
+}
+
+impl Drop for Value {
+    fn drop(&mut self) {
+        let mut work = Vec::new();
+        take_children(self, &mut work);
+        while let Some(mut v) = work.pop() {
+            take_children(&mut v, &mut work);
+        }
+    }
 }
 
 /// An instance recorded instead of being built: `callable(*args)`, then `BUILD` with `state`.
@@ -112,19 +231,34 @@ impl Value {
         }
     }
 
-    /// Equality of hashable keys (strings, numbers, tuples of those); anything else is distinct.
-    fn key_eq(&self, other: &Value) -> bool {
-        match (self, other) {
-            (Value::Str(a), Value::Str(b)) => a == b,
-            (Value::Int(a), Value::Int(b)) => a == b,
-            (Value::Bool(a), Value::Bool(b)) => a == b,
-            (Value::None, Value::None) => true,
-            (Value::Bytes(a), Value::Bytes(b)) => a == b,
-            (Value::Tuple(a), Value::Tuple(b)) => {
-                a.len() == b.len() && a.iter().zip(b.iter()).all(|(x, y)| x.key_eq(y))
+    /// A hashable key (a string, number, bytes, None, or a tuple of those nested at most
+    /// [`KEY_DEPTH`] deep) as bytes that are equal exactly when the keys are; `None` for anything
+    /// else, which is a distinct key. Dicts look keys up by these bytes in a hash map, so a large
+    /// pickled dict loads in linear time.
+    fn key_bytes(&self) -> Option<Vec<u8>> {
+        fn put(v: &Value, out: &mut Vec<u8>, depth: usize) -> bool {
+            let mut tagged = |tag: u8, b: &[u8]| {
+                out.push(tag);
+                out.extend_from_slice(&(b.len() as u64).to_le_bytes());
+                out.extend_from_slice(b);
+                true
+            };
+            match v {
+                Value::Str(s) => tagged(b's', s.as_bytes()),
+                Value::Int(i) => tagged(b'i', &i.to_le_bytes()),
+                Value::Bool(b) => tagged(b'b', &[*b as u8]),
+                Value::None => tagged(b'n', &[]),
+                Value::Bytes(b) => tagged(b'y', b),
+                Value::Tuple(t) if depth < KEY_DEPTH => {
+                    out.push(b't');
+                    out.extend_from_slice(&(t.len() as u64).to_le_bytes());
+                    t.iter().all(|x| put(x, out, depth + 1))
+                }
+                _ => false,
             }
-            _ => false,
         }
+        let mut out = Vec::new();
+        put(self, &mut out, 0).then_some(out)
     }
 
     /// Looks a string key up in a dict.
@@ -154,7 +288,15 @@ pub enum PickleError {
 /// loaded is also returned, in order, so that a caller can learn about objects (storages) the
 /// result does not reach.
 pub fn load<R: Read>(reader: &mut R) -> Result<(Value, Vec<Value>), PickleError> {
-    let mut vm = Vm { reader, pos: 0, stack: Vec::new(), marks: Vec::new(), memo: HashMap::new(), pids: Vec::new() };
+    let mut vm = Vm {
+        reader,
+        pos: 0,
+        stack: Vec::new(),
+        marks: Vec::new(),
+        memo: HashMap::new(),
+        pids: Vec::new(),
+        dict_keys: HashMap::new(),
+    };
     let v = vm.run()?;
     Ok((v, vm.pids))
 }
@@ -174,6 +316,8 @@ struct Vm<'r, R: Read> {
     marks: Vec<usize>,
     memo: HashMap<u64, Value>,
     pids: Vec<Value>,
+    /// For each dict being filled (by its address): where each hashable key is.
+    dict_keys: HashMap<usize, HashMap<Vec<u8>, usize>>,
 }
 
 impl<R: Read> Vm<'_, R> {
@@ -301,9 +445,20 @@ impl<R: Read> Vm<'_, R> {
         while let (Some(k), Some(v)) = (it.next(), it.next()) {
             match target {
                 Value::Dict(d) => {
+                    let index = self.dict_keys.entry(Rc::as_ptr(d) as usize).or_default();
                     let mut d = d.borrow_mut();
-                    match d.iter_mut().find(|(key, _)| key.key_eq(&k)) {
-                        Some(entry) => entry.1 = v,
+                    match k.key_bytes() {
+                        // The index is checked against the entry: an address reused by a dict
+                        // dropped earlier in the pickle must not point into the wrong one.
+                        Some(key) => match index.get(&key).copied() {
+                            Some(i) if d.get(i).is_some_and(|(k2, _)| k2.key_bytes().as_ref() == Some(&key)) => {
+                                d[i].1 = v
+                            }
+                            _ => {
+                                index.insert(key, d.len());
+                                d.push((k, v));
+                            }
+                        },
                         None => d.push((k, v)),
                     }
                 }
@@ -399,8 +554,11 @@ impl<R: Read> Vm<'_, R> {
                 0x93 => {
                     let name = self.pop()?;
                     let module = self.pop()?;
-                    match (module, name) {
-                        (Value::Str(module), Value::Str(name)) => self.stack.push(Value::Global { module, name }),
+                    match (&module, &name) {
+                        (Value::Str(module), Value::Str(name)) => {
+                            let (module, name) = (module.clone(), name.clone());
+                            self.stack.push(Value::Global { module, name })
+                        }
                         _ => return Err(self.malformed("STACK_GLOBAL of non-strings")),
                     }
                 }
@@ -703,6 +861,56 @@ OrderedDict\x94\x93\x94\x86\x94.";
             assert!(loads(&data[..n]).is_err(), "prefix of {n} bytes");
         }
         assert!(loads(data).is_ok());
+    }
+
+    #[test]
+    fn a_list_that_contains_itself_and_deep_nesting_are_harmless() {
+        // EMPTY_LIST, BINPUT 0, BINGET 0, APPEND: a list inside itself, in 9 bytes.
+        let (v, _) = loads(b"\x80\x02]q\x00h\x00a.").unwrap();
+        let shown = format!("{v:?}");
+        assert!(shown.len() < 200 && shown.contains("[[[[..]]]]"), "{shown}");
+        // A million levels, two bytes each: parsed, shown and dropped without recursion.
+        let n = 1_000_000;
+        let mut data = b"\x80\x02".to_vec();
+        data.extend(std::iter::repeat_n(b']', n));
+        data.extend(std::iter::repeat_n(b'a', n - 1));
+        data.push(b'.');
+        let (v, _) = loads(&data).unwrap();
+        assert!(format!("{v:?}").len() < 100);
+        drop(v);
+        // Deeply nested tuples as dict keys are distinct keys, not a deep comparison.
+        let mut data = b"\x80\x02}".to_vec();
+        for _ in 0..2 {
+            data.extend(std::iter::repeat_n(b')', 1));
+            data.extend(std::iter::repeat_n(b'\x85', 100_000)); // TUPLE1, 100k deep
+            data.extend(b"K\x01s");
+        }
+        data.push(b'.');
+        let (v, _) = loads(&data).unwrap();
+        let Value::Dict(d) = &v else { panic!("{v:?}") };
+        assert_eq!(d.borrow().len(), 2);
+    }
+
+    #[test]
+    fn a_large_dict_loads_in_linear_time() {
+        // 200k int keys, then the same keys again: replaced, not appended, and fast.
+        let mut data = b"\x80\x02}(".to_vec();
+        for round in 0..2 {
+            for i in 0..200_000u32 {
+                data.push(b'J');
+                data.extend(i.to_le_bytes());
+                data.extend(b"K");
+                data.push(round);
+            }
+        }
+        data.extend(b"u.");
+        let t = std::time::Instant::now();
+        let (v, _) = loads(&data).unwrap();
+        assert!(t.elapsed() < std::time::Duration::from_secs(5), "{:?}", t.elapsed());
+        let Value::Dict(d) = &v else { panic!() };
+        let d = d.borrow();
+        assert_eq!(d.len(), 200_000);
+        assert!(matches!(d[7].1, Value::Int(1)), "the second value wins");
     }
 
     #[test]
