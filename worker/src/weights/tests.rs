@@ -393,3 +393,26 @@ fn torchscript_archives_are_refused_with_advice() {
     let err = read_torch_checkpoint(&path).unwrap_err().to_string();
     assert!(err.contains("scripted.pt") && err.contains("TorchScript") && err.contains("state_dict()"), "{err}");
 }
+
+#[test]
+fn a_zip_entry_that_inflates_far_beyond_the_file_is_refused_without_inflating_it() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bomb.pt");
+    let mut zip = zip::ZipWriter::new(std::fs::File::create(&path).unwrap());
+    let opts =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Deflated).large_file(true);
+    // 256 MiB of zeros deflates to about 250 KiB: a ratio far above what torch.save writes.
+    zip.start_file("bomb/data.pkl", opts).unwrap();
+    let zeros = vec![0u8; 1 << 20];
+    for _ in 0..256 {
+        zip.write_all(&zeros).unwrap();
+    }
+    zip.finish().unwrap();
+    let file_len = std::fs::metadata(&path).unwrap().len();
+    assert!(file_len < 1 << 20, "{file_len}");
+    let t = std::time::Instant::now();
+    let err = read_torch_checkpoint(&path).unwrap_err().to_string();
+    assert!(err.contains("bomb.pt") && err.contains("entry `bomb/data.pkl` declares 268435456 bytes"), "{err}");
+    assert!(t.elapsed() < std::time::Duration::from_secs(2), "refused before inflating: {:?}", t.elapsed());
+}

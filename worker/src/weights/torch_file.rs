@@ -384,9 +384,14 @@ fn storage_specs(path: &Path, pids: &[Value]) -> Result<HashMap<String, StorageS
     Ok(specs)
 }
 
+/// How much larger than the whole file one inflated zip entry may be (deflate's own limit is about
+/// 1032:1; torch.save stores entries uncompressed).
+const MAX_INFLATE_RATIO: u64 = 64;
+
 fn read_zip(path: &Path) -> Result<Vec<(String, RawTensor)>, WeightsError> {
     let zip_err = |e: zip::result::ZipError| WeightsError::format(path, format!("zip archive: {e}"));
     let file = File::open(path).map_err(|e| WeightsError::io("opening", path, e))?;
+    let file_len = file.metadata().map_err(|e| WeightsError::io("reading", path, e))?.len();
     let mut archive = zip::ZipArchive::new(BufReader::new(file)).map_err(zip_err)?;
     let names: Vec<String> = archive.file_names().map(str::to_string).collect();
     let prefix = names
@@ -407,8 +412,26 @@ fn read_zip(path: &Path) -> Result<Vec<(String, RawTensor)>, WeightsError> {
     let read_entry = |archive: &mut zip::ZipArchive<BufReader<File>>, name: &str| -> Result<Vec<u8>, WeightsError> {
         let mut entry =
             archive.by_name(name).map_err(|e| WeightsError::format(path, format!("entry `{name}`: {e}")))?;
-        let mut buf = Vec::with_capacity(entry.size().min(1 << 32) as usize);
-        entry.read_to_end(&mut buf).map_err(|e| WeightsError::io("reading", path, e))?;
+        // A declared size is a claim: memory is reserved for at most the file's size, an entry may
+        // not declare more than MAX_INFLATE_RATIO times it, and none may inflate past its claim.
+        let declared = entry.size();
+        let limit = file_len.saturating_mul(MAX_INFLATE_RATIO);
+        if declared > limit {
+            return Err(WeightsError::format(
+                path,
+                format!(
+                    "entry `{name}` declares {declared} bytes, over {MAX_INFLATE_RATIO} times the file's {file_len}"
+                ),
+            ));
+        }
+        let mut buf = Vec::with_capacity(declared.min(file_len) as usize);
+        (&mut entry).take(declared + 1).read_to_end(&mut buf).map_err(|e| WeightsError::io("reading", path, e))?;
+        if buf.len() as u64 != declared {
+            return Err(WeightsError::format(
+                path,
+                format!("entry `{name}` holds {} bytes, it declares {declared}", buf.len()),
+            ));
+        }
         Ok(buf)
     };
     let big_endian = if names.iter().any(|n| *n == format!("{prefix}/byteorder")) {
@@ -454,6 +477,7 @@ fn read_zip(path: &Path) -> Result<Vec<(String, RawTensor)>, WeightsError> {
 
 fn read_legacy(path: &Path) -> Result<Vec<(String, RawTensor)>, WeightsError> {
     let file = File::open(path).map_err(|e| WeightsError::io("opening", path, e))?;
+    let file_len = file.metadata().map_err(|e| WeightsError::io("reading", path, e))?.len();
     let mut r = BufReader::new(file);
     let next = |r: &mut BufReader<File>| pickle::load(r).map_err(|e| WeightsError::pickle(path, e));
     let (magic, _) = next(&mut r)?;
@@ -501,7 +525,8 @@ fn read_legacy(path: &Path) -> Result<Vec<(String, RawTensor)>, WeightsError> {
         let nbytes = count
             .checked_mul(element_size(spec.dtype) as u64)
             .ok_or_else(|| WeightsError::format(path, format!("storage `{key}` is too large")))?;
-        let mut buf = Vec::with_capacity(if needed.contains(key.as_str()) { nbytes.min(1 << 32) as usize } else { 0 });
+        // Never reserve more than the file holds: the count is the file's claim.
+        let mut buf = Vec::with_capacity(if needed.contains(key.as_str()) { nbytes.min(file_len) as usize } else { 0 });
         let got = if needed.contains(key.as_str()) {
             (&mut r).take(nbytes).read_to_end(&mut buf)
         } else {
