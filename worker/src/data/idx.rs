@@ -43,11 +43,20 @@ fn find(root: &Path, name: &str) -> Result<PathBuf, DataError> {
     Err(DataError::Invalid { path: root.to_path_buf(), reason: format!("no {name} or {name}.gz (IDX dataset files)") })
 }
 
+/// The most an IDX file may inflate to (Fashion-MNIST's largest is 47 MB).
+const MAX_INFLATED: u64 = 4 << 30;
+
 fn read_maybe_gz(path: &Path) -> Result<Vec<u8>, DataError> {
     let raw = std::fs::read(path).map_err(io_err(path))?;
     if raw.starts_with(&[0x1f, 0x8b]) {
         let mut out = Vec::new();
-        flate2::read::GzDecoder::new(&raw[..]).read_to_end(&mut out).map_err(io_err(path))?;
+        flate2::read::GzDecoder::new(&raw[..]).take(MAX_INFLATED + 1).read_to_end(&mut out).map_err(io_err(path))?;
+        if out.len() as u64 > MAX_INFLATED {
+            return Err(DataError::Invalid {
+                path: path.to_path_buf(),
+                reason: format!("inflates to more than {MAX_INFLATED} bytes; not an IDX file"),
+            });
+        }
         Ok(out)
     } else {
         Ok(raw)
@@ -74,7 +83,10 @@ fn parse_idx(path: &Path, bytes: &[u8], expect_dims: usize) -> Result<(Vec<usize
     let dims: Vec<usize> = (0..ndim)
         .map(|i| u32::from_be_bytes(bytes[4 + 4 * i..8 + 4 * i].try_into().expect("4 bytes")) as usize)
         .collect();
-    let want = dims.iter().product::<usize>();
+    let want = dims
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or_else(|| bad(format!("dimensions {dims:?} overflow")))?;
     if bytes.len() - header != want {
         return Err(bad(format!("payload has {} bytes, dimensions {:?} need {want}", bytes.len() - header, dims)));
     }
@@ -144,6 +156,15 @@ mod tests {
         }
         b.extend_from_slice(payload);
         std::fs::write(dir.join(name), b).unwrap();
+    }
+
+    #[test]
+    fn dimensions_whose_product_overflows_are_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        write_idx(dir.path(), "train-images-idx3-ubyte", &[u32::MAX, u32::MAX, u32::MAX], &[0; 16]);
+        write_idx(dir.path(), "train-labels-idx1-ubyte", &[1], &[0]);
+        let Err(err) = IdxDataset::open(dir.path(), Split::Train) else { panic!("opened") };
+        assert!(err.to_string().contains("overflow"), "{err}");
     }
 
     #[test]

@@ -189,7 +189,9 @@ impl ShardIndex {
                     format!("shard {} starts at sample {}, expected {total}: damaged index", s.file, s.first),
                 ));
             }
-            total += s.count;
+            total = total.checked_add(s.count).ok_or_else(|| {
+                invalid(&path, format!("shard {} holds {} samples: the total overflows", s.file, s.count))
+            })?;
         }
         let samples_path = dir.join(&json.samples.file);
         if json.samples.count != total {
@@ -202,7 +204,8 @@ impl ShardIndex {
         // Every record inside its shard, every label a class.
         for s in &json.shards {
             for (k, r) in records[s.first as usize..(s.first + s.count) as usize].iter().enumerate() {
-                if r.offset < 512 || r.offset + r.size as u64 > s.bytes || r.label as usize >= json.classes.len() {
+                let end = r.offset.checked_add(r.size as u64);
+                if r.offset < 512 || end.is_none_or(|e| e > s.bytes) || r.label as usize >= json.classes.len() {
                     return Err(invalid(
                         &samples_path,
                         format!(
@@ -302,9 +305,12 @@ fn read_samples(path: &Path, expect: u64) -> Result<Vec<SampleRecord>, DataError
             "holds {count} sample records but the shards in {INDEX_FILE} hold {expect} samples"
         )));
     }
-    let want = HEADER_BYTES as u64 + count * RECORD_BYTES as u64;
-    if len != want {
-        return Err(damaged(format!("{len} bytes, but {count} records need {want}")));
+    let want = count.checked_mul(RECORD_BYTES as u64).and_then(|b| b.checked_add(HEADER_BYTES as u64));
+    if want != Some(len) {
+        return Err(damaged(format!(
+            "{len} bytes, but {count} records need {}",
+            want.map_or("more than 2^64".into(), |w| w.to_string())
+        )));
     }
     let mut records = Vec::with_capacity(count as usize);
     let mut buf = vec![0u8; RECORD_BYTES * 65536];
