@@ -101,7 +101,7 @@ pub fn resolve_imagenet_in(home: &Path, arch: Arch, opts: &FetchOptions) -> Resu
     let local_pth = dir.join(weights.file_name);
     if local_pth.is_file() {
         let digest = sha256_file(&local_pth)?;
-        check_hash(&local_pth.display().to_string(), weights.hash_prefix(), &digest)?;
+        check_hash(&local_pth.display().to_string(), weights.expected_digest(), &digest)?;
         tracing::info!(arch = %arch, src = %local_pth.display(), "importing cached torchvision weights");
         import_checkpoint_named(&local_pth, weights.file_name, arch, &cached)?;
         return Ok(cached);
@@ -113,13 +113,14 @@ pub fn resolve_imagenet_in(home: &Path, arch: Arch, opts: &FetchOptions) -> Resu
     let sep = if opts.base_url.ends_with('/') { "" } else { "/" };
     let url = format!("{}{sep}{}", opts.base_url, weights.file_name);
     let part = temp_path_beside(&local_pth, "part");
-    let result = download_checked(&url, &part, weights.hash_prefix())
+    let result = download_checked(&url, &part, weights.expected_digest())
         .and_then(|()| import_checkpoint_named(&part, weights.file_name, arch, &cached).map(|_| ()));
     let _ = fs::remove_file(&part);
     result.map(|()| cached)
 }
 
-/// torchvision's `check_hash`: the hex sha256 digest must start with the prefix from the name.
+/// torchvision's `check_hash`: the hex sha256 digest must start with the prefix from the name
+/// (or equal the full digest, where one is pinned).
 fn check_hash(what: &str, expected_prefix: &str, digest: &str) -> Result<(), WeightsError> {
     if digest.starts_with(expected_prefix) {
         Ok(())
@@ -238,6 +239,20 @@ fn download_once(url: &str, dst: &Path) -> Result<String, WeightsError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pinned_file_must_match_its_whole_digest_not_the_prefix() {
+        let w = Arch::MobilenetV2.imagenet_weights().unwrap();
+        assert_eq!(w.expected_digest().len(), 64);
+        assert!(w.expected_digest().starts_with(w.hash_prefix()));
+        // A crafted file whose sha256 shares the 32-bit prefix is refused.
+        let forged = format!("{}{}", w.hash_prefix(), "0".repeat(56));
+        assert!(check_hash("forged.pth", w.expected_digest(), &forged).is_err());
+        assert!(check_hash("real.pth", w.expected_digest(), w.expected_digest()).is_ok());
+        // Unpinned files keep torchvision's prefix check.
+        let r = Arch::Resnet18.imagenet_weights().unwrap();
+        assert_eq!(r.expected_digest(), "f37072fd");
+    }
     use std::io::{BufRead, BufReader};
     use std::net::TcpListener;
     use std::sync::atomic::{AtomicUsize, Ordering};

