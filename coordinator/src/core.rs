@@ -1155,6 +1155,25 @@ impl Coordinator {
         })
     }
 
+    /// Gives every member, survivor and newcomer of every job a full heartbeat deadline from
+    /// `now`: after a time when this coordinator could not hear them (its lease ran out, etcd was
+    /// down), silence is not theirs.
+    pub fn restart_deadlines(&mut self, now: Instant) {
+        for job in self.jobs.values_mut() {
+            let ids: Vec<String> = job
+                .members
+                .iter()
+                .map(|m| m.worker_id.clone())
+                .chain(job.admitting.iter().map(|a| a.worker_id.clone()))
+                .chain(job.regroup.iter().flat_map(|g| g.expected().map(str::to_string).collect::<Vec<_>>()))
+                .chain(job.last_seen.keys().cloned())
+                .collect();
+            for id in ids {
+                job.last_seen.insert(id, now);
+            }
+        }
+    }
+
     /// Issues `token` as the credential `job_id`'s workers present to join (stored with the job).
     pub fn set_worker_token(&mut self, job_id: &str, token: String, now_ms: u64) -> Result<(), CoreError> {
         let (job, store) = self.job_mut(job_id)?;
@@ -1696,6 +1715,19 @@ mod tests {
         assert!(c.check_member(&id, "w-c", 2, 2).is_err());
         assert!(c.check_member(&id, "w-b", 0, 2).is_err(), "w-b is rank 1 now");
         assert!(c.heartbeat(&id, "w-c", later).is_err(), "a dropped worker is no longer known");
+    }
+
+    #[test]
+    fn deadlines_restart_after_a_time_the_coordinator_could_not_hear_anyone() {
+        let t0 = Instant::now();
+        let mut c = Coordinator::new();
+        let id = three(&mut c, "j", "", t0);
+        // 60 s without heartbeats (etcd was down): as of now, nobody is late.
+        let later = t0 + Duration::from_secs(60);
+        c.restart_deadlines(later);
+        assert!(c.check_liveness(later + Duration::from_secs(1), 1).is_empty());
+        assert_eq!(c.get(&id).unwrap().record.state(), JobState::Running);
+        assert_eq!(c.check_liveness(later + Duration::from_secs(4), 2), ["j"], "but deadlines still apply after");
     }
 
     #[test]

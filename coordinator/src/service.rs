@@ -66,6 +66,9 @@ pub struct State {
     retention_secs: std::sync::atomic::AtomicU64,
     /// Client tokens; unset, every call is allowed (`--insecure`, or loopback only).
     tokens: std::sync::OnceLock<crate::auth::Tokens>,
+    /// Whether the last sweep found this coordinator refusing calls (a standby, or a leader whose
+    /// lease ran out): heartbeats were refused meanwhile, so deadlines restart when it serves again.
+    was_refused: std::sync::atomic::AtomicBool,
 }
 
 impl State {
@@ -90,6 +93,7 @@ impl State {
             events,
             retention_secs: Default::default(),
             tokens: Default::default(),
+            was_refused: Default::default(),
         })
     }
 
@@ -104,6 +108,7 @@ impl State {
             events,
             retention_secs: Default::default(),
             tokens: Default::default(),
+            was_refused: Default::default(),
         })
     }
 
@@ -175,11 +180,19 @@ impl State {
     /// writes what the store is missing (throttled progress, failed writes); run every
     /// [`SWEEP_EVERY`].
     pub fn sweep(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
         if self.refusal().is_some() {
+            self.was_refused.store(true, Relaxed);
             return;
         }
         let changed = {
             let mut core = self.core();
+            if self.was_refused.swap(false, Relaxed) {
+                // Every heartbeat was refused while this coordinator could not serve: no worker
+                // is late for it. Deadlines start again from now.
+                core.restart_deadlines(Instant::now());
+                tracing::info!("serving again: every heartbeat deadline starts afresh");
+            }
             let changed = core.check_liveness(Instant::now(), now_ms());
             core.flush(now_ms());
             let keep = self.retention_secs.load(std::sync::atomic::Ordering::Relaxed);
