@@ -5,7 +5,7 @@
 //! seeded drills of the same kinds; this is the CI share.
 
 mod common;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -88,67 +88,6 @@ fn finish(mut l: Launch) -> (i32, serde_json::Value) {
         s
     });
     (code, serde_json::json!({ "stdout": out }))
-}
-
-/// One run's ledger: sample ids per (generation, epoch, step), and each generation's source
-/// position before it joined (which ends what the previous generation committed).
-#[derive(Default)]
-struct Ledger {
-    steps: BTreeMap<(u64, u64, u64), Vec<u64>>,
-    committed_by_next: HashMap<u64, (u64, u64)>,
-}
-
-fn read_ledger(dir: &Path) -> Ledger {
-    let mut l = Ledger::default();
-    for f in std::fs::read_dir(dir).unwrap() {
-        let text = std::fs::read_to_string(f.unwrap().path()).unwrap();
-        for line in text.lines() {
-            let v: serde_json::Value = serde_json::from_str(line).unwrap();
-            let g = v["gen"].as_u64().unwrap();
-            if let Some(x) = v["x"].as_array() {
-                let key = (g, v["e"].as_u64().unwrap(), v["s"].as_u64().unwrap());
-                l.steps.entry(key).or_default().extend(x.iter().map(|i| i.as_u64().unwrap()));
-            } else if v["source"] == true && g > 1 {
-                let b = v["before"].as_array().unwrap();
-                l.committed_by_next.insert(g - 1, (b[0].as_u64().unwrap(), b[1].as_u64().unwrap()));
-            }
-        }
-    }
-    l
-}
-
-/// Counts, per epoch, how often each sample was trained in committed steps of the runs (in order;
-/// `cutoff` ends the last generation of an interrupted run at its checkpoint's position), and the
-/// steps lost (computed, not committed) per generation change.
-fn tally(runs: &[(Ledger, Option<(u64, u64)>)]) -> (BTreeMap<u64, HashMap<u64, u32>>, Vec<usize>) {
-    let mut counts: BTreeMap<u64, HashMap<u64, u32>> = BTreeMap::new();
-    let mut lost = Vec::new();
-    for (l, cutoff) in runs {
-        let last_gen = l.steps.keys().map(|k| k.0).max().unwrap_or(0);
-        let mut lost_in: BTreeMap<u64, usize> = BTreeMap::new();
-        for (&(g, e, s), xs) in &l.steps {
-            let end = if g == last_gen { *cutoff } else { Some(l.committed_by_next[&g]) };
-            if end.is_none_or(|c| (e, s) < c) {
-                for &x in xs {
-                    *counts.entry(e).or_default().entry(x).or_default() += 1;
-                }
-            } else {
-                *lost_in.entry(g).or_default() += 1;
-            }
-        }
-        // Each rank logs the same (gen, epoch, step) into one key: distinct keys are steps.
-        lost.extend(lost_in.values());
-    }
-    (counts, lost)
-}
-
-fn assert_exactly_once(counts: &BTreeMap<u64, HashMap<u64, u32>>, n: u64, epochs: u64) {
-    assert_eq!(counts.len() as u64, epochs, "epochs in the ledger: {:?}", counts.keys().collect::<Vec<_>>());
-    for (e, c) in counts {
-        let twice: Vec<_> = c.iter().filter(|(_, k)| **k > 1).map(|(x, _)| *x).take(5).collect();
-        assert!(twice.is_empty(), "epoch {e}: samples trained twice: {twice:?}");
-        assert_eq!(c.len() as u64, n, "epoch {e}: {} of {n} samples trained", c.len());
-    }
 }
 
 /// Every tensor of a checkpoint, by name.

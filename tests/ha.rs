@@ -5,7 +5,6 @@
 //! and when it wakes it writes nothing, steps down and says so.
 
 mod common;
-use std::collections::{BTreeMap, HashMap};
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -151,40 +150,13 @@ fn worker_logs(dir: &Path) -> String {
 }
 
 /// Waits for both workers to succeed and checks, by the ledger, that every one of the `n`
-/// samples of both epochs was trained exactly once.
+/// samples of each epoch was trained exactly once.
 fn finish_exactly_once(dir: &Path, workers: &mut [Child], n: u64, epochs: u64, logs: &dyn Fn() -> String) {
     for w in workers.iter_mut() {
         assert!(w.wait().unwrap().success(), "a worker failed:\n{}\ncoordinators:\n{}", worker_logs(dir), logs());
     }
-    let mut seen: BTreeMap<u64, HashMap<u64, u32>> = BTreeMap::new();
-    let mut steps: BTreeMap<(u64, u64, u64), Vec<u64>> = BTreeMap::new();
-    let mut committed: HashMap<u64, (u64, u64)> = HashMap::new();
-    for f in std::fs::read_dir(dir.join("ledger")).unwrap() {
-        for line in std::fs::read_to_string(f.unwrap().path()).unwrap().lines() {
-            let v: Value = serde_json::from_str(line).unwrap();
-            let g = v["gen"].as_u64().unwrap();
-            if let Some(xs) = v["x"].as_array() {
-                let k = (g, v["e"].as_u64().unwrap(), v["s"].as_u64().unwrap());
-                steps.entry(k).or_default().extend(xs.iter().map(|x| x.as_u64().unwrap()));
-            } else if v["source"] == true && g > 1 {
-                let b = v["before"].as_array().unwrap();
-                committed.insert(g - 1, (b[0].as_u64().unwrap(), b[1].as_u64().unwrap()));
-            }
-        }
-    }
-    let last = steps.keys().map(|k| k.0).max().unwrap();
-    for (&(g, e, s), xs) in &steps {
-        if g == last || (e, s) < committed[&g] {
-            for &x in xs {
-                *seen.entry(e).or_default().entry(x).or_default() += 1;
-            }
-        }
-    }
-    assert_eq!(seen.len() as u64, epochs);
-    for (e, c) in &seen {
-        assert_eq!(c.len() as u64, n, "epoch {e}: every sample");
-        assert!(c.values().all(|&k| k == 1), "epoch {e}: a sample trained twice");
-    }
+    let (counts, _) = tally(&[(read_ledger(&dir.join("ledger")), None)]);
+    assert_exactly_once(&counts, n, epochs);
 }
 
 fn assert_succeeded(url: &str, epochs: usize) {

@@ -169,22 +169,8 @@ fn a_coordinator_killed_mid_epoch_and_restarted_carries_on_with_every_job() {
     assert_eq!(done["progress"]["generation"], 1, "no re-form was needed: {done:#}");
     assert_eq!(done["metrics"].as_array().unwrap().len(), 2, "both epochs' metrics reached a coordinator: {done:#}");
     // Every sample of every epoch trained exactly once, by the ledger.
-    let mut seen: std::collections::BTreeMap<u64, std::collections::HashMap<u64, u32>> = Default::default();
-    for f in std::fs::read_dir(&ledger).unwrap() {
-        for line in std::fs::read_to_string(f.unwrap().path()).unwrap().lines() {
-            let v: Value = serde_json::from_str(line).unwrap();
-            if let Some(xs) = v["x"].as_array() {
-                for x in xs {
-                    *seen.entry(v["e"].as_u64().unwrap()).or_default().entry(x.as_u64().unwrap()).or_default() += 1;
-                }
-            }
-        }
-    }
-    assert_eq!(seen.len(), 2);
-    for (e, counts) in &seen {
-        assert_eq!(counts.len() as u64, n, "epoch {e}: every sample");
-        assert!(counts.values().all(|&k| k == 1), "epoch {e}: a sample trained twice");
-    }
+    let (counts, _) = tally(&[(read_ledger(&ledger), None)]);
+    assert_exactly_once(&counts, n, 2);
 
     // A finished job's name can be used again.
     ok(c.thaw(&["submit", spec.to_str().unwrap()]));

@@ -255,3 +255,74 @@ impl Drop for Etcd {
         }
     }
 }
+
+// --- The exactly-once ledger (`THAW_LEDGER_DIR`) the workers write, read back by the fault,
+// restart and failover tests. ---
+
+/// One run's ledger: sample ids per (generation, epoch, step), and each generation's source
+/// position before it joined (which ends what the previous generation committed).
+#[derive(Default)]
+pub struct Ledger {
+    pub steps: std::collections::BTreeMap<(u64, u64, u64), Vec<u64>>,
+    pub committed_by_next: std::collections::HashMap<u64, (u64, u64)>,
+}
+
+pub fn read_ledger(dir: &Path) -> Ledger {
+    let mut l = Ledger::default();
+    for f in std::fs::read_dir(dir).unwrap() {
+        let text = std::fs::read_to_string(f.unwrap().path()).unwrap();
+        for line in text.lines() {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            let g = v["gen"].as_u64().unwrap();
+            if let Some(x) = v["x"].as_array() {
+                let key = (g, v["e"].as_u64().unwrap(), v["s"].as_u64().unwrap());
+                l.steps.entry(key).or_default().extend(x.iter().map(|i| i.as_u64().unwrap()));
+            } else if v["source"] == true && g > 1 {
+                let b = v["before"].as_array().unwrap();
+                l.committed_by_next.insert(g - 1, (b[0].as_u64().unwrap(), b[1].as_u64().unwrap()));
+            }
+        }
+    }
+    l
+}
+
+/// Counts, per epoch, how often each sample was trained in committed steps of the runs (in order;
+/// `cutoff` ends the last generation of an interrupted run at its checkpoint's position), and the
+/// steps lost (computed, not committed) per generation change.
+pub fn tally(
+    runs: &[(Ledger, Option<(u64, u64)>)],
+) -> (std::collections::BTreeMap<u64, std::collections::HashMap<u64, u32>>, Vec<usize>) {
+    let mut counts: std::collections::BTreeMap<u64, std::collections::HashMap<u64, u32>> =
+        std::collections::BTreeMap::new();
+    let mut lost = Vec::new();
+    for (l, cutoff) in runs {
+        let last_gen = l.steps.keys().map(|k| k.0).max().unwrap_or(0);
+        let mut lost_in: std::collections::BTreeMap<u64, usize> = std::collections::BTreeMap::new();
+        for (&(g, e, s), xs) in &l.steps {
+            let end = if g == last_gen { *cutoff } else { Some(l.committed_by_next[&g]) };
+            if end.is_none_or(|c| (e, s) < c) {
+                for &x in xs {
+                    *counts.entry(e).or_default().entry(x).or_default() += 1;
+                }
+            } else {
+                *lost_in.entry(g).or_default() += 1;
+            }
+        }
+        // Each rank logs the same (gen, epoch, step) into one key: distinct keys are steps.
+        lost.extend(lost_in.values());
+    }
+    (counts, lost)
+}
+
+pub fn assert_exactly_once(
+    counts: &std::collections::BTreeMap<u64, std::collections::HashMap<u64, u32>>,
+    n: u64,
+    epochs: u64,
+) {
+    assert_eq!(counts.len() as u64, epochs, "epochs in the ledger: {:?}", counts.keys().collect::<Vec<_>>());
+    for (e, c) in counts {
+        let twice: Vec<_> = c.iter().filter(|(_, k)| **k > 1).map(|(x, _)| *x).take(5).collect();
+        assert!(twice.is_empty(), "epoch {e}: samples trained twice: {twice:?}");
+        assert_eq!(c.len() as u64, n, "epoch {e}: {} of {n} samples trained", c.len());
+    }
+}
