@@ -25,6 +25,7 @@ fn job(id: &str, samples: u64) -> StoredJob {
         restarts: 0,
         live: None,
         worker_token: None,
+        ring_secret: "0a1b2c3d".into(),
     }
 }
 

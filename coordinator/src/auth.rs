@@ -137,6 +137,16 @@ pub fn new_job_token() -> String {
     })
 }
 
+/// The ring key of a job's `generation`: SHA-256 over a label, the job's ring secret and the
+/// generation, so that each generation's ranks prove a key of their own.
+pub fn ring_key(job_secret: &str, generation: u32) -> Vec<u8> {
+    let mut h = Sha256::new();
+    h.update(b"thaw ring key v1\0");
+    h.update(job_secret.as_bytes());
+    h.update(generation.to_le_bytes());
+    h.finalize().to_vec()
+}
+
 /// Whether `presented` is `expected`, in constant time.
 pub fn same_secret(presented: &str, expected: &str) -> bool {
     bool::from(digest(presented.as_bytes()).ct_eq(&digest(expected.as_bytes())))

@@ -119,6 +119,9 @@ pub struct Assignment {
     pub collective: String,
     /// Rank 0's NCCL unique id (empty for the ring).
     pub nccl_unique_id: Vec<u8>,
+    /// The key the ring's link handshakes prove (a fresh one per generation: ranks of an old
+    /// generation cannot join a new ring).
+    pub ring_secret: Vec<u8>,
     pub spec_toml: String,
     /// The group's generation: 1 for the first, +1 at every re-form.
     pub generation: u32,
@@ -277,6 +280,9 @@ struct Job {
     finished: Vec<String>,
     /// The credential its workers must present to join, when one was issued.
     worker_token: Option<String>,
+    /// The job's ring secret (random, never leaves the coordinator): each generation's ring key
+    /// is derived from it.
+    ring_secret: String,
     /// Size of the group the rendezvous formed (kept when the members are not, after a restore).
     world_size: u32,
     /// The group's generation (0 before the first group forms) and where it started.
@@ -440,6 +446,7 @@ impl Job {
             generation: self.generation,
             restarts: self.restarts,
             worker_token: self.worker_token.clone(),
+            ring_secret: self.ring_secret.clone(),
             live: (!self.record.state().is_terminal()).then(|| LiveState {
                 members: self.members.clone(),
                 cursor: self.cursor,
@@ -571,6 +578,11 @@ impl Coordinator {
                 last_seen: HashMap::new(),
                 finished: Vec::new(),
                 worker_token: stored.worker_token.clone(),
+                ring_secret: if stored.ring_secret.is_empty() {
+                    crate::auth::new_job_token()
+                } else {
+                    stored.ring_secret.clone()
+                },
                 world_size: stored.workers,
                 generation: stored.generation,
                 cursor: live.cursor,
@@ -677,6 +689,7 @@ impl Coordinator {
             last_seen: HashMap::new(),
             finished: Vec::new(),
             worker_token: None,
+            ring_secret: crate::auth::new_job_token(),
             world_size: 0,
             generation: 0,
             cursor: EpochCursor::default(),
@@ -878,6 +891,7 @@ impl Coordinator {
                     peers: job.members.iter().map(|m| m.collective_addr.clone()).collect(),
                     collective: job.spec.distributed.collective.as_str().to_string(),
                     nccl_unique_id: job.nccl_unique_id.clone(),
+                    ring_secret: crate::auth::ring_key(&job.ring_secret, job.generation),
                     spec_toml: job.spec_toml.clone(),
                     generation: job.generation,
                     source_rank: job.source,

@@ -418,6 +418,7 @@ impl Workers for WorkersService {
                         source_rank: a.source_rank,
                         cursor: Some(cursor_to_proto(&a.cursor)),
                         resume_from: a.resume_from.unwrap_or_default(),
+                        ring_secret: a.ring_secret,
                     }));
                 }
                 Ok(JoinPoll::Waiting { until }) => {

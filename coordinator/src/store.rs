@@ -110,6 +110,9 @@ pub struct StoredJob {
     /// The credential its workers present to join (when the coordinator checks credentials).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub worker_token: Option<String>,
+    /// The secret its ring keys derive from (empty for jobs of older versions: a new one is made).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub ring_secret: String,
 }
 
 /// The durable part of a running job's group: membership and where its generation started. The
@@ -431,6 +434,7 @@ mod tests {
                 resume_cursor: None,
             }),
             worker_token: Some("0123abcd".into()),
+            ring_secret: "feedface".into(),
         }
     }
 

@@ -26,7 +26,7 @@ use thaw_coordinator::spec::{CollectiveKind, JobSpec};
 use thaw_proto::v1 as pb;
 
 use crate::checkpoint::EpochMetrics;
-use crate::collective::{Collective, RingCollective};
+use crate::collective::{Collective, RingCollective, RingOptions};
 use crate::train::{Control, DistEnd, DistOutcome, TrainError, Trainer};
 use thaw_coordinator::service::stage_from_proto;
 use thaw_coordinator::spec::Stage;
@@ -565,7 +565,8 @@ fn form_group(
         .iter()
         .map(|p| p.parse().map_err(|e| TrainError::Invalid(format!("bad peer address `{p}`: {e}"))))
         .collect::<Result<_, _>>()?;
-    let ring = RingCollective::connect(a.rank as usize, a.world_size as usize, listener, &peers, timeout)?;
+    let options = RingOptions::new(timeout).with_secret(&a.ring_secret);
+    let ring = RingCollective::connect_with(a.rank as usize, a.world_size as usize, listener, &peers, options)?;
     if let Some((to_next, from_prev)) = ring.transports() {
         tracing::info!(to_next, from_prev, "ring formed");
     }

@@ -19,8 +19,19 @@
 //! the TCP connection stays open only to tell whether the neighbour lives. The frames are the same
 //! on both transports. `RingOptions::shm` (default: on unless `THAW_RING_SHM=0`) turns this off.
 //!
-//! Wire format, little-endian: when the ring forms, a 32-byte handshake each way (magic, rank, world
-//! size, segment size), so a wrong peer is rejected, and the dialer's 256-byte shared-memory offer
+//! Authentication: every link's handshake is a mutual HMAC-SHA256 challenge-response over the
+//! group's ring secret, which the coordinator hands each rank with its assignment (over the
+//! authenticated control plane). The acceptor drops a connection that does not prove the secret
+//! within [`AUTH_WINDOW`] (a port scan, a rogue or stale process) and goes on accepting, so strangers
+//! can neither join a ring nor stop one forming; the dialer refuses a listener that cannot prove
+//! it. The payload after the handshake is neither encrypted nor MACed: an attacker on the network
+//! path could still read or alter gradients (see the README's threat model).
+//!
+//! Wire format, little-endian: when the ring forms, the dialer sends a 32-byte hello (magic, rank,
+//! world size, segment size) and a 32-byte nonce; the acceptor answers its own hello, nonce and tag;
+//! the dialer answers its tag (each tag covers both hellos and both nonces, under a label for its
+//! side). A peer that proves the secret but is set up differently is rejected at once, naming the
+//! difference. Then the dialer's 256-byte shared-memory offer
 //! (empty when it has none) with the acceptor's 8-byte answer; then per operation a START frame (operation,
 //! length, root, call number) that the receiver checks against its own call, DATA frames (step,
 //! segment and byte length, then the raw `f32` bytes; their order depends on timing, each is filed
@@ -42,6 +53,9 @@ use std::time::{Duration, Instant};
 
 #[cfg(target_os = "linux")]
 use super::shm;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
 use super::Call;
 use super::{AbortReason, Collective, CollectiveError, Operation};
 
@@ -63,8 +77,16 @@ const REARM_EVERY: Duration = Duration::from_millis(2);
 const MAX_DIAL_BACKOFF: Duration = Duration::from_millis(250);
 const MAX_ACCEPT_PAUSE: Duration = Duration::from_millis(20);
 
-const MAGIC: [u8; 8] = *b"THAWRNG1";
+const MAGIC: [u8; 8] = *b"THAWRNG2";
 const HELLO_BYTES: usize = 32;
+/// Bytes of a handshake nonce and of an HMAC-SHA256 tag.
+const NONCE_BYTES: usize = 32;
+const MAC_BYTES: usize = 32;
+/// How long an accepted connection has to prove itself before it is dropped and the rank accepts
+/// again: a port scanner or a stuck stranger delays the ring by at most this much.
+const AUTH_WINDOW: Duration = Duration::from_secs(2);
+const DIALER_LABEL: &[u8] = b"thaw ring v2: dialer";
+const ACCEPTOR_LABEL: &[u8] = b"thaw ring v2: acceptor";
 const FRAME_BYTES: usize = 32;
 const KIND_START: u32 = u32::from_le_bytes(*b"STRT");
 const KIND_DATA: u32 = u32::from_le_bytes(*b"DATA");
@@ -80,11 +102,20 @@ pub struct RingOptions {
     /// Whether neighbours on the same host may use a shared-memory pipe instead of TCP for data
     /// (each link uses it only if both ends allow it). Default: yes, unless `THAW_RING_SHM=0`.
     pub shm: bool,
+    /// The group's ring secret (from the coordinator's assignment): each link's handshake is an
+    /// HMAC-SHA256 challenge-response over it, both ways. Empty authenticates nothing, but the
+    /// handshake is the same (strangers that do not speak it are still dropped).
+    pub secret: Vec<u8>,
 }
 
 impl RingOptions {
     pub fn new(timeout: Duration) -> Self {
-        RingOptions { timeout, segment_bytes: DEFAULT_SEGMENT_BYTES, shm: shm_enabled_by_env() }
+        RingOptions { timeout, segment_bytes: DEFAULT_SEGMENT_BYTES, shm: shm_enabled_by_env(), secret: Vec::new() }
+    }
+
+    pub fn with_secret(mut self, secret: &[u8]) -> Self {
+        self.secret = secret.to_vec();
+        self
     }
 }
 
@@ -118,6 +149,7 @@ struct Ring {
     timeout: Duration,
     segment_bytes: usize,
     shm: bool,
+    secret: Vec<u8>,
 }
 
 struct Links {
@@ -193,6 +225,7 @@ impl RingCollective {
             timeout: options.timeout,
             segment_bytes: options.segment_bytes,
             shm: options.shm,
+            secret: options.secret,
         };
         let links = if world_size == 1 { None } else { Some(establish(&ring, listener)?) };
         let scratch = vec![0.0; (options.segment_bytes / 4).min(SCRATCH_ELEMS)];
@@ -475,6 +508,18 @@ fn dial(ring: &Ring, deadline: Instant, give_up: &GiveUp) -> Result<Link, Option
     offer_link(ring, stream, deadline).map_err(Some)
 }
 
+/// The HMAC-SHA256 tag of one side of a link's handshake: `label` says which side, so neither
+/// side's tag can be reflected back as the other's; the transcript binds both hellos (ranks, world
+/// size, segment size) and both fresh nonces, so no tag can be replayed.
+fn handshake_mac(secret: &[u8], label: &[u8], transcript: &[&[u8]]) -> Hmac<Sha256> {
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret).expect("HMAC takes a key of any length");
+    mac.update(label);
+    for part in transcript {
+        mac.update(part);
+    }
+    mac
+}
+
 fn handshake_dial(ring: &Ring, stream: &TcpStream, deadline: Instant) -> Result<(), CollectiveError> {
     let peer = ring.next();
     let addr = ring.peers[peer];
@@ -486,14 +531,30 @@ fn handshake_dial(ring: &Ring, stream: &TcpStream, deadline: Instant) -> Result<
         segment_bytes: ring.segment_bytes,
         accepted: true,
         expects: ring.prev(),
-    };
-    write_all_timed(stream, &hello.encode(), &mut Timer::new(deadline, Direction::Write)).map_err(link)?;
-    let mut bytes = [0u8; HELLO_BYTES];
+    }
+    .encode();
+    let nonce: [u8; NONCE_BYTES] = rand::random();
+    let mut out = [0u8; HELLO_BYTES + NONCE_BYTES];
+    out[..HELLO_BYTES].copy_from_slice(&hello);
+    out[HELLO_BYTES..].copy_from_slice(&nonce);
+    write_all_timed(stream, &out, &mut Timer::new(deadline, Direction::Write)).map_err(link)?;
+    let mut bytes = [0u8; HELLO_BYTES + NONCE_BYTES + MAC_BYTES];
     read_exact_timed(stream, &mut bytes, &mut Timer::new(deadline, Direction::Read)).map_err(link)?;
     let reject = |reason: String| Err(CollectiveError::Handshake { rank: ring.rank, addr, reason });
-    let Some(reply) = Hello::decode(&bytes) else {
+    let (their_hello, rest) = bytes.split_at(HELLO_BYTES);
+    let (their_nonce, their_mac) = rest.split_at(NONCE_BYTES);
+    let Some(reply) = Hello::decode(their_hello.try_into().expect("32 bytes")) else {
         return reject(format!("the process at {addr} is not a thaw ring peer (bad magic)"));
     };
+    let transcript: [&[u8]; 4] = [&hello, &nonce, their_hello, their_nonce];
+    if handshake_mac(&ring.secret, ACCEPTOR_LABEL, &transcript).verify_slice(their_mac).is_err() {
+        return reject(format!(
+            "the process at {addr} does not hold this group's ring secret: it is not rank {peer} of this job's \
+             current generation"
+        ));
+    }
+    let mine = handshake_mac(&ring.secret, DIALER_LABEL, &transcript).finalize().into_bytes();
+    write_all_timed(stream, &mine, &mut Timer::new(deadline, Direction::Write)).map_err(link)?;
     if let Some(reason) = ring.compare(&reply, peer) {
         return reject(reason);
     }
@@ -523,10 +584,15 @@ fn accept(
             return Err(None);
         }
         match listener.accept() {
-            Ok((stream, from)) => {
-                handshake_accept(ring, &stream, from, deadline).map_err(Some)?;
-                return answer_link(ring, stream, from, deadline).map_err(Some);
-            }
+            Ok((stream, from)) => match handshake_accept(ring, &stream, from, deadline) {
+                Accepted::Peer => return answer_link(ring, stream, from, deadline).map_err(Some),
+                Accepted::Misconfigured(e) => return Err(Some(e)),
+                // A stranger (a port scan, a rogue or stale process) proves nothing: drop it and
+                // go on accepting; the ring forms when the real neighbour arrives.
+                Accepted::Stranger(why) => {
+                    tracing::warn!(rank = ring.rank, %from, reason = %why, "dropped a ring connection that failed the handshake");
+                }
+            },
             Err(e)
                 if matches!(
                     e.kind(),
@@ -553,35 +619,67 @@ fn accept(
     }
 }
 
-fn handshake_accept(
-    ring: &Ring,
-    stream: &TcpStream,
-    from: SocketAddr,
-    deadline: Instant,
-) -> Result<(), CollectiveError> {
+/// What an accepted connection turned out to be.
+enum Accepted {
+    /// The expected neighbour, authenticated.
+    Peer,
+    /// A process holding the ring secret but set up differently (another rank, world or segment
+    /// size): a configuration error that fails the ring at once, as it would not heal.
+    Misconfigured(CollectiveError),
+    /// Anything that did not prove the secret in time: dropped.
+    Stranger(String),
+}
+
+fn handshake_accept(ring: &Ring, stream: &TcpStream, from: SocketAddr, deadline: Instant) -> Accepted {
     let peer = ring.prev();
-    let link = |e| ring.link_error(e, Operation::Connect, peer);
+    let window = deadline.min(Instant::now() + AUTH_WINDOW);
+    let io = |what: &str, e: LinkError| Accepted::Stranger(format!("{what}: {e:?}"));
     // Accepted sockets inherit non-blocking mode on some platforms.
-    stream.set_nonblocking(false).map_err(|e| link(LinkError::Io(e)))?;
-    stream.set_nodelay(true).map_err(|e| link(LinkError::Io(e)))?;
-    let mut bytes = [0u8; HELLO_BYTES];
-    read_exact_timed(stream, &mut bytes, &mut Timer::new(deadline, Direction::Read)).map_err(link)?;
-    let problem = match Hello::decode(&bytes) {
-        None => Some(format!("the connection from {from} is not a thaw ring peer (bad magic)")),
-        Some(hello) => ring.compare(&hello, peer),
+    if let Err(e) = stream.set_nonblocking(false).and_then(|()| stream.set_nodelay(true)) {
+        return io("setting up the socket", LinkError::Io(e));
+    }
+    let mut bytes = [0u8; HELLO_BYTES + NONCE_BYTES];
+    if let Err(e) = read_exact_timed(stream, &mut bytes, &mut Timer::new(window, Direction::Read)) {
+        return io("reading its hello", e);
+    }
+    let (their_hello, their_nonce) = bytes.split_at(HELLO_BYTES);
+    let Some(hello) = Hello::decode(their_hello.try_into().expect("32 bytes")) else {
+        return Accepted::Stranger("not a thaw ring peer (bad magic)".into());
     };
+    let problem = ring.compare(&hello, peer);
     let reply = Hello {
         rank: ring.rank,
         world: ring.world,
         segment_bytes: ring.segment_bytes,
         accepted: problem.is_none(),
         expects: peer,
-    };
-    let sent = write_all_timed(stream, &reply.encode(), &mut Timer::new(deadline, Direction::Write));
-    if let Some(reason) = problem {
-        return Err(CollectiveError::Handshake { rank: ring.rank, addr: from, reason });
     }
-    sent.map_err(link)
+    .encode();
+    let nonce: [u8; NONCE_BYTES] = rand::random();
+    let transcript: [&[u8]; 4] = [their_hello, their_nonce, &reply, &nonce];
+    let mut out = [0u8; HELLO_BYTES + NONCE_BYTES + MAC_BYTES];
+    out[..HELLO_BYTES].copy_from_slice(&reply);
+    out[HELLO_BYTES..HELLO_BYTES + NONCE_BYTES].copy_from_slice(&nonce);
+    out[HELLO_BYTES + NONCE_BYTES..]
+        .copy_from_slice(&handshake_mac(&ring.secret, ACCEPTOR_LABEL, &transcript).finalize().into_bytes());
+    if let Err(e) = write_all_timed(stream, &out, &mut Timer::new(window, Direction::Write)) {
+        return io("answering", e);
+    }
+    let mut their_mac = [0u8; MAC_BYTES];
+    if let Err(e) = read_exact_timed(stream, &mut their_mac, &mut Timer::new(window, Direction::Read)) {
+        // A real peer that rejected this rank's answer hangs up here: its own error explains.
+        return io("reading its proof", e);
+    }
+    if handshake_mac(&ring.secret, DIALER_LABEL, &transcript).verify_slice(&their_mac).is_err() {
+        return Accepted::Stranger(format!(
+            "claims to be rank {} but does not hold this group's ring secret",
+            hello.rank
+        ));
+    }
+    match problem {
+        Some(reason) => Accepted::Misconfigured(CollectiveError::Handshake { rank: ring.rank, addr: from, reason }),
+        None => Accepted::Peer,
+    }
 }
 
 /// The dialer's side of choosing the transport of its link to next: offers a shared-memory pipe
@@ -1358,7 +1456,7 @@ mod tests {
     const SHM: [bool; 2] = [false, true];
 
     fn opts(timeout: Duration, segment_bytes: usize, shm: bool) -> RingOptions {
-        RingOptions { timeout, segment_bytes, shm }
+        RingOptions { timeout, segment_bytes, shm, secret: b"test ring secret".to_vec() }
     }
 
     fn expect_transport(ring: &RingCollective, shm: bool) {
@@ -1594,6 +1692,89 @@ mod tests {
             assert!(matches!(e, CollectiveError::Handshake { .. }), "{e}");
             assert!(e.to_string().contains("world size"), "{e}");
             assert!(!e.is_retryable());
+        }
+    }
+
+    /// A process that speaks the ring protocol, claims to be `rank`, and does not know the secret:
+    /// it answers the acceptor's challenge with a made-up tag. Returns whether it got past.
+    fn rogue_dial(addr: SocketAddr, rank: usize, world: usize) -> bool {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let hello = Hello { rank, world, segment_bytes: DEFAULT_SEGMENT_BYTES, accepted: true, expects: 0 };
+        s.write_all(&hello.encode()).unwrap();
+        s.write_all(&[7u8; NONCE_BYTES]).unwrap();
+        let mut answer = [0u8; HELLO_BYTES + NONCE_BYTES + MAC_BYTES];
+        if s.read_exact(&mut answer).is_err() {
+            return false;
+        }
+        s.write_all(&[0x5a; MAC_BYTES]).unwrap();
+        // An acceptor that took the rogue would now wait for its shared-memory offer; one that
+        // dropped it closes the connection.
+        let mut one = [0u8; 1];
+        !matches!(s.read(&mut one), Ok(0) | Err(_))
+    }
+
+    #[test]
+    fn a_port_scan_and_a_rogue_peer_neither_join_nor_stop_a_forming_ring() {
+        let (listeners, addrs) = listeners(2);
+        // Before the real rank 0 dials rank 1, rank 1's backlog holds: a scan that connects and
+        // closes, one that sends garbage, one that connects and says nothing, and a rogue rank 0.
+        drop(TcpStream::connect(addrs[1]).unwrap());
+        TcpStream::connect(addrs[1]).unwrap().write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let _silent = TcpStream::connect(addrs[1]).unwrap();
+        let t = Instant::now();
+        let (rogue, sums) = std::thread::scope(|s| {
+            let rogue = s.spawn(|| rogue_dial(addrs[1], 0, 2));
+            // The rogue gets in line first.
+            std::thread::sleep(Duration::from_millis(100));
+            let rings: Vec<_> = listeners
+                .into_iter()
+                .enumerate()
+                .map(|(rank, l)| {
+                    let addrs = &addrs;
+                    s.spawn(move || {
+                        let o = opts(Duration::from_secs(10), DEFAULT_SEGMENT_BYTES, false);
+                        let mut ring = RingCollective::connect_with(rank, 2, l, addrs, o).unwrap();
+                        let mut buf = vec![rank as f32 + 1.0; 5];
+                        ring.all_reduce_sum(&mut buf).unwrap();
+                        buf
+                    })
+                })
+                .collect();
+            let sums: Vec<Vec<f32>> = rings.into_iter().map(|h| h.join().unwrap()).collect();
+            (rogue.join().unwrap(), sums)
+        });
+        assert!(!rogue, "a peer without the secret was taken into the ring");
+        assert!(sums.iter().all(|b| b == &vec![3.0; 5]), "{sums:?}");
+        // The silent connection costs one authentication window, no more.
+        assert!(t.elapsed() < AUTH_WINDOW + Duration::from_secs(3), "formation took {:?}", t.elapsed());
+    }
+
+    #[test]
+    fn a_listener_without_the_secret_is_refused_by_name() {
+        // Rank 1 is a process of another job (or an old generation) holding rank 1's address.
+        let (mut ls, addrs) = listeners(2);
+        let l1 = ls.pop().unwrap();
+        let l0 = ls.pop().unwrap();
+        let timeout = Duration::from_secs(3);
+        let (e0, r1) = std::thread::scope(|s| {
+            let r1 = s.spawn(|| {
+                let o = RingOptions { secret: b"another job".to_vec(), ..opts(timeout, DEFAULT_SEGMENT_BYTES, false) };
+                RingCollective::connect_with(1, 2, l1, &addrs, o)
+            });
+            let e0 = RingCollective::connect_with(0, 2, l0, &addrs, opts(timeout, DEFAULT_SEGMENT_BYTES, false));
+            (e0.unwrap_err(), r1.join().unwrap().unwrap_err())
+        });
+        // Whoever dials first is refused by name and gives up; the other side may then find no
+        // listener at all (a retryable failure) rather than a wrong one.
+        let refused = |e: &CollectiveError| {
+            matches!(e, CollectiveError::Handshake { .. })
+                && e.to_string().contains("does not hold this group's ring secret")
+                && !e.is_retryable()
+        };
+        assert!(refused(&e0) || refused(&r1), "{e0} / {r1}");
+        for e in [&e0, &r1] {
+            assert!(refused(e) || e.is_retryable(), "{e}");
         }
     }
 
