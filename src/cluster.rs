@@ -27,6 +27,10 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 /// to 15 s.
 async fn jobs_client(list: &str) -> Result<JobsApi> {
     let coords = thaw_coordinator::client::Coordinators::parse(list).map_err(|e| anyhow::anyhow!(e))?;
+    leading_jobs_client(list, &coords).await
+}
+
+async fn leading_jobs_client(list: &str, coords: &thaw_coordinator::client::Coordinators) -> Result<JobsApi> {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let mut c = coords.jobs();
@@ -34,6 +38,17 @@ async fn jobs_client(list: &str) -> Result<JobsApi> {
             .await
             .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("no answer within 5s")));
         let s = match answer {
+            // A TLS handshake the coordinator refused (a certificate of another CA, an expired
+            // one) does not heal by retrying: say so now, with the cause.
+            Err(s) if thaw_coordinator::client::is_tls_refusal(&s) => {
+                bail!("the TLS handshake with {list} failed: {}", thaw_coordinator::client::describe(&s))
+            }
+            Err(s) if s.code() == tonic::Code::Internal && list.contains("http://") && s.message().contains("h2 protocol") => {
+                bail!(
+                    "{list} does not speak plaintext gRPC ({}): a TLS coordinator needs https:// and THAW_TLS_DIR",
+                    s.message()
+                )
+            }
             Err(s)
                 if matches!(
                     s.code(),
@@ -46,7 +61,7 @@ async fn jobs_client(list: &str) -> Result<JobsApi> {
         };
         let followed = coords.after_error(&s) && s.metadata().contains_key(service::LEADER_HEADER);
         if Instant::now() > deadline {
-            bail!("cannot reach a coordinator that leads at {list}: {}", s.message());
+            bail!("cannot reach a coordinator that leads at {list}: {}", thaw_coordinator::client::describe(&s));
         }
         if !followed {
             tokio::time::sleep(Duration::from_millis(300)).await;
@@ -108,34 +123,56 @@ fn print_job(j: &pb::Job) {
     );
 }
 
-/// Who may call a coordinator: its client tokens, or none with `--insecure`.
+/// Who may call a coordinator and how: its client tokens and TLS directory, or neither with
+/// `--insecure`.
 pub struct Security {
     pub tokens: Option<thaw_coordinator::auth::Tokens>,
+    pub tls: Option<std::sync::Arc<thaw_coordinator::tls::ServerTls>>,
     pub insecure: bool,
+    /// What it holds at most for its callers.
+    pub limits: service::Limits,
 }
 
 impl Security {
-    /// Refuses to serve on a non-loopback address without tokens unless `--insecure` was given;
-    /// an insecure exposed coordinator says so every minute.
+    /// `http` or `https`.
+    fn scheme(&self) -> &'static str {
+        if self.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
+    /// Refuses to serve on a non-loopback address without both tokens and TLS unless `--insecure`
+    /// was given; an insecure exposed coordinator says so every minute.
     fn guard(&self, addr: std::net::SocketAddr, state: &std::sync::Arc<State>) -> Result<()> {
+        state.set_limits(self.limits);
         if let Some(t) = &self.tokens {
             state.require_tokens(t.clone());
-            return Ok(());
         }
-        if addr.ip().is_loopback() {
+        let missing: Vec<&str> = [
+            self.tokens.is_none().then_some("client tokens (--tokens FILE)"),
+            self.tls.is_none().then_some("TLS (--tls DIR)"),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        if missing.is_empty() || addr.ip().is_loopback() {
             return Ok(());
         }
         if !self.insecure {
             bail!(
-                "refusing to listen on {addr} with no client tokens: anyone who reaches it could submit, cancel or join jobs. \
-                 Give --tokens FILE (or THAW_TOKENS_FILE), or --insecure on a trusted network"
+                "refusing to listen on {addr} without {}: anyone who reaches it could submit, cancel or join jobs, or read \
+                 them off the wire. Give them (`thaw certs init` makes a TLS directory), or --insecure on a trusted network",
+                missing.join(" and ")
             );
         }
+        let missing = missing.join(", ");
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(60));
             loop {
                 tick.tick().await;
-                tracing::warn!(%addr, "INSECURE: this coordinator accepts any caller (--insecure)");
+                tracing::warn!(%addr, %missing, "INSECURE: this coordinator runs without security (--insecure)");
             }
         });
         Ok(())
@@ -171,8 +208,8 @@ pub fn coordinator(
         let addr = listener.local_addr()?;
         security.guard(addr, &state)?;
         tracing::info!(%addr, "coordinator listening");
-        println!("coordinator listening on http://{addr}");
-        service::serve(listener, state, shutdown_signal()).await?;
+        println!("coordinator listening on {}://{addr}", security.scheme());
+        service::serve(listener, security.tls.clone(), state, shutdown_signal()).await?;
         tracing::info!("coordinator stopped");
         Ok(())
     })
@@ -227,7 +264,7 @@ pub fn coordinator_ha(
         let listener =
             tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
         let addr = listener.local_addr()?;
-        let me = advertise.map(str::to_string).unwrap_or_else(|| format!("http://{addr}"));
+        let me = advertise.map(str::to_string).unwrap_or_else(|| format!("{}://{addr}", security.scheme()));
         let lead = Leadership::new(&me);
         let state = State::standby(lead.clone());
         state.set_retention(retention);
@@ -235,8 +272,8 @@ pub fn coordinator_ha(
         let owner = std::sync::Arc::new(Owner { state: state.clone(), opts: opts.clone(), lead: lead.clone() });
         let campaign = election.spawn(etcd::campaign(opts.clone(), lead, owner));
         tracing::info!(%addr, advertise = %me, etcd = %opts.endpoints.join(","), prefix = %opts.prefix, "coordinator listening (standing by until elected)");
-        println!("coordinator listening on http://{addr}");
-        service::serve(listener, state, shutdown_signal()).await?;
+        println!("coordinator listening on {}://{addr}", security.scheme());
+        service::serve(listener, security.tls.clone(), state, shutdown_signal()).await?;
         campaign.abort();
         tracing::info!("coordinator stopped");
         Ok(())
@@ -532,6 +569,52 @@ pub struct LaunchOptions {
     pub max_restarts: u32,
     /// A checkpoint to resume from (any world size wrote it).
     pub resume: Option<PathBuf>,
+    /// No ephemeral credentials: plaintext gRPC and no tokens (for comparisons and debugging).
+    pub insecure: bool,
+}
+
+/// What `thaw launch` makes for its one job, unless `--insecure`: a CA and certificates that
+/// live in a private temporary directory for as long as the launch (the coordinator's for
+/// 127.0.0.1, one client certificate for the launcher and its workers), and an operator token.
+/// The launch prints where they are, so that `thaw status` or an extra `thaw worker` (with
+/// `--max-nproc`) can reach its coordinator from another shell of the same user.
+struct Ephemeral {
+    _dir: tempfile::TempDir,
+    server: std::sync::Arc<thaw_coordinator::tls::ServerTls>,
+    client: thaw_coordinator::tls::ClientTls,
+    token: String,
+}
+
+impl Ephemeral {
+    fn new() -> Result<Ephemeral> {
+        use thaw_coordinator::tls::{Authority, ClientTls, ServerTls};
+        let dir = tempfile::Builder::new().prefix("thaw-launch-").tempdir().context("creating a private directory")?;
+        let ca = Authority::new("thaw launch (ephemeral)", 30).map_err(anyhow::Error::msg)?;
+        let local = ["127.0.0.1".to_string(), "localhost".to_string()];
+        ca.write_dir(&dir.path().join("coordinator"), "thaw-coordinator", &local, 30).map_err(anyhow::Error::msg)?;
+        ca.write_dir(&dir.path().join("client"), "thaw-launch", &[], 30).map_err(anyhow::Error::msg)?;
+        Ok(Ephemeral {
+            server: ServerTls::load(&dir.path().join("coordinator")).map_err(anyhow::Error::msg)?,
+            client: ClientTls::new(&dir.path().join("client")).map_err(anyhow::Error::msg)?,
+            token: thaw_coordinator::auth::new_job_token(),
+            _dir: dir,
+        })
+    }
+
+    /// Writes the operator token and the job's worker credential next to the certificates;
+    /// returns the environment that reaches the coordinator with them.
+    fn publish(&self, job_token: &str) -> Result<String> {
+        let root = self._dir.path();
+        for (name, secret) in [("token", &self.token), ("job-token", &job_token.to_string())] {
+            std::fs::write(root.join(name), secret).with_context(|| format!("writing {}", root.join(name).display()))?;
+        }
+        Ok(format!(
+            "THAW_TLS_DIR={} THAW_TOKEN_FILE={} THAW_JOB_TOKEN_FILE={}",
+            self.client.dir().display(),
+            root.join("token").display(),
+            root.join("job-token").display()
+        ))
+    }
 }
 
 /// `thaw launch --nproc N JOB.toml`: an in-process coordinator on 127.0.0.1 and N worker
@@ -562,17 +645,31 @@ pub fn launch(spec_path: &Path, opts: &LaunchOptions, device: &str) -> Result<i3
     std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
     let rt = runtime()?;
     let exe = std::env::current_exe().context("locating the thaw binary")?;
+    let ephemeral = if opts.insecure { None } else { Some(Ephemeral::new()?) };
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let url = format!("http://{}", listener.local_addr()?);
+        let scheme = if ephemeral.is_some() { "https" } else { "http" };
+        let url = format!("{scheme}://{}", listener.local_addr()?);
         // The job lives and dies with this process: an in-memory store, nothing under THAW_HOME.
         let state = State::new();
+        let mut credentials = thaw_coordinator::client::Credentials::default();
+        if let Some(e) = &ephemeral {
+            let line = format!("operator {} launch", e.token);
+            state.require_tokens(thaw_coordinator::auth::Tokens::parse(&line, "launch").map_err(anyhow::Error::msg)?);
+            credentials = credentials.with_tls(Some(e.client.clone())).with_token(&e.token).map_err(anyhow::Error::msg)?;
+        }
         let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(service::serve(listener, state, async {
+        let server = tokio::spawn(service::serve(listener, ephemeral.as_ref().map(|e| e.server.clone()), state, async {
             let _ = server_stopped.await;
         }));
-        let mut c = jobs_client(&url).await?;
-        let id = c.submit(submit).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?.into_inner().job_id;
+        let coords = thaw_coordinator::client::Coordinators::with_credentials(&url, credentials)
+            .map_err(anyhow::Error::msg)?;
+        let mut c = leading_jobs_client(&url, &coords).await?;
+        let submitted = c.submit(submit).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?.into_inner();
+        let (id, job_token) = (submitted.job_id, submitted.job_token);
+        if let Some(e) = &ephemeral {
+            eprintln!("credentials (this launch's, private to you): {}", e.publish(&job_token)?);
+        }
         eprintln!("job {id}: coordinator {url}, {nproc} workers, logs in {}", logs.display());
         // Share the cores: each worker's libtorch gets its part instead of all of them.
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
@@ -582,9 +679,20 @@ pub fn launch(spec_path: &Path, opts: &LaunchOptions, device: &str) -> Result<i3
                 .create(true)
                 .append(true)
                 .open(logs.join(format!("worker-{i}.log")))?;
-            Command::new(&exe)
-                .args(["worker", "--coordinator", &url, "--job", &id, "--worker-id", &format!("local-{i}"), "--device", device])
+            let mut cmd = Command::new(&exe);
+            cmd.args(["worker", "--coordinator", &url, "--job", &id, "--worker-id", &format!("local-{i}"), "--device", device])
                 .env("THAW_TORCH_THREADS", &threads)
+                // A worker presents its job's credential and the launch's client certificate, and
+                // nothing of the caller's.
+                .env_remove("THAW_TOKEN")
+                .env_remove("THAW_TOKEN_FILE")
+                .env_remove("THAW_TLS_DIR")
+                .env_remove("THAW_JOB_TOKEN")
+                .env_remove("THAW_JOB_TOKEN_FILE");
+            if let Some(e) = &ephemeral {
+                cmd.env("THAW_TLS_DIR", e.client.dir()).env("THAW_JOB_TOKEN", &job_token);
+            }
+            cmd
                 .stdin(Stdio::null())
                 .stdout(log.try_clone()?)
                 .stderr(log)

@@ -60,6 +60,37 @@ enum FormatArg {
 }
 
 #[derive(Subcommand)]
+enum CertsCommand {
+    /// Make a CA and certificates for the coordinator, the workers and the clients in DIR (one
+    /// TLS directory each: ca.crt, tls.crt, tls.key). The coordinator's certificate names
+    /// localhost, 127.0.0.1, ::1 and every --san.
+    Init {
+        dir: PathBuf,
+        /// A DNS name (wildcards allowed: `*.thaw-coordinator.thaw.svc`) or IP address the
+        /// coordinator is reached at; repeat for several.
+        #[arg(long)]
+        san: Vec<String>,
+        /// Days the certificates are valid (the CA: twice as long).
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+    },
+    /// Sign a new certificate with the CA of CA_DIR (made by `certs init`) into the TLS directory
+    /// OUT: a renewal (a coordinator reloads its files when they change) or one more identity.
+    Issue {
+        ca_dir: PathBuf,
+        out: PathBuf,
+        /// The certificate's common name, e.g. thaw-coordinator or thaw-worker.
+        #[arg(long)]
+        name: String,
+        /// DNS names and IP addresses it is valid for (a coordinator's); repeat for several.
+        #[arg(long)]
+        san: Vec<String>,
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+    },
+}
+
+#[derive(Subcommand)]
 enum Command {
     /// Train a job in this process: `thaw train JOB.toml`, or `thaw train --resume CHECKPOINT`.
     Train {
@@ -167,6 +198,10 @@ enum Command {
         /// Resume from a checkpoint (written by any number of workers), mid-epoch included.
         #[arg(long)]
         resume: Option<PathBuf>,
+        /// Plaintext gRPC and no tokens between the launcher and its workers (by default the
+        /// launch makes ephemeral certificates and tokens; everything stays on 127.0.0.1 either way).
+        #[arg(long)]
+        insecure: bool,
         spec: PathBuf,
         #[arg(long, value_enum, default_value = "cpu")]
         device: DeviceArg,
@@ -197,14 +232,32 @@ enum Command {
         /// Finished jobs are deleted this many hours after they ended (0: kept forever).
         #[arg(long, default_value_t = 72.0)]
         retention_hours: f64,
-        /// Client tokens, one per line: `reader|operator TOKEN [NAME]`. Required to listen on a
-        /// non-loopback address (unless --insecure).
+        /// Client tokens, one per line: `reader|operator TOKEN [NAME] [expires=DATE]`. Required to
+        /// listen on a non-loopback address (unless --insecure).
         #[arg(long, env = "THAW_TOKENS_FILE")]
         tokens: Option<PathBuf>,
-        /// Serve callers without tokens on a non-loopback address (a trusted network only).
+        /// Serve over mutual TLS with the certificates of this directory (ca.crt, tls.crt,
+        /// tls.key: `thaw certs init` makes one; a Kubernetes TLS Secret is one). Reloaded when
+        /// the files change. Required to listen on a non-loopback address (unless --insecure).
+        #[arg(long, env = "THAW_COORDINATOR_TLS_DIR")]
+        tls: Option<PathBuf>,
+        /// Serve without tokens or TLS on a non-loopback address (a trusted network only).
         #[arg(long)]
         insecure: bool,
+        /// Jobs kept at most, live and finished: past it, submits are refused until finished
+        /// jobs are deleted (or expire, --retention-hours).
+        #[arg(long, default_value_t = 1000)]
+        max_jobs: usize,
+        /// Watch streams (`thaw watch`) one client may hold open at once.
+        #[arg(long, default_value_t = 16)]
+        max_watches_per_client: usize,
+        /// Worker joins that may wait for their groups at once, all jobs together.
+        #[arg(long, default_value_t = 1024)]
+        max_pending_joins: usize,
     },
+    /// Certificates for a cluster's mutual TLS.
+    #[command(subcommand)]
+    Certs(CertsCommand),
     /// Run one worker of a job.
     Worker {
         #[arg(long, env = "THAW_COORDINATOR", default_value = cluster::DEFAULT_COORDINATOR)]
@@ -422,13 +475,13 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Models { json } => models(json),
-        Command::Launch { nproc, min_nproc, max_nproc, max_restarts, resume, spec, device } => {
+        Command::Launch { nproc, min_nproc, max_nproc, max_restarts, resume, insecure, spec, device } => {
             let dev = match device {
                 DeviceArg::Cuda => "cuda",
                 DeviceArg::Auto => "auto",
                 DeviceArg::Cpu => "cpu",
             };
-            let opts = cluster::LaunchOptions { nproc, min_nproc, max_nproc, max_restarts, resume };
+            let opts = cluster::LaunchOptions { nproc, min_nproc, max_nproc, max_restarts, resume, insecure };
             exit_with(cluster::launch(&spec, &opts, dev)?)
         }
         Command::Coordinator {
@@ -440,11 +493,29 @@ fn run(cli: Cli) -> Result<()> {
             lease_secs,
             retention_hours,
             tokens,
+            tls,
             insecure,
+            max_jobs,
+            max_watches_per_client,
+            max_pending_joins,
         } => {
+            for (flag, v) in [
+                ("--max-jobs", max_jobs),
+                ("--max-watches-per-client", max_watches_per_client),
+                ("--max-pending-joins", max_pending_joins),
+            ] {
+                if v == 0 {
+                    anyhow::bail!("{flag} 0: must be at least 1");
+                }
+            }
+            let limits = thaw_coordinator::service::Limits { max_jobs, max_watches_per_client, max_pending_joins };
             let tokens =
                 tokens.map(|p| thaw_coordinator::auth::Tokens::load(&p)).transpose().map_err(anyhow::Error::msg)?;
-            let security = cluster::Security { tokens, insecure };
+            let tls = tls
+                .map(|d| thaw_coordinator::tls::ServerTls::load(&d))
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("--tls: {e}"))?;
+            let security = cluster::Security { tokens, tls, insecure, limits };
             if !(retention_hours >= 0.0 && retention_hours.is_finite()) {
                 anyhow::bail!("--retention-hours {retention_hours}: must be 0 (keep) or more");
             }
@@ -469,6 +540,25 @@ fn run(cli: Cli) -> Result<()> {
                     &security,
                 ),
             }
+        }
+        Command::Certs(CertsCommand::Init { dir, san, days }) => {
+            thaw_coordinator::tls::init_cluster(&dir, &san, days).map_err(anyhow::Error::msg)?;
+            println!(
+                "CA in {0}/ca.crt (its key {0}/ca.key: keep it offline); TLS directories for the coordinator (--tls), \
+                 workers and clients (THAW_TLS_DIR) in {0}/coordinator, {0}/worker, {0}/client",
+                dir.display()
+            );
+            Ok(())
+        }
+        Command::Certs(CertsCommand::Issue { ca_dir, out, name, san, days }) => {
+            use thaw_coordinator::tls::Authority;
+            if days == 0 {
+                anyhow::bail!("--days 0: certificates must be valid for at least a day");
+            }
+            let ca = Authority::load(&ca_dir).map_err(anyhow::Error::msg)?;
+            ca.write_dir(&out, &name, &san, days).map_err(anyhow::Error::msg)?;
+            println!("{} signed by {}/ca.crt in {}", name, ca_dir.display(), out.display());
+            Ok(())
         }
         Command::Worker { coordinator, job, worker_id, bind_host, device } => {
             cluster::worker(&coordinator, &job, worker_id, &bind_host, device.device()?)

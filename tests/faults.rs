@@ -44,7 +44,7 @@ fn start_launch_with(spec: &Path, args: &[&str], ledger: &Path, envs: &[(&str, &
 }
 
 fn status(url: &str, job: &str) -> serde_json::Value {
-    let o = Command::new(env!("CARGO_BIN_EXE_thaw"))
+    let o = authorize(&mut Command::new(env!("CARGO_BIN_EXE_thaw")), url)
         .args(["status", job, "--json", "--coordinator", url])
         .output()
         .unwrap();
@@ -289,7 +289,7 @@ fn a_worker_added_mid_epoch_is_admitted_at_a_step_boundary_and_trains_its_share(
     let ledger = dir.path().join("ledger");
     let l = start_launch(&spec, &["--nproc", "2", "--max-nproc", "3"], &ledger);
     wait_running(&l, "add", 2, 40);
-    let mut extra = Command::new(env!("CARGO_BIN_EXE_thaw"))
+    let mut extra = authorize(&mut Command::new(env!("CARGO_BIN_EXE_thaw")), &l.url)
         .args(["worker", "--job", "add", "--coordinator", &l.url])
         .env("THAW_HOME", thaw_home())
         .env("THAW_LEDGER_DIR", &ledger)

@@ -123,7 +123,9 @@ fn a_coordinator_killed_mid_epoch_and_restarted_carries_on_with_every_job() {
     assert!(err.contains("in use by another coordinator"), "{err}");
 
     // 1. A job still forming its group.
-    let spec = write_spec(dir.path(), "waiting", &lenet_job("waiting", &dir.path().join("w"), 256, 1));
+    // Its rendezvous waits an hour: however slow this machine, it is still forming at the end.
+    let waiting = lenet_job("waiting", &dir.path().join("w"), 256, 1) + "join_timeout_secs = 3600\n";
+    let spec = write_spec(dir.path(), "waiting", &waiting);
     assert_eq!(stdout(&ok(c.thaw(&["submit", spec.to_str().unwrap()]))).trim(), "waiting");
     let before = c.status("waiting");
     assert_eq!((state(&before), path(&before)), ("rendezvous", vec!["pending", "rendezvous"]));

@@ -2,10 +2,11 @@
 //! for its workers.
 //!
 //! - A **tokens file** (`thaw coordinator --tokens FILE`, or the file named by `THAW_TOKENS_FILE`)
-//!   holds one token per line: `ROLE TOKEN [NAME]`, `#` comments. Roles: `reader` (status, watch)
-//!   and `operator` (also submit, cancel, delete). Tokens are at least 16 characters. Only their
-//!   SHA-256 is kept in memory, and a presented token is compared against every entry in
-//!   constant time.
+//!   holds one token per line: `ROLE TOKEN [NAME] [expires=DATE]`, `#` comments. Roles: `reader`
+//!   (status, watch) and `operator` (also submit, cancel, delete). Tokens are at least 16
+//!   characters. `DATE` is RFC 3339 (`2027-01-31T00:00:00Z`) or a day (`2027-01-31`, midnight
+//!   UTC); a token is refused from then on. Only their SHA-256 is kept in memory, and a presented
+//!   token is compared against every entry in constant time.
 //! - Clients send `authorization: Bearer TOKEN`; the CLI reads the token from `THAW_TOKEN` or the
 //!   file named by `THAW_TOKEN_FILE`, never from its command line (which `ps` shows to everyone).
 //! - Each job gets a random **worker credential** at submit, returned to the submitter only. A
@@ -61,7 +62,20 @@ fn digest(token: &[u8]) -> [u8; 32] {
 /// The client tokens a coordinator accepts.
 #[derive(Clone, Debug, Default)]
 pub struct Tokens {
-    entries: Vec<([u8; 32], Role, String)>,
+    entries: Vec<Entry>,
+}
+
+#[derive(Clone, Debug)]
+struct Entry {
+    digest: [u8; 32],
+    role: Role,
+    name: String,
+    expires: Option<time::OffsetDateTime>,
+}
+
+fn parse_expiry(s: &str) -> Option<time::OffsetDateTime> {
+    let full = if s.len() == 10 { format!("{s}T00:00:00Z") } else { s.to_string() };
+    time::OffsetDateTime::parse(&full, &time::format_description::well_known::Rfc3339).ok()
 }
 
 impl Tokens {
@@ -75,17 +89,29 @@ impl Tokens {
             }
             let mut words = line.split_whitespace();
             let (role, token) = (words.next().unwrap_or_default(), words.next().unwrap_or_default());
-            let name = words.next().unwrap_or("").to_string();
+            let (mut name, mut expires) = (String::new(), None);
+            for w in words {
+                match w.strip_prefix("expires=") {
+                    Some(d) => {
+                        expires = Some(parse_expiry(d).ok_or_else(|| {
+                            format!("{origin}:{}: expires=`{d}` is not a date (2027-01-31 or RFC 3339)", i + 1)
+                        })?)
+                    }
+                    None if name.is_empty() => name = w.to_string(),
+                    None => return Err(format!("{origin}:{}: unexpected `{w}` after the name", i + 1)),
+                }
+            }
             let role = Role::parse(role)
                 .ok_or_else(|| format!("{origin}:{}: role `{role}` is not `reader` or `operator`", i + 1))?;
             if token.len() < MIN_TOKEN_LEN {
                 return Err(format!("{origin}:{}: the token is shorter than {MIN_TOKEN_LEN} characters", i + 1));
             }
-            entries.push((
-                digest(token.as_bytes()),
+            entries.push(Entry {
+                digest: digest(token.as_bytes()),
                 role,
-                if name.is_empty() { format!("line {}", i + 1) } else { name },
-            ));
+                name: if name.is_empty() { format!("line {}", i + 1) } else { name },
+                expires,
+            });
         }
         if entries.is_empty() {
             return Err(format!("{origin}: no token"));
@@ -108,12 +134,23 @@ impl Tokens {
             .ok_or_else(|| Status::unauthenticated("a bearer token is required (THAW_TOKEN or THAW_TOKEN_FILE)"))?;
         let d = digest(presented.trim().as_bytes());
         // Every entry is compared, whatever matched, in constant time.
-        let mut found: Option<(Role, &str)> = None;
-        for (e, role, name) in &self.entries {
-            if bool::from(e.ct_eq(&d)) {
-                found = Some((*role, name));
+        let mut found: Option<&Entry> = None;
+        for e in &self.entries {
+            if bool::from(e.digest.ct_eq(&d)) {
+                found = Some(e);
             }
         }
+        let found = match found {
+            Some(e) if e.expires.is_some_and(|t| t <= time::OffsetDateTime::now_utc()) => {
+                let when = e.expires.and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok());
+                return Err(Status::unauthenticated(format!(
+                    "token `{}` expired at {}",
+                    e.name,
+                    when.unwrap_or_default()
+                )));
+            }
+            other => other.map(|e| (e.role, e.name.as_str())),
+        };
         match found {
             None => Err(Status::unauthenticated("unknown token")),
             Some((role, name)) if role < need => Err(Status::permission_denied(format!(
@@ -179,6 +216,16 @@ mod tests {
         assert!(Tokens::parse("admin x0123456789abcdefg", "f").unwrap_err().contains("f:1: role `admin`"));
         assert!(Tokens::parse("reader short", "f").unwrap_err().contains("shorter than 16"));
         assert!(Tokens::parse("# nothing\n", "f").unwrap_err().contains("no token"));
+        let t = Tokens::parse(
+            "operator old-0123456789abcdef bob expires=2020-01-01\nreader new-0123456789abcdef carol expires=2999-01-01T00:00:00Z\n",
+            "f",
+        )
+        .unwrap();
+        let s = t.check(&meta("old-0123456789abcdef"), Role::Reader).unwrap_err();
+        assert_eq!(s.code(), tonic::Code::Unauthenticated);
+        assert!(s.message().contains("token `bob` expired at 2020-01-01T00:00:00Z"), "{}", s.message());
+        assert_eq!(t.check(&meta("new-0123456789abcdef"), Role::Reader).unwrap(), Role::Reader);
+        assert!(Tokens::parse("reader x0123456789abcdefg n expires=soon", "f").unwrap_err().contains("expires=`soon`"));
         let a = new_job_token();
         assert_eq!(a.len(), 64);
         assert_ne!(a, new_job_token());

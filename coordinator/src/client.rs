@@ -17,15 +17,18 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::Status;
 
 use crate::auth::JOB_TOKEN_HEADER;
+use crate::tls::ClientTls;
 use crate::service::{KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, LEADER_HEADER};
 
-/// What a client presents on every call: its bearer token (`THAW_TOKEN`, or the file named by
-/// `THAW_TOKEN_FILE`) and, for a worker, its job's credential (`THAW_JOB_TOKEN`). Never taken from
+/// What a client presents: its TLS directory (`THAW_TLS_DIR`, for `https://` coordinators), and
+/// on every call its bearer token (`THAW_TOKEN`, or the file named by `THAW_TOKEN_FILE`) and, for
+/// a worker, its job's credential (`THAW_JOB_TOKEN` or `THAW_JOB_TOKEN_FILE`). Never taken from
 /// the command line.
 #[derive(Clone, Debug, Default)]
 pub struct Credentials {
     bearer: Option<MetadataValue<Ascii>>,
     job: Option<MetadataValue<Ascii>>,
+    tls: Option<ClientTls>,
 }
 
 impl Credentials {
@@ -43,12 +46,33 @@ impl Credentials {
         };
         Ok(Credentials {
             bearer: token.filter(|t| !t.is_empty()).map(|t| value("THAW_TOKEN", format!("Bearer {t}"))).transpose()?,
-            job: std::env::var("THAW_JOB_TOKEN")
-                .ok()
-                .filter(|t| !t.is_empty())
-                .map(|t| value("THAW_JOB_TOKEN", t))
-                .transpose()?,
+            job: match (std::env::var("THAW_JOB_TOKEN").ok(), std::env::var("THAW_JOB_TOKEN_FILE").ok()) {
+                (Some(t), _) => Some(t),
+                (None, Some(path)) => Some(
+                    std::fs::read_to_string(&path)
+                        .map_err(|e| format!("THAW_JOB_TOKEN_FILE {path}: {e}"))?
+                        .trim()
+                        .to_string(),
+                ),
+                (None, None) => None,
+            }
+            .filter(|t| !t.is_empty())
+            .map(|t| value("THAW_JOB_TOKEN", t))
+            .transpose()?,
+            tls: ClientTls::from_env()?,
         })
+    }
+
+    /// These credentials with another TLS directory.
+    pub fn with_tls(mut self, tls: Option<ClientTls>) -> Self {
+        self.tls = tls;
+        self
+    }
+
+    /// These credentials with another bearer token.
+    pub fn with_token(mut self, token: &str) -> Result<Self, String> {
+        self.bearer = Some(format!("Bearer {token}").parse().map_err(|_| "the token is not a valid header value")?);
+        Ok(self)
     }
 }
 
@@ -64,6 +88,31 @@ impl Interceptor for Credentials {
     }
 }
 
+/// A status and the chain of errors under it (a transport failure's cause is in the chain, not in
+/// the message).
+pub fn describe(s: &Status) -> String {
+    let mut out = s.message().to_string();
+    let mut cause = std::error::Error::source(s);
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = c.source();
+    }
+    out
+}
+
+/// Whether `s` is a connection the server closed during or right after the TLS handshake (TLS 1.3
+/// clients learn that their certificate was refused only then), as opposed to an answer or an
+/// unreachable address.
+pub fn is_tls_refusal(s: &Status) -> bool {
+    let d = describe(s).to_lowercase();
+    std::error::Error::source(s).is_some()
+        && ["certificate", "tls", "handshake", "alert"].iter().any(|w| d.contains(w))
+}
+
 /// The jobs API as a client calls it (with its credentials).
 pub type JobsApi = JobsClient<InterceptedService<Channel, Credentials>>;
 /// The workers API as a worker calls it (with its job's credential).
@@ -77,9 +126,28 @@ pub struct Coordinators {
     credentials: Credentials,
 }
 
-fn channel(url: &str) -> Result<Channel, String> {
-    Ok(Endpoint::from_shared(url.to_string())
-        .map_err(|e| format!("bad coordinator url `{url}`: {e}"))?
+fn channel(url: &str, tls: Option<&ClientTls>) -> Result<Channel, String> {
+    let mut endpoint =
+        Endpoint::from_shared(url.to_string()).map_err(|e| format!("bad coordinator url `{url}`: {e}"))?;
+    match (url.starts_with("https://"), tls) {
+        (true, Some(t)) => {
+            endpoint = endpoint.tls_config(t.tonic_config()?).map_err(|e| format!("TLS for `{url}`: {e}"))?;
+        }
+        (true, None) => {
+            return Err(format!(
+                "`{url}` is a TLS coordinator: set THAW_TLS_DIR to a directory with ca.crt, tls.crt and tls.key \
+                 (`thaw certs init` makes one)"
+            ))
+        }
+        (false, Some(t)) => {
+            return Err(format!(
+                "THAW_TLS_DIR ({}) is set but `{url}` is plaintext: use https://",
+                t.dir().display()
+            ))
+        }
+        (false, None) => {}
+    }
+    Ok(endpoint
         .connect_timeout(Duration::from_secs(5))
         .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
         .keep_alive_timeout(KEEPALIVE_TIMEOUT)
@@ -98,9 +166,9 @@ impl Coordinators {
         let urls: Vec<String> = list.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect();
         let first = urls.first().ok_or_else(|| format!("`{list}`: no coordinator url"))?;
         for u in &urls {
-            channel(u)?;
+            channel(u, credentials.tls.as_ref())?;
         }
-        let ch = channel(first)?;
+        let ch = channel(first, credentials.tls.as_ref())?;
         Ok(Arc::new(Coordinators { current: Mutex::new((first.clone(), ch)), urls, credentials }))
     }
 
@@ -148,7 +216,7 @@ impl Coordinators {
             }
             None => return false,
         };
-        match channel(&next) {
+        match channel(&next, self.credentials.tls.as_ref()) {
             Ok(ch) => {
                 tracing::info!(from = %cur.0, to = %next, "following the coordinator");
                 *cur = (next, ch);

@@ -1251,6 +1251,11 @@ impl Coordinator {
         (views, next)
     }
 
+    /// Jobs kept, live and finished.
+    pub fn job_count(&self) -> usize {
+        self.jobs.len()
+    }
+
     pub fn list(&self) -> Vec<JobView> {
         self.jobs.keys().filter_map(|id| self.get(id).ok()).collect()
     }

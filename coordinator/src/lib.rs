@@ -18,3 +18,4 @@ pub mod schedule;
 pub mod service;
 pub mod spec;
 pub mod store;
+pub mod tls;

@@ -5,6 +5,7 @@
 //! No tonic or proto type crosses into the core; the server takes an already-bound listener and
 //! a shutdown future, so tests bind 127.0.0.1:0 and never sleep to wait for it.
 
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -69,6 +70,58 @@ pub struct State {
     /// Whether the last sweep found this coordinator refusing calls (a standby, or a leader whose
     /// lease ran out): heartbeats were refused meanwhile, so deadlines restart when it serves again.
     was_refused: std::sync::atomic::AtomicBool,
+    limits: std::sync::RwLock<Limits>,
+    /// Open watch streams per client (its token, or its address without tokens).
+    watchers: Mutex<HashMap<String, usize>>,
+    /// Joins waiting for their group to form.
+    pending_joins: std::sync::atomic::AtomicUsize,
+}
+
+/// The most a coordinator holds for its callers, so that none of them (authenticated, but buggy
+/// or compromised) can grow its memory or tasks without bound. Request sizes are capped apart
+/// ([`thaw_proto::MAX_MESSAGE_BYTES`]). Past a limit, a call is answered RESOURCE_EXHAUSTED
+/// naming it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Jobs kept, live and finished (finished ones go after the retention period or `thaw delete`).
+    pub max_jobs: usize,
+    /// Watch streams open at once per client.
+    pub max_watches_per_client: usize,
+    /// Joins waiting for a group at once, all jobs together.
+    pub max_pending_joins: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_jobs: 1000, max_watches_per_client: 16, max_pending_joins: 1024 }
+    }
+}
+
+/// A watch stream's place in its client's count, given back when the stream ends.
+struct WatchSlot {
+    state: Arc<State>,
+    client: String,
+}
+
+impl Drop for WatchSlot {
+    fn drop(&mut self) {
+        let mut w = self.state.watchers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = w.get_mut(&self.client) {
+            *n -= 1;
+            if *n == 0 {
+                w.remove(&self.client);
+            }
+        }
+    }
+}
+
+/// A waiting join's place in the count.
+struct JoinSlot<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for JoinSlot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl State {
@@ -94,6 +147,9 @@ impl State {
             retention_secs: Default::default(),
             tokens: Default::default(),
             was_refused: Default::default(),
+            limits: Default::default(),
+            watchers: Default::default(),
+            pending_joins: Default::default(),
         })
     }
 
@@ -109,6 +165,9 @@ impl State {
             retention_secs: Default::default(),
             tokens: Default::default(),
             was_refused: Default::default(),
+            limits: Default::default(),
+            watchers: Default::default(),
+            pending_joins: Default::default(),
         })
     }
 
@@ -117,6 +176,42 @@ impl State {
     pub fn set_retention(&self, retention: Option<Duration>) {
         let secs = retention.map_or(0, |d| d.as_secs().max(1));
         self.retention_secs.store(secs, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Replaces the limits (see [`Limits`]).
+    pub fn set_limits(&self, limits: Limits) {
+        *self.limits.write().unwrap_or_else(|p| p.into_inner()) = limits;
+    }
+
+    fn limits(&self) -> Limits {
+        *self.limits.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Who a caller is, for per-client limits: its bearer token (as a digest), or its address.
+    fn client_of<T>(req: &Request<T>) -> String {
+        use sha2::Digest;
+        match req.metadata().get("authorization") {
+            Some(v) => {
+                let d = sha2::Sha256::digest(v.as_bytes());
+                format!("token {:02x}{:02x}{:02x}{:02x}", d[0], d[1], d[2], d[3])
+            }
+            None => req.remote_addr().map_or_else(|| "unknown".to_string(), |a| a.ip().to_string()),
+        }
+    }
+
+    /// A watch slot for the caller of `req`, if it has one left.
+    fn watch_slot<T>(self: &Arc<Self>, req: &Request<T>) -> Result<WatchSlot, Status> {
+        let client = Self::client_of(req);
+        let max = self.limits().max_watches_per_client;
+        let mut w = self.watchers.lock().unwrap_or_else(|p| p.into_inner());
+        let n = w.entry(client.clone()).or_insert(0);
+        if *n >= max {
+            return Err(Status::resource_exhausted(format!(
+                "{client} has {n} watch streams open, the most a client may (--max-watches-per-client {max})"
+            )));
+        }
+        *n += 1;
+        Ok(WatchSlot { state: self.clone(), client })
     }
 
     /// Checks every client call against `tokens` from now on, and workers' joins against their
@@ -273,6 +368,13 @@ impl Jobs for JobsService {
         };
         let job_token = {
             let mut core = self.0.core();
+            let max = self.0.limits().max_jobs;
+            if core.job_count() >= max {
+                return Err(Status::resource_exhausted(format!(
+                    "this coordinator keeps {} jobs, its most (--max-jobs {max}): delete finished ones (`thaw delete`)",
+                    core.job_count()
+                )));
+            }
             let id = core.submit_resumed(&r.spec_toml, resume, Instant::now(), now_ms()).map_err(status)?;
             let token = self.0.tokens.get().map(|_| crate::auth::new_job_token());
             if let Some(t) = &token {
@@ -330,18 +432,26 @@ impl Jobs for JobsService {
 
     async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<WatchStream>, Status> {
         self.0.authorize(&req, Role::Reader)?;
+        let slot = self.0.watch_slot(&req)?;
         let id = req.into_inner().job_id;
         let state = self.0.clone();
         let mut rx = state.events.subscribe();
         let first = state.core().get(&id).map_err(status)?;
         let stream = async_stream(move |tx| async move {
+            let _slot = slot;
             let mut seen_metrics = first.metrics.len();
             let mut done = first.record.state().is_terminal();
             if tx.send(Ok(pb::JobEvent { event: Some(pb::job_event::Event::Status(job_pb(&first))) })).await.is_err() {
                 return;
             }
             while !done {
-                match rx.recv().await {
+                // A client that went away ends the stream (and frees its slot) at once, not at
+                // the job's next change.
+                let next = tokio::select! {
+                    r = rx.recv() => r,
+                    _ = tx.closed() => return,
+                };
+                match next {
                     Ok(changed) if changed != id => continue,
                     Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
                     Err(broadcast::error::RecvError::Closed) => return,
@@ -382,6 +492,15 @@ pub struct WorkersService(pub Arc<State>);
 impl Workers for WorkersService {
     async fn join(&self, req: Request<pb::JoinRequest>) -> Result<Response<pb::JoinResponse>, Status> {
         self.0.authorize_worker(&req, &req.get_ref().job_id)?;
+        // Counted before anything changes: a refused join leaves no trace.
+        let max = self.0.limits().max_pending_joins;
+        if self.0.pending_joins.fetch_add(1, std::sync::atomic::Ordering::Relaxed) >= max {
+            self.0.pending_joins.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            return Err(Status::resource_exhausted(format!(
+                "{max} joins are already waiting for their groups, the most (--max-pending-joins {max}); try again"
+            )));
+        }
+        let _slot = JoinSlot(&self.0.pending_joins);
         let r = req.into_inner();
         let info = JoinInfo {
             worker_id: &r.worker_id,
@@ -494,10 +613,12 @@ impl Workers for WorkersService {
     }
 }
 
-/// Serves both services on `listener` until `shutdown` resolves; sweeps liveness (and flushes the
-/// store) every second, and flushes the store once more on the way out.
+/// Serves both services on `listener` until `shutdown` resolves, over mutual TLS when `tls` is
+/// given (see `tls.rs`); sweeps liveness (and flushes the store) every second, and flushes the
+/// store once more on the way out.
 pub async fn serve(
     listener: tokio::net::TcpListener,
+    tls: Option<Arc<crate::tls::ServerTls>>,
     state: Arc<State>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
@@ -519,7 +640,8 @@ pub async fn serve(
             None => Ok(req),
         }
     };
-    let result = tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .add_service(tonic::service::interceptor::InterceptedService::new(
@@ -531,9 +653,13 @@ pub async fn serve(
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
             gate(state.clone()),
-        ))
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
-        .await;
+        ));
+    let result = match tls {
+        Some(tls) => router.serve_with_incoming_shutdown(crate::tls::incoming(listener, tls), shutdown).await,
+        None => {
+            router.serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown).await
+        }
+    };
     sweeper.abort();
     let unsaved = state.core().flush(now_ms());
     if unsaved > 0 {

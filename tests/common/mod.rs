@@ -67,8 +67,22 @@ pub fn stderr(o: &Output) -> String {
 }
 
 /// `thaw ARGS` against the coordinator(s) at `url` (`THAW_COORDINATOR`).
+/// The credentials `thaw launch` printed for its coordinator at each URL.
+static LAUNCH_CREDENTIALS: std::sync::Mutex<Vec<(String, Vec<(String, String)>)>> = std::sync::Mutex::new(Vec::new());
+
+/// `cmd` with the credentials of the launch whose coordinator is `url` (none for other URLs).
+pub fn authorize<'a>(cmd: &'a mut Command, url: &str) -> &'a mut Command {
+    let all = LAUNCH_CREDENTIALS.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, vars)) = all.iter().find(|(u, _)| u == url) {
+        for (k, v) in vars {
+            cmd.env(k, v);
+        }
+    }
+    cmd
+}
+
 pub fn thaw_url(args: &[&str], url: &str) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_thaw"))
+    authorize(&mut Command::new(env!("CARGO_BIN_EXE_thaw")), url)
         .args(args)
         .env("THAW_COORDINATOR", url)
         .env("THAW_HOME", thaw_home())
@@ -140,12 +154,24 @@ pub fn spawn_launch(spec: &Path, args: &[&str], envs: &[(&str, &std::ffi::OsStr)
         .expect("start thaw launch");
     let mut err = std::io::BufReader::new(child.stderr.take().expect("piped stderr"));
     let mut line = String::new();
-    while !line.contains("coordinator http://") {
+    let mut vars = Vec::new();
+    while !line.contains("coordinator http") {
         line.clear();
         assert!(err.read_line(&mut line).expect("read stderr") > 0, "launch ended before printing its coordinator");
+        if let Some(rest) = line.strip_prefix("credentials (this launch's, private to you): ") {
+            vars = rest
+                .split_whitespace()
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+        }
     }
     let url =
-        line.split_whitespace().find(|w| w.starts_with("http://")).expect("url").trim_end_matches(',').to_string();
+        line.split_whitespace().find(|w| w.starts_with("http")).expect("url").trim_end_matches(',').to_string();
+    if url.starts_with("https://") {
+        assert_eq!(vars.len(), 3, "a TLS launch prints its credentials");
+    }
+    LAUNCH_CREDENTIALS.lock().unwrap_or_else(|p| p.into_inner()).push((url.clone(), vars));
     std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
     (child, url)
 }
