@@ -128,11 +128,12 @@ fn every_attack_is_refused_and_changes_nothing() {
     assert!(fails(thaw_as(&c, Some(READER), &["delete", "sec"])).contains("needs operator"));
     assert_eq!(state_of(&c, "sec"), before);
 
-    // Join without the job's credential, or with another job's: refused before anything is read.
+    // Join without the job's credential, with a wrong one, or with a client token (even an
+    // operator's) instead: refused before anything is read.
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let join = |token: Option<&str>| {
+    let join = |token: Option<&str>, bearer: Option<&str>| {
         rt.block_on(async {
-            let mut w = api(&c, Some(&c.2.join("worker")), None).workers();
+            let mut w = api(&c, Some(&c.2.join("worker")), bearer).workers();
             let mut req = tonic::Request::new(pb::JoinRequest {
                 job_id: "sec".into(),
                 worker_id: "rogue".into(),
@@ -146,10 +147,11 @@ fn every_attack_is_refused_and_changes_nothing() {
             tokio::time::timeout(Duration::from_secs(5), w.join(req)).await.map(|r| r.map(|_| ()))
         })
     };
-    for t in [None, Some("0".repeat(64).as_str())] {
-        match join(t) {
+    let wrong = "0".repeat(64);
+    for (t, bearer) in [(None, None), (Some(wrong.as_str()), None), (None, Some(READER)), (None, Some(OPERATOR))] {
+        match join(t, bearer) {
             Ok(Err(s)) => assert_eq!(s.code(), tonic::Code::Unauthenticated, "{s:?}"),
-            other => panic!("a join with {t:?} was not refused: {other:?}"),
+            other => panic!("a join with {t:?} and bearer {bearer:?} was not refused: {other:?}"),
         }
     }
     // Leave and progress as a non-member: refused, the job unchanged.
