@@ -53,6 +53,8 @@ pub enum Value {
 
 /// Tuples nested deeper than this are not hashable dict keys (each such key is distinct).
 const KEY_DEPTH: usize = 32;
+/// Nor are keys whose encoding is longer than this.
+const KEY_BYTES: usize = 64 * 1024;
 
 /// How deep `Debug` shows a value, and how many items of each container.
 const DEBUG_DEPTH: usize = 4;
@@ -237,11 +239,16 @@ impl Value {
     /// pickled dict loads in linear time.
     fn key_bytes(&self) -> Option<Vec<u8>> {
         fn put(v: &Value, out: &mut Vec<u8>, depth: usize) -> bool {
+            // Tuples share their items through the memo, so a key of a few hundred bytes can
+            // stand for 2^32 leaves: a key this large is unhashable (a distinct key) instead.
+            if out.len() > KEY_BYTES {
+                return false;
+            }
             let mut tagged = |tag: u8, b: &[u8]| {
                 out.push(tag);
                 out.extend_from_slice(&(b.len() as u64).to_le_bytes());
                 out.extend_from_slice(b);
-                true
+                out.len() <= KEY_BYTES
             };
             match v {
                 Value::Str(s) => tagged(b's', s.as_bytes()),
@@ -886,6 +893,20 @@ OrderedDict\x94\x93\x94\x86\x94.";
             data.extend(b"K\x01s");
         }
         data.push(b'.');
+        let (v, _) = loads(&data).unwrap();
+        let Value::Dict(d) = &v else { panic!("{v:?}") };
+        assert_eq!(d.borrow().len(), 2);
+    }
+
+    #[test]
+    fn a_key_that_shares_its_items_is_not_expanded() {
+        // (x, x), then ((x, x), (x, x)), ... 31 times through DUP: 2^31 leaves in 100 bytes.
+        // As a dict key it is unhashable (distinct), not a 36 GB encoding.
+        let mut data = b"\x80\x02}K\x01".to_vec();
+        for _ in 0..31 {
+            data.extend(b"2\x86"); // DUP, TUPLE2
+        }
+        data.extend(b"K\x02sK\x03K\x04s.");
         let (v, _) = loads(&data).unwrap();
         let Value::Dict(d) = &v else { panic!("{v:?}") };
         assert_eq!(d.borrow().len(), 2);
