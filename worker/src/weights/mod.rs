@@ -31,7 +31,7 @@ use crate::zoo::{is_buffer_name, Arch, Network};
 pub use download::{
     cached_imagenet_path, cached_imagenet_path_in, resolve_imagenet, resolve_imagenet_in, thaw_home, FetchOptions,
 };
-pub use torch_file::read_torch_checkpoint;
+pub use torch_file::{read_torch_checkpoint, read_torch_checkpoint_bytes};
 
 /// The `format` metadata of the safetensors files thaw writes.
 pub const FORMAT: &str = "thaw-weights-v1";

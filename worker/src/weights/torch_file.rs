@@ -18,7 +18,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
-use std::io::{self, BufReader, Read};
+use std::io::{self, BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
 
 use safetensors::Dtype;
@@ -33,13 +33,28 @@ const LEGACY_PROTOCOL: i64 = 1001;
 /// either format. A checkpoint dict with a `state_dict`, `model_state_dict` or `model` entry
 /// holding a dict of tensors is unwrapped to that entry.
 pub fn read_torch_checkpoint(path: &Path) -> Result<Vec<(String, RawTensor)>, WeightsError> {
-    let mut file = File::open(path).map_err(|e| WeightsError::io("opening", path, e))?;
+    let file = File::open(path).map_err(|e| WeightsError::io("opening", path, e))?;
+    let len = file.metadata().map_err(|e| WeightsError::io("reading", path, e))?.len();
+    read_torch_checkpoint_from(path, BufReader::new(file), len)
+}
+
+/// [`read_torch_checkpoint`] of a checkpoint held in memory; `name` stands for its path in errors.
+pub fn read_torch_checkpoint_bytes(name: &Path, bytes: &[u8]) -> Result<Vec<(String, RawTensor)>, WeightsError> {
+    read_torch_checkpoint_from(name, io::Cursor::new(bytes), bytes.len() as u64)
+}
+
+/// Reads a checkpoint of `len` bytes from `r` (positioned at its start); `path` names it in errors.
+fn read_torch_checkpoint_from<R: Read + Seek>(
+    path: &Path,
+    mut r: R,
+    len: u64,
+) -> Result<Vec<(String, RawTensor)>, WeightsError> {
     let mut head = [0u8; 4];
-    let n = read_up_to(&mut file, &mut head).map_err(|e| WeightsError::io("reading", path, e))?;
-    drop(file);
+    let n = read_up_to(&mut r, &mut head).map_err(|e| WeightsError::io("reading", path, e))?;
+    r.seek(SeekFrom::Start(0)).map_err(|e| WeightsError::io("reading", path, e))?;
     match &head[..n] {
-        [b'P', b'K', 3, 4] => read_zip(path),
-        [0x80, ..] => read_legacy(path),
+        [b'P', b'K', 3, 4] => read_zip(path, r, len),
+        [0x80, ..] => read_legacy(path, r, len),
         _ => Err(WeightsError::format(
             path,
             "not a torch checkpoint (neither a zip archive nor a pickle stream; the tar format of torch < 0.4 is not supported)",
@@ -187,8 +202,16 @@ fn dims(v: &Value, what: &str) -> Result<Vec<u64>, String> {
     items.iter().map(|x| non_negative(x, what)).collect()
 }
 
+/// How many `_rebuild_parameter` calls may wrap a tensor (torch writes one; a pickle can nest
+/// them without end, or make one its own argument).
+const MAX_WRAPPERS: usize = 4;
+
 /// The tensor a value rebuilds, or `None` if it is not a tensor.
 fn parse_tensor(v: &Value) -> Result<Option<TensorSpec>, String> {
+    parse_tensor_in(v, 0)
+}
+
+fn parse_tensor_in(v: &Value, wrappers: usize) -> Result<Option<TensorSpec>, String> {
     let Value::Object(obj) = v else { return Ok(None) };
     let obj = obj.borrow();
     let Some(callable) = obj.callable.global_name() else { return Ok(None) };
@@ -219,7 +242,8 @@ fn parse_tensor(v: &Value) -> Result<Option<TensorSpec>, String> {
             Ok(Some(TensorSpec { dtype, key, view, offset: non_negative(&args[1], "storage offset")?, shape, stride }))
         }
         "torch._utils._rebuild_parameter" | "torch._utils._rebuild_parameter_with_state" => match args.first() {
-            Some(inner) => parse_tensor(inner),
+            Some(_) if wrappers >= MAX_WRAPPERS => Err(format!("{callable} nested more than {MAX_WRAPPERS} deep")),
+            Some(inner) => parse_tensor_in(inner, wrappers + 1),
             None => Err(format!("{callable} called without arguments")),
         },
         _ => Ok(None),
@@ -316,11 +340,18 @@ fn gather(storage: &[u8], es: usize, offset: u64, shape: &[usize], stride: &[u64
 
 /// Builds the tensors from their specs and the loaded storages (key -> bytes). A storage that one
 /// tensor covers exactly is moved into it instead of copied.
+/// What the tensors of a file may hold in all, as a multiple of the file's size: storages are
+/// stored whole, so only overlapping views (`expand`, stride 0) make tensors larger than their
+/// file, and a pickle of a few bytes must not expand into terabytes.
+const MAX_TENSOR_RATIO: u64 = 64;
+
 fn build(
     path: &Path,
     specs: Vec<(String, TensorSpec)>,
     mut storages: HashMap<String, Vec<u8>>,
+    file_len: u64,
 ) -> Result<Vec<(String, RawTensor)>, WeightsError> {
+    let mut budget = file_len.saturating_mul(MAX_TENSOR_RATIO);
     let mut uses: HashMap<&str, usize> = HashMap::new();
     for (_, t) in &specs {
         *uses.entry(t.key.as_str()).or_default() += 1;
@@ -332,15 +363,34 @@ fn build(
         let bytes = storages
             .get(&t.key)
             .ok_or_else(|| WeightsError::format(path, format!("tensor `{name}`: storage `{}` is missing", t.key)))?;
-        let numel: usize = t.shape.iter().product();
-        let whole = t.view.is_none() && t.offset == 0 && numel * es == bytes.len() && uses[&t.key] == 1;
+        let nbytes = t
+            .shape
+            .iter()
+            .try_fold(es, |a, &d| a.checked_mul(d))
+            .filter(|&n| n as u64 <= budget)
+            .ok_or_else(|| {
+                WeightsError::format(
+                    path,
+                    format!(
+                        "tensor `{name}` of shape {:?}: the tensors would hold more than {MAX_TENSOR_RATIO} times the file's {file_len} bytes",
+                        t.shape
+                    ),
+                )
+            })?;
+        budget -= nbytes as u64;
+        let whole = t.view.is_none() && t.offset == 0 && nbytes == bytes.len() && uses[&t.key] == 1;
         let data = if whole && is_row_major(&t.shape, &t.stride) {
             storages.remove(&t.key).unwrap_or_default()
         } else {
             let slice = match t.view {
                 Some((start, len)) => {
-                    let (a, b) = (start as usize * es, (start + len) as usize * es);
-                    bytes.get(a..b).ok_or_else(|| {
+                    let range = start.checked_add(len).and_then(|end| {
+                        Some(
+                            usize::try_from(start).ok()?.checked_mul(es)?
+                                ..usize::try_from(end).ok()?.checked_mul(es)?,
+                        )
+                    });
+                    range.and_then(|r| bytes.get(r)).ok_or_else(|| {
                         WeightsError::format(path, format!("tensor `{name}`: storage view beyond storage `{}`", t.key))
                     })?
                 }
@@ -360,7 +410,7 @@ fn is_row_major(shape: &[usize], stride: &[u64]) -> bool {
         if d != 1 && s != expected {
             return false;
         }
-        expected *= d as u64;
+        expected = expected.saturating_mul(d as u64);
     }
     true
 }
@@ -388,11 +438,9 @@ fn storage_specs(path: &Path, pids: &[Value]) -> Result<HashMap<String, StorageS
 /// 1032:1; torch.save stores entries uncompressed).
 const MAX_INFLATE_RATIO: u64 = 64;
 
-fn read_zip(path: &Path) -> Result<Vec<(String, RawTensor)>, WeightsError> {
+fn read_zip<R: Read + Seek>(path: &Path, r: R, file_len: u64) -> Result<Vec<(String, RawTensor)>, WeightsError> {
     let zip_err = |e: zip::result::ZipError| WeightsError::format(path, format!("zip archive: {e}"));
-    let file = File::open(path).map_err(|e| WeightsError::io("opening", path, e))?;
-    let file_len = file.metadata().map_err(|e| WeightsError::io("reading", path, e))?.len();
-    let mut archive = zip::ZipArchive::new(BufReader::new(file)).map_err(zip_err)?;
+    let mut archive = zip::ZipArchive::new(r).map_err(zip_err)?;
     let names: Vec<String> = archive.file_names().map(str::to_string).collect();
     let prefix = names
         .iter()
@@ -409,7 +457,7 @@ fn read_zip(path: &Path) -> Result<Vec<(String, RawTensor)>, WeightsError> {
             "a TorchScript archive (torch.jit.save); save the model's state_dict() with torch.save instead",
         ));
     }
-    let read_entry = |archive: &mut zip::ZipArchive<BufReader<File>>, name: &str| -> Result<Vec<u8>, WeightsError> {
+    let read_entry = |archive: &mut zip::ZipArchive<R>, name: &str| -> Result<Vec<u8>, WeightsError> {
         let mut entry =
             archive.by_name(name).map_err(|e| WeightsError::format(path, format!("entry `{name}`: {e}")))?;
         // A declared size is a claim: memory is reserved for at most the file's size, an entry may
@@ -472,14 +520,11 @@ fn read_zip(path: &Path) -> Result<Vec<(String, RawTensor)>, WeightsError> {
         }
         storages.insert(key.to_string(), bytes);
     }
-    build(path, tensors, storages)
+    build(path, tensors, storages, file_len)
 }
 
-fn read_legacy(path: &Path) -> Result<Vec<(String, RawTensor)>, WeightsError> {
-    let file = File::open(path).map_err(|e| WeightsError::io("opening", path, e))?;
-    let file_len = file.metadata().map_err(|e| WeightsError::io("reading", path, e))?.len();
-    let mut r = BufReader::new(file);
-    let next = |r: &mut BufReader<File>| pickle::load(r).map_err(|e| WeightsError::pickle(path, e));
+fn read_legacy<R: Read>(path: &Path, mut r: R, file_len: u64) -> Result<Vec<(String, RawTensor)>, WeightsError> {
+    let next = |r: &mut R| pickle::load(r).map_err(|e| WeightsError::pickle(path, e));
     let (magic, _) = next(&mut r)?;
     let magic_ok = match &magic {
         Value::BigInt(b) => b.as_slice() == &LEGACY_MAGIC.to_le_bytes()[..10],
@@ -540,7 +585,7 @@ fn read_legacy(path: &Path) -> Result<Vec<(String, RawTensor)>, WeightsError> {
             storages.insert(key.clone(), buf);
         }
     }
-    build(path, tensors, storages)
+    build(path, tensors, storages, file_len)
 }
 
 #[cfg(test)]
