@@ -48,6 +48,11 @@ const MAX_INFLATED: u64 = 4 << 30;
 
 fn read_maybe_gz(path: &Path) -> Result<Vec<u8>, DataError> {
     let raw = std::fs::read(path).map_err(io_err(path))?;
+    maybe_gunzip(path, raw)
+}
+
+/// `raw` inflated if it is gzip data, else as it is; `path` names it in errors.
+fn maybe_gunzip(path: &Path, raw: Vec<u8>) -> Result<Vec<u8>, DataError> {
     if raw.starts_with(&[0x1f, 0x8b]) {
         let mut out = Vec::new();
         flate2::read::GzDecoder::new(&raw[..]).take(MAX_INFLATED + 1).read_to_end(&mut out).map_err(io_err(path))?;
@@ -99,11 +104,26 @@ impl IdxDataset {
         let labels_path = find(root, &format!("{}-labels-idx1-ubyte", split.prefix()))?;
         let images = read_maybe_gz(&images_path)?;
         let labels = read_maybe_gz(&labels_path)?;
-        let (idims, ih) = parse_idx(&images_path, &images, 3)?;
-        let (ldims, lh) = parse_idx(&labels_path, &labels, 1)?;
+        Self::parse(split, (&images_path, images), (&labels_path, labels))
+    }
+
+    /// A split from the bytes of its images and labels files (each raw or gzip'd), as [`open`]
+    /// reads them; the paths name the files in errors.
+    ///
+    /// [`open`]: IdxDataset::open
+    pub fn from_bytes(split: Split, images: (&Path, &[u8]), labels: (&Path, &[u8])) -> Result<Self, DataError> {
+        let images_bytes = maybe_gunzip(images.0, images.1.to_vec())?;
+        let labels_bytes = maybe_gunzip(labels.0, labels.1.to_vec())?;
+        Self::parse(split, (images.0, images_bytes), (labels.0, labels_bytes))
+    }
+
+    fn parse(split: Split, images: (&Path, Vec<u8>), labels: (&Path, Vec<u8>)) -> Result<Self, DataError> {
+        let ((images_path, images), (labels_path, labels)) = (images, labels);
+        let (idims, ih) = parse_idx(images_path, &images, 3)?;
+        let (ldims, lh) = parse_idx(labels_path, &labels, 1)?;
         if idims[0] != ldims[0] {
             return Err(DataError::Invalid {
-                path: labels_path,
+                path: labels_path.to_path_buf(),
                 reason: format!("{} labels for {} images in {}", ldims[0], idims[0], images_path.display()),
             });
         }

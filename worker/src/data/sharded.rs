@@ -24,7 +24,8 @@ const WHOLE_MAX_SIDE: u32 = 64;
 pub struct ShardDataset {
     dir: PathBuf,
     index: ShardIndex,
-    files: Vec<OnceLock<Result<File, String>>>,
+    /// Each shard's file and its length, opened on first use.
+    files: Vec<OnceLock<Result<(File, u64), String>>>,
     whole: bool,
 }
 
@@ -58,19 +59,31 @@ impl ShardDataset {
         &self.index
     }
 
-    fn file(&self, shard: usize) -> Result<&File, String> {
+    fn file(&self, shard: usize) -> Result<(&File, u64), String> {
         let path = || self.dir.join(&self.index.shards[shard].file);
         self.files[shard]
-            .get_or_init(|| File::open(path()).map_err(|e| format!("cannot open {}: {e}", path().display())))
+            .get_or_init(|| {
+                let open = || File::open(path()).and_then(|f| Ok((f.metadata()?.len(), f)));
+                open().map(|(len, f)| (f, len)).map_err(|e| format!("cannot open {}: {e}", path().display()))
+            })
             .as_ref()
+            .map(|(f, len)| (f, *len))
             .map_err(Clone::clone)
     }
 
     fn encoded_bytes(&self, i: usize) -> Result<Vec<u8>, String> {
         let r = self.index.record(i);
         let shard = self.index.shard_of(i);
+        let (file, len) = self.file(shard)?;
+        // The index's sizes are claims: nothing is allocated for bytes the file does not hold.
+        if r.offset.checked_add(u64::from(r.size)).is_none_or(|end| end > len) {
+            return Err(format!(
+                "{} bytes at offset {} lie beyond the end of {} ({len} bytes): truncated shard?",
+                r.size, r.offset, self.index.shards[shard].file
+            ));
+        }
         let mut buf = vec![0u8; r.size as usize];
-        self.file(shard)?.read_exact_at(&mut buf, r.offset).map_err(|e| {
+        file.read_exact_at(&mut buf, r.offset).map_err(|e| {
             format!("cannot read {} bytes at offset {} of {}: {e}", r.size, r.offset, self.index.shards[shard].file)
         })?;
         Ok(buf)
@@ -101,7 +114,7 @@ impl Dataset for ShardDataset {
     fn will_need(&self, indices: &[usize]) {
         for &i in indices {
             let r = self.index.record(i);
-            if let Ok(f) = self.file(self.index.shard_of(i)) {
+            if let Ok((f, _)) = self.file(self.index.shard_of(i)) {
                 // A hint: the kernel reads these pages ahead, merging neighbours into long reads.
                 // SAFETY: fadvise on an open descriptor has no memory effects.
                 unsafe {

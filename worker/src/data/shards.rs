@@ -166,48 +166,35 @@ impl ShardIndex {
         let text = std::fs::read_to_string(&path).map_err(|e| {
             invalid(&path, format!("not a packed directory (no readable {INDEX_FILE}: {e}); run `thaw data pack`"))
         })?;
-        #[derive(Deserialize)]
-        struct Format {
-            format: String,
-        }
-        let format: Format = serde_json::from_str(&text).map_err(|e| invalid(&path, format!("bad index: {e}")))?;
-        if !format.format.starts_with(FORMAT_PREFIX) {
-            return Err(invalid(
-                &path,
-                format!(
-                    "index format `{}` is not the one this thaw reads (`{FORMAT}`); re-run `thaw data pack`",
-                    format.format
-                ),
-            ));
-        }
-        let json: IndexJson = serde_json::from_str(&text).map_err(|e| invalid(&path, format!("bad index: {e}")))?;
-        let mut total = 0u64;
-        for s in &json.shards {
-            if s.first != total {
-                return Err(invalid(
-                    &path,
-                    format!("shard {} starts at sample {}, expected {total}: damaged index", s.file, s.first),
-                ));
-            }
-            total = total.checked_add(s.count).ok_or_else(|| {
-                invalid(&path, format!("shard {} holds {} samples: the total overflows", s.file, s.count))
-            })?;
-        }
+        let (json, total) = parse_index(&path, &text)?;
         let samples_path = dir.join(&json.samples.file);
-        if json.samples.count != total {
-            return Err(invalid(
-                &path,
-                format!("lists {} samples in {} but its shards hold {total}", json.samples.count, json.samples.file),
-            ));
-        }
-        let records = read_samples(&samples_path, total)?;
+        let records = {
+            let mut f = File::open(&samples_path).map_err(io(&samples_path))?;
+            let len = f.metadata().map_err(io(&samples_path))?.len();
+            read_samples(&samples_path, &mut f, len, total)?
+        };
+        Self::check(json, records, &samples_path)
+    }
+
+    /// [`ShardIndex::load`] of a directory whose `index.json` and `samples.bin` (whatever name
+    /// the index gives it) hold these bytes; `dir` names them in errors.
+    pub fn from_bytes(dir: &Path, index_json: &[u8], samples_bin: &[u8]) -> Result<ShardIndex, DataError> {
+        let path = dir.join(INDEX_FILE);
+        let text = std::str::from_utf8(index_json).map_err(|e| invalid(&path, format!("bad index: {e}")))?;
+        let (json, total) = parse_index(&path, text)?;
+        let samples_path = dir.join(&json.samples.file);
+        let records = read_samples(&samples_path, &mut &samples_bin[..], samples_bin.len() as u64, total)?;
+        Self::check(json, records, &samples_path)
+    }
+
+    fn check(json: IndexJson, records: Vec<SampleRecord>, samples_path: &Path) -> Result<ShardIndex, DataError> {
         // Every record inside its shard, every label a class.
         for s in &json.shards {
             for (k, r) in records[s.first as usize..(s.first + s.count) as usize].iter().enumerate() {
                 let end = r.offset.checked_add(r.size as u64);
                 if r.offset < 512 || end.is_none_or(|e| e > s.bytes) || r.label as usize >= json.classes.len() {
                     return Err(invalid(
-                        &samples_path,
+                        samples_path,
                         format!(
                             "record {} ({r:?}) lies outside shard {} ({} bytes) or has no class ({} classes); \
                              re-run `thaw data pack`",
@@ -281,12 +268,56 @@ impl ShardIndex {
     }
 }
 
-/// Reads `samples.bin`, which must hold `expect` records.
-fn read_samples(path: &Path, expect: u64) -> Result<Vec<SampleRecord>, DataError> {
+/// Parses `index.json` (at `path`) and checks its shards against each other: contiguous, and as
+/// many samples in all as `samples.bin` is said to hold. Returns the index and that total.
+fn parse_index(path: &Path, text: &str) -> Result<(IndexJson, u64), DataError> {
+    #[derive(Deserialize)]
+    struct Format {
+        format: String,
+    }
+    let format: Format = serde_json::from_str(text).map_err(|e| invalid(path, format!("bad index: {e}")))?;
+    if !format.format.starts_with(FORMAT_PREFIX) {
+        return Err(invalid(
+            path,
+            format!(
+                "index format `{}` is not the one this thaw reads (`{FORMAT}`); re-run `thaw data pack`",
+                format.format
+            ),
+        ));
+    }
+    let json: IndexJson = serde_json::from_str(text).map_err(|e| invalid(path, format!("bad index: {e}")))?;
+    // The files an index names are read from its directory: plain names only, never a path out of it.
+    for file in json.shards.iter().map(|s| &s.file).chain([&json.samples.file]) {
+        let mut parts = Path::new(file).components();
+        if !matches!((parts.next(), parts.next()), (Some(std::path::Component::Normal(_)), None)) {
+            return Err(invalid(path, format!("file name {file:?} is not a plain name inside the directory")));
+        }
+    }
+    let mut total = 0u64;
+    for s in &json.shards {
+        if s.first != total {
+            return Err(invalid(
+                path,
+                format!("shard {} starts at sample {}, expected {total}: damaged index", s.file, s.first),
+            ));
+        }
+        total = total
+            .checked_add(s.count)
+            .ok_or_else(|| invalid(path, format!("shard {} holds {} samples: the total overflows", s.file, s.count)))?;
+    }
+    if json.samples.count != total {
+        return Err(invalid(
+            path,
+            format!("lists {} samples in {} but its shards hold {total}", json.samples.count, json.samples.file),
+        ));
+    }
+    Ok((json, total))
+}
+
+/// Reads `samples.bin` (`len` bytes from `f`; `path` names it in errors), which must hold `expect` records.
+fn read_samples(path: &Path, f: &mut impl Read, len: u64, expect: u64) -> Result<Vec<SampleRecord>, DataError> {
     let damaged =
         |reason: String| invalid(path, format!("{reason}; the packed directory is damaged: re-run `thaw data pack`"));
-    let mut f = File::open(path).map_err(io(path))?;
-    let len = f.metadata().map_err(io(path))?.len();
     let mut header = [0u8; HEADER_BYTES];
     f.read_exact(&mut header).map_err(|e| damaged(format!("cannot read its header: {e}")))?;
     if &header[..8] != MAGIC {
@@ -973,6 +1004,13 @@ fn verify_shard(dir: &Path, index: &ShardIndex, s: usize, tx: &mpsc::Sender<Veri
             return (0, problems);
         }
     };
+    let len = match f.metadata() {
+        Ok(m) => m.len(),
+        Err(e) => {
+            problems.push(problem(None, e.to_string()));
+            return (0, problems);
+        }
+    };
     let mut decoded = 0;
     let mut since = 0u64;
     for i in info.first as usize..(info.first + info.count) as usize {
@@ -982,6 +1020,14 @@ fn verify_shard(dir: &Path, index: &ShardIndex, s: usize, tx: &mpsc::Sender<Veri
             since = 0;
         }
         let (r, key, ext) = (index.record(i), index.key(i), index.ext(i));
+        // The index's sizes are claims: nothing is allocated for bytes the file does not hold.
+        if r.offset.checked_add(u64::from(r.size)).is_none_or(|end| end > len) {
+            problems.push(problem(
+                Some(key),
+                format!("{} bytes at offset {} lie beyond the shard's {len} bytes", r.size, r.offset),
+            ));
+            continue;
+        }
         // The member's header and data.
         let mut data = vec![0u8; 512 + r.size as usize];
         let read = f.seek(SeekFrom::Start(r.offset - 512)).and_then(|_| f.read_exact(&mut data));
