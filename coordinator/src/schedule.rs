@@ -320,7 +320,7 @@ impl Schedule {
                     while first <= epochs {
                         let top = (i + 1).min(n);
                         // Once everything trains, the rest of the run is one stage.
-                        let last = if top == n { epochs } else { (first + every - 1).min(epochs) };
+                        let last = if top == n { epochs } else { first.saturating_add(every - 1).min(epochs) };
                         out.push(StageSpec {
                             first_epoch: first,
                             last_epoch: last,
