@@ -176,8 +176,11 @@ fn main() {
 
     // gRPC call sequences: a job's whole life on two workers, a failure and a regroup, a cancel.
     let spec_toml = |name: &str| {
-        format!("{}\n", base.replacen("name = \"fashion-mnist-head\"", &format!("name = \"{name}\""), 1))
-            .replace("[distributed]\n", "[distributed]\nmin_workers = 1\nmax_workers = 2\n")
+        let named = base.replacen("name = \"fashion-mnist-head\"", &format!("name = \"{name}\""), 1);
+        format!(
+            "{named}\n[distributed]\nmin_workers = 1\nmax_workers = 2\njoin_timeout_secs = 30\nlast_call_secs = 1\n\
+             heartbeat_timeout_secs = 10\nrejoin_timeout_secs = 20\nmax_restarts = 2\n"
+        )
     };
     let groups: Vec<String> =
         ["stem", "layer1", "layer2", "layer3", "layer4", "head"].iter().map(|s| s.to_string()).collect();

@@ -82,6 +82,11 @@ pub fn message(op: Op, m: &impl Message) -> Vec<u8> {
 
 /// Runs the calls of `data` against a fresh coordinator.
 pub fn run(data: &[u8]) {
+    drop(replay(data));
+}
+
+/// [`run`], returning the coordinator as the calls left it.
+pub fn replay(data: &[u8]) -> Coordinator {
     let store = MemoryStore::new();
     let mut core = Coordinator::with_store(Box::new(store.clone()));
     let start = Instant::now();
@@ -100,6 +105,7 @@ pub fn run(data: &[u8]) {
         let now_ms = base_ms + elapsed.as_millis() as u64;
         call(&mut core, &store, Op::from_byte(op), msg, &mut elapsed, now, now_ms);
     }
+    core
 }
 
 fn call(

@@ -264,6 +264,19 @@ fn seeds_are_files_the_readers_accept() {
             assert!(thaw_worker::weights::pickle::loads(&b).is_ok(), "{}", p.display());
         }
     }
+    // The call sequences reach the end of a job's life: a success, a cancel after a regroup, a
+    // failure; each example spec is accepted.
+    let state = |seed: &str, job: &str| {
+        let b = std::fs::read(fuzz_dir().join("seeds/grpc_core").join(seed)).expect("seed");
+        let core = thaw_fuzz_targets::grpc_core::replay(&b);
+        core.get(job).map(|v| format!("{:?}", v.record.state())).unwrap_or_else(|e| e.to_string())
+    };
+    assert_eq!(state("life", "j"), "Succeeded");
+    assert!(state("failure-regroup-restore", "f").starts_with("no job"), "deleted after its cancel");
+    assert_eq!(state("resumed-then-failed", "r"), "Failed");
+    for (p, b) in seeds("grpc_core").into_iter().filter(|(p, _)| p.to_string_lossy().contains("submit-example")) {
+        assert_eq!(thaw_fuzz_targets::grpc_core::replay(&b).job_count(), 1, "{}", p.display());
+    }
     for (p, b) in seeds("safetensors") {
         assert!(thaw_worker::tensor_io::parse_safetensors(&b).is_ok(), "{}", p.display());
     }
