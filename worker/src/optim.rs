@@ -53,10 +53,15 @@ impl Optimizer {
     }
 
     /// One update; `lr(group)` gives the learning rate of a layer group.
+    ///
+    /// SGD works in place, as torch's foreach implementation does: the weight decay and the
+    /// Nesterov term are added into the gradient (which the next step clears anyway) and the
+    /// update is one `addcmul_` with a scalar tensor, so a step allocates nothing the size of a
+    /// parameter (the first step's momentum buffers aside).
     pub fn step(&mut self, lr: &dyn Fn(usize) -> f64) {
         tch::no_grad(|| {
             for p in &self.params {
-                let grad = p.tensor.grad();
+                let mut grad = p.tensor.grad();
                 if !grad.defined() {
                     continue;
                 }
@@ -64,19 +69,27 @@ impl Optimizer {
                 let mut w = p.tensor.shallow_clone();
                 let count = self.steps.entry(p.name.clone()).or_insert(0);
                 *count += 1;
+                let scalar = |v: f64| Tensor::from(v).to_kind(w.kind());
                 match self.spec {
                     OptimizerSpec::Sgd { momentum, nesterov, weight_decay } => {
-                        let mut d = if weight_decay != 0.0 { &grad + &w * weight_decay } else { grad.shallow_clone() };
+                        if weight_decay != 0.0 {
+                            let _ = grad.addcmul_(&w, &scalar(weight_decay));
+                        }
+                        let mut d = grad.shallow_clone();
                         if momentum != 0.0 {
                             let state = self.state.entry(p.name.clone()).or_default();
                             if state.is_empty() {
-                                state.push(d.detach().copy());
+                                state.push(grad.detach().copy());
                             } else {
-                                let _ = state[0].g_mul_scalar_(momentum).g_add_(&d);
+                                let _ = state[0].g_mul_scalar_(momentum).g_add_(&grad);
                             }
-                            d = if nesterov { &d + &state[0] * momentum } else { state[0].shallow_clone() };
+                            if nesterov {
+                                let _ = grad.addcmul_(&state[0], &scalar(momentum));
+                            } else {
+                                d = state[0].shallow_clone();
+                            }
                         }
-                        let _ = w.g_sub_(&(d * lr));
+                        let _ = w.addcmul_(&d, &scalar(-lr));
                     }
                     OptimizerSpec::Adamw { beta1, beta2, eps, weight_decay } => {
                         if weight_decay != 0.0 {
@@ -168,6 +181,21 @@ mod tests {
         loss_step(&mut opt, 0.1);
         let w = opt.params()[0].tensor.double_value(&[0]);
         assert!((w - 0.46).abs() < 1e-6, "{w}");
+    }
+
+    #[test]
+    fn sgd_nesterov_with_weight_decay_matches_pytorch_rule() {
+        // torch.optim.SGD([w], lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01), loss sum(w^2):
+        // step 1: d = 2 + 0.01 = 2.01, buf = 2.01, d = 2.01 + 0.9 * 2.01 = 3.819, w = 1 - 0.3819 = 0.6181;
+        // step 2: d = 1.2362 + 0.006181 = 1.242381, buf = 0.9 * 2.01 + 1.242381 = 3.051381,
+        //         d = 1.242381 + 0.9 * 3.051381 = 3.9886239, w = 0.6181 - 0.39886239 = 0.21923761.
+        let spec = OptimizerSpec::Sgd { momentum: 0.9, nesterov: true, weight_decay: 0.01 };
+        let mut opt = Optimizer::new(spec, vec![quadratic_param(&[1.0])]);
+        loss_step(&mut opt, 0.1);
+        assert!((opt.params()[0].tensor.double_value(&[0]) - 0.6181).abs() < 1e-6);
+        loss_step(&mut opt, 0.1);
+        let w = opt.params()[0].tensor.double_value(&[0]);
+        assert!((w - 0.21923761).abs() < 1e-6, "{w}");
     }
 
     #[test]
