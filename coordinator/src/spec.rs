@@ -244,6 +244,13 @@ pub struct DataSpec {
     /// Unreadable samples tolerated per epoch (over all workers); more fails the job, naming
     /// them. `None`: no limit (they are always skipped, counted and named).
     pub max_skipped: Option<u64>,
+    /// Tuning runs: this fraction of the *training* images (seeded) is held out and becomes the
+    /// validation split, so that choices are made without ever looking at the test set.
+    #[serde(default)]
+    pub holdout: Option<f64>,
+    /// Test-time flips: evaluation averages the logits of each image and of its mirror image.
+    #[serde(default)]
+    pub tta_hflip: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -339,6 +346,9 @@ struct RawData {
     read_block: Option<u32>,
     shuffle_window: Option<u32>,
     max_skipped: Option<u64>,
+    holdout: Option<f64>,
+    #[serde(default)]
+    tta_hflip: bool,
 }
 
 #[derive(Deserialize, Default)]
@@ -484,6 +494,10 @@ impl JobSpec {
         if d.root.trim().is_empty() {
             return Err(invalid("data.root", "\"\"", "name the dataset directory"));
         }
+        let holdout = match d.holdout {
+            Some(f) => Some(check_finite("data.holdout", f, 0.0, false, Some(0.5))?),
+            None => None,
+        };
         let data = DataSpec {
             format: d.format,
             root: resolve(base, &d.root),
@@ -497,6 +511,8 @@ impl JobSpec {
             read_block,
             shuffle_window,
             max_skipped: d.max_skipped,
+            holdout,
+            tta_hflip: d.tta_hflip,
         };
 
         let t = raw.train;
@@ -685,6 +701,12 @@ impl JobSpec {
         if let Some(v) = d.max_skipped {
             s += &format!("max_skipped = {v}\n");
         }
+        if let Some(v) = d.holdout {
+            s += &format!("holdout = {v:?}\n");
+        }
+        if d.tta_hflip {
+            s += "tta_hflip = true\n";
+        }
         let t = &self.train;
         s += &format!("\n[train]\nepochs = {}\nbatch_size = {}\nlr = {:?}\n", t.epochs, t.batch_size, t.lr);
         match t.optimizer {
@@ -784,6 +806,9 @@ strategy = "feature_extract"
         assert_eq!((shards.data.read_block, shards.data.shuffle_window, shards.data.max_skipped), (64, 512, Some(3)));
         assert!(shards.data.random_resized_crop);
         assert_eq!(shards, JobSpec::from_toml(&shards.to_toml(), Path::new("/x")).unwrap());
+        let tuned = parse(&GOOD.replace("format = \"idx\"", "format = \"idx\"\nholdout = 0.1\ntta_hflip = true")).unwrap();
+        assert_eq!((tuned.data.holdout, tuned.data.tta_hflip), (Some(0.1), true));
+        assert_eq!(tuned, JobSpec::from_toml(&tuned.to_toml(), Path::new("/x")).unwrap());
     }
 
     #[test]
@@ -799,6 +824,8 @@ strategy = "feature_extract"
             ("lr = 0.05", "lr = -1.0", "train.lr` = -1"),
             ("batch_size = 64", "batch_size = 0", "train.batch_size` = 0"),
             ("image_size = 64", "image_size = 4", "data.image_size` = 4"),
+            ("image_size = 64", "image_size = 64\nholdout = 0.7", "data.holdout` = 0.7"),
+            ("image_size = 64", "image_size = 64\nholdout = 0.0", "data.holdout` = 0"),
             ("strategy = \"feature_extract\"", "strategy = \"frozen_soup\"", "\"frozen_soup\""),
             ("strategy = \"feature_extract\"", "strategy = \"freeze_bottom\"", "schedule.k` = missing"),
             ("name = \"fmnist\"", "name = \"a b\"", "`name` = \"a b\""),

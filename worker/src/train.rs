@@ -613,11 +613,12 @@ impl Trainer {
 
     /// Loss and correct counts over the validation samples `order`.
     fn evaluate_on(&mut self, order: Vec<usize>) -> Result<EvalSums, TrainError> {
-        let (bs, threads) = (self.spec.train.batch_size, self.spec.data.loader_threads);
-        if let Some(c) = &mut self.cache {
-            return c.evaluate(&self.net, self.splits.val.clone(), order, &self.transform, bs, threads);
+        let (bs, threads, tta) = (self.spec.train.batch_size, self.spec.data.loader_threads, self.spec.data.tta_hflip);
+        match &mut self.cache {
+            // Cached prefix outputs cannot be mirrored: test-time flips run the whole network.
+            Some(c) if !tta => c.evaluate(&self.net, self.splits.val.clone(), order, &self.transform, bs, threads),
+            _ => evaluate_on(&self.net, self.splits.val.clone(), order, &self.transform, bs, threads, tta),
         }
-        evaluate_on(&self.net, self.splits.val.clone(), order, &self.transform, bs, threads)
     }
 
     /// Every rank scores its share of the validation set (every `world`-th sample from its rank)
@@ -721,7 +722,18 @@ pub fn evaluate(
     threads: usize,
 ) -> Result<(f64, f64), TrainError> {
     let order = (0..ds.len()).collect();
-    evaluate_on(net, ds, order, t, batch_size, threads)?.mean()
+    evaluate_on(net, ds, order, t, batch_size, threads, false)?.mean()
+}
+
+/// Eval-mode logits of `xs`; with `tta_hflip`, the mean of the logits of `xs` and of its mirror
+/// image (flipped along the width).
+pub fn eval_logits(net: &Network, xs: &Tensor, tta_hflip: bool) -> Tensor {
+    let logits = net.forward_t(xs, false);
+    if tta_hflip {
+        (logits + net.forward_t(&xs.flip([3]), false)) * 0.5
+    } else {
+        logits
+    }
 }
 
 /// Loss and correct counts of `net` on the samples `order` of `ds`.
@@ -732,6 +744,7 @@ fn evaluate_on(
     t: &Transform,
     batch_size: usize,
     threads: usize,
+    tta_hflip: bool,
 ) -> Result<EvalSums, TrainError> {
     let cfg = LoaderConfig::eval(batch_size, threads);
     let mut scores = Scores::new(order.len());
@@ -741,7 +754,7 @@ fn evaluate_on(
             if batch.indices.is_empty() {
                 continue;
             }
-            let logits = net.forward_t(&batch.images.to_device(device), false);
+            let logits = eval_logits(net, &batch.images.to_device(device), tta_hflip);
             scores.add(&logits, &batch.labels.to_device(device));
         }
     });

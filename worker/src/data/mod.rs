@@ -193,6 +193,14 @@ pub fn open_splits(spec: &DataSpec, seed: u64) -> Result<Splits, DataError> {
             ),
         });
     }
+    // A tuning run never sees the validation (test) split: part of the training images stands in.
+    let (train, val) = match spec.holdout {
+        Some(f) => {
+            let s = hold_out(train, &spec.root, f, seed)?;
+            (s.train, s.val)
+        }
+        None => (train, val),
+    };
     Ok(Splits { train: limit(train, spec.train_limit, seed, 1), val: limit(val, spec.val_limit, seed, 2) })
 }
 
