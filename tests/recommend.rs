@@ -23,7 +23,8 @@ fn quadrant(size: &str, similarity: &str) -> &'static str {
     match (size, similarity) {
         ("small", "high") => "feature_extract",
         ("small", _) => "freeze_bottom",
-        ("large", "high") => "finetune_all",
+        // Large and different still fine-tunes when pretrained weights exist (issue 16).
+        ("large", _) => "finetune_all",
         _ => "scratch",
     }
 }
