@@ -7,6 +7,11 @@
 //! inputs, after warm-up steps; the median step time is reported and the ratio torch/thaw
 //! (above 1: thaw is faster).
 //!
+//! thaw computes channels-last (see `zoo::Network`); PyTorch's loop runs as users write it (NCHW,
+//! the default), and a second PyTorch column runs it with `model.to(memory_format=
+//! torch.channels_last)`, so the layout's share of the difference is visible. `opt_ms` is the
+//! part of thaw's step spent in `Optimizer::step` (and `zero_grad`).
+//!
 //! The baseline needs the full torch==2.13.0 and torchvision==0.28.0, installed on demand into
 //! `.thaw/bench-venv` (about 4.7 GB). `THAW_BENCH_NO_BASELINE=1` runs thaw's side alone.
 //! `THAW_BENCH_STEPS` overrides the number of timed steps.
@@ -37,7 +42,8 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn thaw_step_ms(arch: Arch, size: i64, steps: usize) -> f64 {
+/// Median (step, optimizer) milliseconds of thaw's training step.
+fn thaw_step_ms(arch: Arch, size: i64, steps: usize) -> (f64, f64) {
     tch::manual_seed(0);
     let net = Network::new(arch, 1000, Device::Cpu);
     let modes = vec![GroupMode::Train; net.groups().len()];
@@ -47,19 +53,38 @@ fn thaw_step_ms(arch: Arch, size: i64, steps: usize) -> f64 {
     let mut opt = Optimizer::new(OptimizerSpec::Sgd { momentum: 0.9, nesterov: false, weight_decay: 0.0 }, params);
     let xs = Tensor::randn([BATCH, 3, size, size], (Kind::Float, Device::Cpu));
     let ys = Tensor::randint(1000, [BATCH], (Kind::Int64, Device::Cpu));
-    let mut times = Vec::new();
+    let (mut times, mut opt_times) = (Vec::new(), Vec::new());
     for i in 0..steps + 2 {
         let t = Instant::now();
         opt.zero_grad();
+        let zeroed = t.elapsed();
         let loss = net.forward_modes(&xs, &modes).cross_entropy_for_logits(&ys);
         loss.backward();
+        let o = Instant::now();
         opt.step(&|_| 0.01);
+        let stepped = o.elapsed();
         let _ = loss.double_value(&[]);
         if i >= 2 {
             times.push(t.elapsed().as_secs_f64() * 1e3);
+            opt_times.push((zeroed + stepped).as_secs_f64() * 1e3);
         }
     }
-    median(times)
+    (median(times), median(opt_times))
+}
+
+/// PyTorch's median ms per step, NCHW or channels-last.
+fn torch_step_ms(py: &std::path::Path, arch: Arch, size: i64, steps: usize, threads: i32, layout: &str) -> Option<f64> {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches/train_step_torch.py");
+    let out = Command::new(py)
+        .arg(script)
+        .args([arch.name(), &size.to_string(), &BATCH.to_string(), &steps.to_string(), &threads.to_string(), layout])
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        eprintln!("baseline failed: {}", String::from_utf8_lossy(&out.stderr));
+        return None;
+    }
+    String::from_utf8_lossy(&out.stdout).trim().parse::<f64>().ok()
 }
 
 fn main() {
@@ -70,26 +95,27 @@ fn main() {
     let threads = tch::get_num_threads();
     let py = if std::env::var("THAW_BENCH_NO_BASELINE").is_ok() { None } else { baseline_python() };
     println!("training step, batch {BATCH}, SGD momentum, {threads} threads, median ms/step");
-    println!("{:<13} {:>5} {:>10} {:>10} {:>12}", "model", "size", "thaw_ms", "torch_ms", "torch/thaw");
+    println!(
+        "{:<13} {:>5} {:>9} {:>7} {:>10} {:>12} {:>12} {:>14}",
+        "model", "size", "thaw_ms", "opt_ms", "torch_ms", "torch/thaw", "torch_cl_ms", "torch_cl/thaw"
+    );
+    let show = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
+    let ratio = |v: Option<f64>, ours: f64| v.map_or("-".to_string(), |v| format!("{:.2}", v / ours));
     for (arch, size) in CASES {
         let steps = steps_for(size);
-        let ours = thaw_step_ms(arch, size, steps);
-        let theirs = py.as_ref().and_then(|py| {
-            let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches/train_step_torch.py");
-            let out = Command::new(py)
-                .arg(script)
-                .args([arch.name(), &size.to_string(), &BATCH.to_string(), &steps.to_string(), &threads.to_string()])
-                .output()
-                .ok()?;
-            if !out.status.success() {
-                eprintln!("baseline failed: {}", String::from_utf8_lossy(&out.stderr));
-                return None;
-            }
-            String::from_utf8_lossy(&out.stdout).trim().parse::<f64>().ok()
-        });
-        match theirs {
-            Some(t) => println!("{:<13} {:>5} {:>10.1} {:>10.1} {:>12.2}", arch.name(), size, ours, t, t / ours),
-            None => println!("{:<13} {:>5} {:>10.1} {:>10} {:>12}", arch.name(), size, ours, "-", "-"),
-        }
+        let (ours, opt) = thaw_step_ms(arch, size, steps);
+        let nchw = py.as_ref().and_then(|py| torch_step_ms(py, arch, size, steps, threads, "nchw"));
+        let cl = py.as_ref().and_then(|py| torch_step_ms(py, arch, size, steps, threads, "channels_last"));
+        println!(
+            "{:<13} {:>5} {:>9.1} {:>7.1} {:>10} {:>12} {:>12} {:>14}",
+            arch.name(),
+            size,
+            ours,
+            opt,
+            show(nchw),
+            ratio(nchw, ours),
+            show(cl),
+            ratio(cl, ours)
+        );
     }
 }
