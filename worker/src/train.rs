@@ -1085,3 +1085,25 @@ impl Trainer {
         Ok(DistOutcome { history: self.history.clone(), end })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_time_flips_average_an_image_and_its_mirror() {
+        let net = Network::new(Arch::Lenet5, 10, Device::Cpu);
+        let x = Tensor::randn([3, 1, 32, 32], (Kind::Float, Device::Cpu));
+        let mirrored = x.flip([3]);
+        tch::no_grad(|| {
+            let (plain, flipped) = (eval_logits(&net, &x, false), eval_logits(&net, &mirrored, false));
+            let tta = eval_logits(&net, &x, true);
+            let want = (&plain + &flipped) * 0.5;
+            assert!((&tta - &want).abs().max().double_value(&[]) < 1e-5);
+            // Flip-invariant by construction, unlike the plain logits.
+            let tta_mirrored = eval_logits(&net, &mirrored, true);
+            assert!((&tta - &tta_mirrored).abs().max().double_value(&[]) < 1e-5);
+            assert!((&plain - &flipped).abs().max().double_value(&[]) > 1e-6);
+        });
+    }
+}

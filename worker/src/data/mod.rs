@@ -221,4 +221,44 @@ mod tests {
         s.sort_unstable();
         assert_eq!(s, (0..1000).collect::<Vec<_>>());
     }
+
+    #[test]
+    fn holdout_replaces_the_test_split_with_part_of_train() {
+        // train/ (20 images) and val/ (4): with holdout = 0.25 the val/ tree is never opened as
+        // the validation split; 5 training images stand in for it, disjoint from the other 15.
+        let dir = tempfile::tempdir().unwrap();
+        for (split, n) in [("train", 10), ("val", 2)] {
+            for class in ["a", "b"] {
+                let d = dir.path().join(split).join(class);
+                std::fs::create_dir_all(&d).unwrap();
+                for i in 0..n {
+                    image::RgbImage::new(4, 4).save(d.join(format!("{split}{i}.png"))).unwrap();
+                }
+            }
+        }
+        let mut spec = DataSpec {
+            format: DataFormat::Folder,
+            root: dir.path().to_path_buf(),
+            image_size: None,
+            train_limit: None,
+            val_limit: None,
+            val_fraction: 0.1,
+            hflip: false,
+            loader_threads: 1,
+            random_resized_crop: false,
+            read_block: 256,
+            shuffle_window: 1024,
+            max_skipped: None,
+            holdout: None,
+            tta_hflip: false,
+        };
+        let plain = open_splits(&spec, 7).unwrap();
+        assert_eq!((plain.train.len(), plain.val.len()), (20, 4));
+        spec.holdout = Some(0.25);
+        let tuned = open_splits(&spec, 7).unwrap();
+        assert_eq!((tuned.train.len(), tuned.val.len()), (15, 5));
+        let keys = |ds: &Arc<dyn Dataset>| (0..ds.len()).map(|i| ds.key(i)).collect::<std::collections::HashSet<_>>();
+        let (train, val) = (keys(&tuned.train), keys(&tuned.val));
+        assert!(val.iter().all(|k| k.contains("train") && !train.contains(k)), "{val:?}");
+    }
 }
