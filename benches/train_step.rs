@@ -14,7 +14,8 @@
 //!
 //! The baseline needs the full torch==2.13.0 and torchvision==0.28.0, installed on demand into
 //! `.thaw/bench-venv` (about 4.7 GB). `THAW_BENCH_NO_BASELINE=1` runs thaw's side alone.
-//! `THAW_BENCH_STEPS` overrides the number of timed steps.
+//! `THAW_BENCH_STEPS` overrides the number of timed steps; `THAW_BENCH_ONLY=mobilenet_v2:64`
+//! (comma-separated `arch:size`) runs only those cases.
 
 mod common;
 
@@ -101,7 +102,11 @@ fn main() {
     );
     let show = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
     let ratio = |v: Option<f64>, ours: f64| v.map_or("-".to_string(), |v| format!("{:.2}", v / ours));
+    let only = std::env::var("THAW_BENCH_ONLY").ok();
     for (arch, size) in CASES {
+        if only.as_deref().is_some_and(|o| !o.split(',').any(|c| c == format!("{}:{size}", arch.name()))) {
+            continue;
+        }
         let steps = steps_for(size);
         let (ours, opt) = thaw_step_ms(arch, size, steps);
         let nchw = py.as_ref().and_then(|py| torch_step_ms(py, arch, size, steps, threads, "nchw"));
