@@ -809,7 +809,7 @@ fn decide(
         (Size::Large, Similarity::High, _) => ("finetune_all", None),
         // Large and different, with pretrained weights: fine-tune everything anyway, at a high LR.
         // Measured on Fashion-MNIST (README, "Time to accuracy"): ImageNet MobileNetV2 fine-tuned
-        // this way passes 0.93 in three epochs, where a random init is far behind at equal time.
+        // this way reaches 0.934 in four epochs, above every from-scratch run the README records.
         (Size::Large, Similarity::Low, _) => ("finetune_all", None),
     };
     let weights = if strategy == "scratch" { "none".to_string() } else { weights.to_string() };
@@ -829,8 +829,8 @@ fn decide(
             k.unwrap_or(1)
         ),
         "finetune_all" if different => format!(
-            "large and different: fine-tune every group from the pretrained init all the same (it still beats a random init at \
-             equal time), at {DIFFERENT_FINETUNE_LR_FACTOR}x the from-scratch learning rate so the trunk can move, on a one-cycle \
+            "large and different: fine-tune every group from the pretrained init all the same (on Fashion-MNIST it beats \
+             training from scratch), at {DIFFERENT_FINETUNE_LR_FACTOR}x the from-scratch learning rate so the trunk can move, on a one-cycle \
              schedule with label smoothing 0.1"
         ),
         "finetune_all" => "large and similar: fine-tune every group from the pretrained init, at 0.1x the from-scratch learning rate".into(),
