@@ -433,6 +433,22 @@ fn a_port_scan_and_a_rogue_peer_during_ring_formation_change_nothing() {
     assert!(logs.contains("dropped a ring connection that failed the handshake"), "{logs}");
 }
 
+/// Starts `thaw coordinator ARGS`, returns the first line it prints, and stops it.
+fn first_line_of_coordinator(args: &[&str]) -> String {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_thaw"))
+        .arg("coordinator")
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(c.stdout.take().unwrap()), &mut line).unwrap();
+    let _ = c.kill();
+    let _ = c.wait();
+    line
+}
+
 #[test]
 fn an_exposed_coordinator_without_tokens_refuses_to_start() {
     let err = fails(thaw(&["coordinator", "--listen", "0.0.0.0:0", "--store", "memory"]));
@@ -441,17 +457,8 @@ fn an_exposed_coordinator_without_tokens_refuses_to_start() {
         "{err}"
     );
     // With --insecure it starts, and says it is insecure.
-    let mut c = Command::new(env!("CARGO_BIN_EXE_thaw"))
-        .args(["coordinator", "--listen", "0.0.0.0:0", "--store", "memory", "--insecure"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(c.stdout.take().unwrap()), &mut line).unwrap();
+    let line = first_line_of_coordinator(&["--listen", "0.0.0.0:0", "--store", "memory", "--insecure"]);
     assert!(line.contains("coordinator listening on http://0.0.0.0:"), "{line}");
-    let _ = c.kill();
-    let _ = c.wait();
     // Tokens without TLS are not enough (they would cross the network in the clear); with both it
     // serves TLS on the exposed address.
     let dir = tempfile::tempdir().unwrap();
@@ -461,18 +468,18 @@ fn an_exposed_coordinator_without_tokens_refuses_to_start() {
     assert!(err.contains("refusing to listen on 0.0.0.0") && err.contains("without TLS (--tls DIR)"), "{err}");
     let certs = dir.path().join("certs");
     ok(thaw(&["certs", "init", certs.to_str().unwrap()]));
-    let mut c = Command::new(env!("CARGO_BIN_EXE_thaw"))
-        .args(["coordinator", "--listen", "0.0.0.0:0", "--store", "memory", "--tokens", tokens.to_str().unwrap(), "--tls"])
-        .arg(certs.join("coordinator"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(c.stdout.take().unwrap()), &mut line).unwrap();
+    let tls = certs.join("coordinator");
+    let line = first_line_of_coordinator(&[
+        "--listen",
+        "0.0.0.0:0",
+        "--store",
+        "memory",
+        "--tokens",
+        tokens.to_str().unwrap(),
+        "--tls",
+        tls.to_str().unwrap(),
+    ]);
     assert!(line.contains("coordinator listening on https://0.0.0.0:"), "{line}");
-    let _ = c.kill();
-    let _ = c.wait();
     // A TLS directory that does not load is named.
     let err = fails(thaw(&["coordinator", "--listen", "127.0.0.1:0", "--store", "memory", "--tls", dir.path().to_str().unwrap()]));
     assert!(err.contains("--tls") && err.contains("ca.crt"), "{err}");

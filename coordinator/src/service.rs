@@ -502,18 +502,7 @@ impl Workers for WorkersService {
         }
         let _slot = JoinSlot(&self.0.pending_joins);
         let r = req.into_inner();
-        let info = JoinInfo {
-            worker_id: &r.worker_id,
-            collective_addr: &r.collective_addr,
-            num_samples: r.num_train_samples,
-            nccl_unique_id: &r.nccl_unique_id,
-            groups: &r.layer_groups,
-            generation: r.generation,
-            cursor: r.cursor.as_ref().map(cursor_from_proto),
-            reason: &r.reason,
-            failed: r.failed,
-            closed_ranks: &r.closed_ranks,
-        };
+        let info = join_info(&r);
         self.0.core().join_with(&r.job_id, &info, Instant::now(), now_ms()).map_err(status)?;
         tracing::info!(job = %r.job_id, worker = %r.worker_id, addr = %r.collective_addr, "worker joined");
         self.0.touched(&r.job_id);
@@ -710,6 +699,22 @@ pub fn stage_from_proto(p: &pb::FreezeStage) -> Result<Stage, String> {
         warmup_steps: p.warmup_steps as usize,
         lr_schedule,
     })
+}
+
+/// A join request as the core takes it.
+pub fn join_info(r: &pb::JoinRequest) -> JoinInfo<'_> {
+    JoinInfo {
+        worker_id: &r.worker_id,
+        collective_addr: &r.collective_addr,
+        num_samples: r.num_train_samples,
+        nccl_unique_id: &r.nccl_unique_id,
+        groups: &r.layer_groups,
+        generation: r.generation,
+        cursor: r.cursor.as_ref().map(cursor_from_proto),
+        reason: &r.reason,
+        failed: r.failed,
+        closed_ranks: &r.closed_ranks,
+    }
 }
 
 pub fn cut_to_proto(c: &Cut) -> pb::Cut {

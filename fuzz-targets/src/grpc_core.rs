@@ -9,10 +9,10 @@
 use std::time::{Duration, Instant};
 
 use prost::Message;
-use thaw_coordinator::core::{Coordinator, JoinInfo, JoinPoll, PlanInfo};
+use thaw_coordinator::core::{Coordinator, JoinPoll, PlanInfo};
 use thaw_coordinator::metrics::EpochMetrics;
 use thaw_coordinator::plan::{EpochCursor, EpochPlan};
-use thaw_coordinator::service::{cursor_from_proto, cut_from_proto, stage_from_proto, stage_to_proto, status};
+use thaw_coordinator::service::{cut_from_proto, join_info, stage_from_proto, stage_to_proto, status};
 use thaw_coordinator::store::MemoryStore;
 use thaw_proto::v1 as pb;
 
@@ -162,18 +162,7 @@ fn call(
         Op::Join | Op::PollJoin => {
             let Ok(r) = pb::JoinRequest::decode(msg) else { return };
             if op == Op::Join {
-                let info = JoinInfo {
-                    worker_id: &r.worker_id,
-                    collective_addr: &r.collective_addr,
-                    num_samples: r.num_train_samples,
-                    nccl_unique_id: &r.nccl_unique_id,
-                    groups: &r.layer_groups,
-                    generation: r.generation,
-                    cursor: r.cursor.as_ref().map(cursor_from_proto),
-                    reason: &r.reason,
-                    failed: r.failed,
-                    closed_ranks: &r.closed_ranks,
-                };
+                let info = join_info(&r);
                 if let Err(e) = core.join_with(&r.job_id, &info, now, now_ms) {
                     let _ = status(e);
                     return;
