@@ -13,6 +13,7 @@ use thaw_coordinator::service::{self, State};
 use thaw_coordinator::spec::JobSpec;
 use thaw_coordinator::store::FileStore;
 use thaw_proto::v1 as pb;
+use thaw_worker::device::DeviceRequest;
 use thaw_worker::train::DistEnd;
 
 pub const DEFAULT_COORDINATOR: &str = "http://127.0.0.1:7070";
@@ -623,11 +624,15 @@ impl Ephemeral {
 /// group's state); without restarts left the job goes on with the others down to `--min-nproc`,
 /// and is cancelled below. Ctrl-C cancels the job (rank 0 checkpoints), waits for the workers,
 /// and kills any that outlive the grace period.
-pub fn launch(spec_path: &Path, opts: &LaunchOptions, device: &str) -> Result<i32> {
+pub fn launch(spec_path: &Path, opts: &LaunchOptions, device: DeviceRequest) -> Result<i32> {
     let nproc = opts.nproc;
     if nproc == 0 {
         bail!("--nproc 0: a job needs at least 1 worker");
     }
+    // Every rank gets a device of its own, or nothing starts.
+    let visible = thaw_worker::device::Visible::probe();
+    let devices = thaw_worker::device::assign_launch(device, nproc as usize, &visible)?;
+    let device_arg = device.to_string();
     let min_nproc = opts.min_nproc.unwrap_or(nproc);
     if min_nproc == 0 || min_nproc > nproc {
         bail!("--min-nproc {min_nproc}: must be between 1 and --nproc ({nproc})");
@@ -671,6 +676,17 @@ pub fn launch(spec_path: &Path, opts: &LaunchOptions, device: &str) -> Result<i3
             eprintln!("credentials (this launch's, private to you): {}", e.publish(&job_token)?);
         }
         eprintln!("job {id}: coordinator {url}, {nproc} workers, logs in {}", logs.display());
+        if devices.iter().any(|d| d.is_cuda()) {
+            let each: Vec<String> = devices
+                .iter()
+                .enumerate()
+                .map(|(i, d)| match (d, d_physical(&visible, *d)) {
+                    (tch::Device::Cuda(k), Some(p)) => format!("rank {i} on cuda:{k} (GPU {p})"),
+                    (d, _) => format!("rank {i} on {}", device_name(*d)),
+                })
+                .collect();
+            eprintln!("devices: {}", each.join(", "));
+        }
         // Share the cores: each worker's libtorch gets its part instead of all of them.
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
         let threads = (cores / nproc).max(1).to_string();
@@ -680,7 +696,11 @@ pub fn launch(spec_path: &Path, opts: &LaunchOptions, device: &str) -> Result<i3
                 .append(true)
                 .open(logs.join(format!("worker-{i}.log")))?;
             let mut cmd = Command::new(&exe);
-            cmd.args(["worker", "--coordinator", &url, "--job", &id, "--worker-id", &format!("local-{i}"), "--device", device])
+            cmd.args(["worker", "--coordinator", &url, "--job", &id, "--worker-id", &format!("local-{i}")])
+                .args(["--device", &device_arg])
+                // Like torchrun's LOCAL_RANK: the worker's device follows it (`--device cuda`).
+                .env("THAW_LOCAL_RANK", i.to_string())
+                .env("THAW_LOCAL_WORLD_SIZE", nproc.to_string())
                 .env("THAW_TORCH_THREADS", &threads)
                 // A worker presents its job's credential and the launch's client certificate, and
                 // nothing of the caller's.
@@ -783,4 +803,20 @@ pub fn launch(spec_path: &Path, opts: &LaunchOptions, device: &str) -> Result<i3
         }
         Ok(exit_code(final_job.state))
     })
+}
+
+/// `cpu` or `cuda:K`, as `--device` spells it.
+fn device_name(d: tch::Device) -> String {
+    match d {
+        tch::Device::Cuda(k) => format!("cuda:{k}"),
+        _ => "cpu".into(),
+    }
+}
+
+/// The physical id of a GPU where CUDA_VISIBLE_DEVICES names it.
+fn d_physical(visible: &thaw_worker::device::Visible, d: tch::Device) -> Option<String> {
+    match d {
+        tch::Device::Cuda(k) => visible.physical(k),
+        _ => None,
+    }
 }

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use thaw_coordinator::spec::JobSpec;
+use thaw_worker::device::{self, DeviceRequest};
 use thaw_worker::data::idx::{IdxDataset, Split};
 use thaw_worker::data::transform::Transform;
 use thaw_worker::data::{folder::FolderDataset, Dataset};
@@ -26,26 +27,25 @@ struct Cli {
     command: Command,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum DeviceArg {
-    /// CUDA when available, else CPU.
-    Auto,
-    Cpu,
-    Cuda,
+/// `--device`: auto, cpu, cuda (local rank i on the i-th visible GPU) or cuda:K; the rules are in
+/// `thaw_worker::device`.
+#[derive(Clone, Copy, Debug)]
+struct DeviceArg(DeviceRequest);
+
+impl std::str::FromStr for DeviceArg {
+    type Err = thaw_worker::device::DeviceError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        s.parse().map(DeviceArg)
+    }
 }
 
 impl DeviceArg {
+    /// This process's device: the request for its local rank (`THAW_LOCAL_RANK`), against the
+    /// GPUs libtorch sees.
     fn device(self) -> Result<tch::Device> {
-        Ok(match self {
-            DeviceArg::Auto => tch::Device::cuda_if_available(),
-            DeviceArg::Cpu => tch::Device::Cpu,
-            DeviceArg::Cuda => {
-                if !tch::Cuda::is_available() {
-                    bail!("--device cuda: no CUDA device is visible to libtorch");
-                }
-                tch::Device::Cuda(0)
-            }
-        })
+        let local_rank = device::local_rank_from_env()?;
+        Ok(device::assign(self.0, local_rank, &device::Visible::probe())?)
     }
 }
 
@@ -99,7 +99,7 @@ enum Command {
         /// Continue the run saved in this checkpoint (its spec is inside it).
         #[arg(long, conflicts_with = "spec")]
         resume: Option<PathBuf>,
-        #[arg(long, value_enum, default_value = "auto")]
+        #[arg(long, default_value = "auto")]
         device: DeviceArg,
         /// Stop after this many steps (a checkpoint is written); resume later with --resume.
         #[arg(long)]
@@ -133,7 +133,7 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
-        #[arg(long, value_enum, default_value = "auto")]
+        #[arg(long, default_value = "auto")]
         device: DeviceArg,
         #[arg(required = true)]
         images: Vec<PathBuf>,
@@ -161,7 +161,7 @@ enum Command {
         batch_size: usize,
         #[arg(long, default_value_t = 2)]
         threads: usize,
-        #[arg(long, value_enum, default_value = "auto")]
+        #[arg(long, default_value = "auto")]
         device: DeviceArg,
     },
     /// Packed datasets: pack an image tree into WebDataset shards, inspect, verify, or synthesize one.
@@ -203,7 +203,9 @@ enum Command {
         #[arg(long)]
         insecure: bool,
         spec: PathBuf,
-        #[arg(long, value_enum, default_value = "cpu")]
+        /// cpu, cuda (local rank i runs on the i-th visible GPU; CUDA_VISIBLE_DEVICES chooses
+        /// which), auto, or cuda:K for a single rank. Each worker gets THAW_LOCAL_RANK.
+        #[arg(long, default_value = "cpu")]
         device: DeviceArg,
     },
     /// Run a coordinator (jobs, rendezvous, epoch plans) until Ctrl-C or SIGTERM.
@@ -270,7 +272,9 @@ enum Command {
         /// Address the collective engine listens on (a free port is chosen).
         #[arg(long, default_value = "127.0.0.1")]
         bind_host: String,
-        #[arg(long, value_enum, default_value = "cpu")]
+        /// cpu, cuda (the GPU of this process's local rank, THAW_LOCAL_RANK or LOCAL_RANK, else
+        /// 0), cuda:K (the K-th visible GPU) or auto.
+        #[arg(long, default_value = "cpu")]
         device: DeviceArg,
     },
     /// Submit a job to a coordinator; prints its id.
@@ -343,7 +347,7 @@ enum Command {
         /// Print one JSON object instead of the report and spec.
         #[arg(long)]
         json: bool,
-        #[arg(long, value_enum, default_value = "auto")]
+        #[arg(long, default_value = "auto")]
         device: DeviceArg,
     },
 }
@@ -476,13 +480,8 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Models { json } => models(json),
         Command::Launch { nproc, min_nproc, max_nproc, max_restarts, resume, insecure, spec, device } => {
-            let dev = match device {
-                DeviceArg::Cuda => "cuda",
-                DeviceArg::Auto => "auto",
-                DeviceArg::Cpu => "cpu",
-            };
             let opts = cluster::LaunchOptions { nproc, min_nproc, max_nproc, max_restarts, resume, insecure };
-            exit_with(cluster::launch(&spec, &opts, dev)?)
+            exit_with(cluster::launch(&spec, &opts, device.0)?)
         }
         Command::Coordinator {
             listen,

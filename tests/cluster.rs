@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use thaw_coordinator::plan::EpochPlan;
 use thaw_coordinator::spec::{JobSpec, Stage};
-use thaw_worker::collective::RingCollective;
+use thaw_worker::collective::{RingCollective, RingOptions};
 use thaw_worker::train::{Control, TrainError, Trainer};
 
 fn lenet_job(name: &str, out: &Path, extra_train: &str, limit: usize, epochs: usize) -> String {
@@ -76,6 +76,19 @@ fn stages_of(base: &Stage, frozen: &[Vec<bool>]) -> Vec<Stage> {
 
 /// Trains `world` ranks as threads of this process over a real ring on 127.0.0.1.
 fn run_ranks(world: usize, batch: u32, limit: usize, epochs: usize, frozen: Vec<Vec<bool>>) -> Vec<RankRun> {
+    run_ranks_with(world, batch, limit, epochs, frozen, 1 << 20, true)
+}
+
+/// [`run_ranks`] with the gradient buckets' size and whether their all-reduce overlaps backward.
+fn run_ranks_with(
+    world: usize,
+    batch: u32,
+    limit: usize,
+    epochs: usize,
+    frozen: Vec<Vec<bool>>,
+    bucket_bytes: usize,
+    overlap: bool,
+) -> Vec<RankRun> {
     let dir = tempfile::tempdir().unwrap();
     let listeners: Vec<TcpListener> = (0..world).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
     let peers: Vec<_> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
@@ -84,7 +97,8 @@ fn run_ranks(world: usize, batch: u32, limit: usize, epochs: usize, frozen: Vec<
     let trainers: Vec<Trainer> = (0..world)
         .map(|rank| {
             let out = dir.path().join(format!("rank{rank}"));
-            let text = lenet_job("inproc", &out, &format!("batch_size = {batch}\nmomentum = 0.9"), limit, epochs);
+            let mut text = lenet_job("inproc", &out, &format!("batch_size = {batch}\nmomentum = 0.9"), limit, epochs);
+            text.push_str(&format!("[distributed]\noverlap = {overlap}\n"));
             let mut t = Trainer::prepare(JobSpec::from_toml(&text, Path::new("/")).unwrap(), tch::Device::Cpu).unwrap();
             // The first stage applies from the start, so the initial buckets hold its trainable set.
             if let Some(first) = stages_of(&t.stage, &frozen).first() {
@@ -102,9 +116,11 @@ fn run_ranks(world: usize, batch: u32, limit: usize, epochs: usize, frozen: Vec<
             std::thread::spawn(move || {
                 let n = t.splits.train.len() as u64;
                 let mut ctl = Recorder { seed: 11, n, world: world as u32, batch, stages, seen: Vec::new() };
-                let mut ring = RingCollective::connect(rank, world, listener, &peers, Duration::from_secs(60)).unwrap();
+                // TCP, as between hosts (two threads of one process could share memory).
+                let options = RingOptions { shm: false, ..RingOptions::new(Duration::from_secs(60)) };
+                let mut ring = RingCollective::connect_with(rank, world, listener, &peers, options).unwrap();
                 t.sync_state(&mut ring, 0).unwrap();
-                t.run_distributed(rank as u32, &mut ring, &mut ctl, 1 << 20).unwrap();
+                t.run_distributed(rank as u32, &mut ring, &mut ctl, bucket_bytes).unwrap();
                 RankRun { vars: vars_of(&t), seen: ctl.seen }
             })
         })
@@ -164,6 +180,31 @@ fn a_group_unfrozen_mid_run_is_averaged_like_one_process() {
     assert_eq!(max_diff(&first_epoch[0].vars, &init, "conv"), 0.0, "conv stays bit-identical while frozen");
     assert!(max_diff(&first_epoch[0].vars, &init, "fc") > 0.0, "the rest trains in epoch 1");
     assert!(max_diff(&one[0].vars, &first_epoch[0].vars, "conv") > 1e-4, "conv trains after the unfreeze");
+}
+
+#[test]
+fn overlapping_the_all_reduce_with_backward_changes_no_bit() {
+    // 2 ranks over the TCP ring (threads of this test use TCP, never shared memory), 5 steps per epoch, small buckets (LeNet-5's 61,706 parameters in
+    // several of them, so some are reduced while backward still runs); epoch 1 with `conv` frozen,
+    // epoch 2 with everything training (the buckets are rebuilt at the stage change).
+    let stages = vec![vec![true, false, false], vec![false, false, false]];
+    let overlapped = run_ranks_with(2, 16, 160, 2, stages.clone(), 16 << 10, true);
+    let plain = run_ranks_with(2, 16, 160, 2, stages, 16 << 10, false);
+    for rank in 0..2 {
+        let (a, b) = (&overlapped[rank].vars, &plain[rank].vars);
+        assert_eq!(a.len(), b.len());
+        for (name, x) in a {
+            let same = x.iter().zip(&b[name]).all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(same, "rank {rank}: {name} differs between the overlapped and the plain step");
+        }
+        assert_eq!(overlapped[rank].seen, plain[rank].seen, "the same samples in the same steps");
+    }
+    assert_eq!(max_diff(&overlapped[0].vars, &overlapped[1].vars, ""), 0.0, "replicas are identical");
+    let init = {
+        let spec = JobSpec::from_toml(&lenet_job("init", Path::new("/tmp/unused"), "", 160, 1), Path::new("/")).unwrap();
+        vars_of(&Trainer::prepare(spec, tch::Device::Cpu).unwrap())
+    };
+    assert!(max_diff(&overlapped[0].vars, &init, "conv") > 0.0, "conv trained after the stage change");
 }
 
 fn launch(spec: &Path, nproc: u32) -> std::process::Output {

@@ -146,6 +146,30 @@ pub struct JobSpec {
     pub distributed: DistributedSpec,
 }
 
+/// The arithmetic of training's forward pass (`[train] precision`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    /// Everything in f32.
+    #[default]
+    Fp32,
+    /// Autocast to bfloat16 (convolutions, matrix products) with f32 master weights; f32's range,
+    /// so no loss scaling.
+    Bf16,
+    /// Autocast to float16 with f32 master weights and dynamic loss scaling.
+    Fp16,
+}
+
+impl Precision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "fp32",
+            Precision::Bf16 => "bf16",
+            Precision::Fp16 => "fp16",
+        }
+    }
+}
+
 /// The collective engine that averages gradients.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -179,6 +203,10 @@ pub struct DistributedSpec {
     pub collective: CollectiveKind,
     /// Gradient bucket size for the all-reduce, in MB.
     pub bucket_mb: f64,
+    /// Reduce each gradient bucket while backward computes the layer groups below it (on), or
+    /// after backward (off). Results are bitwise the same; on is faster wherever communication
+    /// takes time.
+    pub overlap: bool,
     /// Deadline of every collective call (a step's all-reduce), in seconds: a rank waits no longer
     /// for a hung peer before the group re-forms without it.
     pub step_timeout_secs: f64,
@@ -202,6 +230,7 @@ impl Default for DistributedSpec {
             last_call_secs: 2.0,
             collective: CollectiveKind::Ring,
             bucket_mb: 25.0,
+            overlap: true,
             step_timeout_secs: 30.0,
             heartbeat_timeout_secs: 10.0,
             rejoin_timeout_secs: 120.0,
@@ -266,6 +295,13 @@ pub struct TrainSpec {
     /// Memory for cached outputs of a frozen prefix (per worker, both splits), in MB; beyond it
     /// they spill to disk under the output directory. 0 turns feature caching off.
     pub feature_cache_mb: f64,
+    /// The forward pass's arithmetic: fp32, or bf16/fp16 autocast with f32 master weights.
+    #[serde(default)]
+    pub precision: Precision,
+    /// Channels-last (NHWC) activations and convolution weights; unset: the default (on, unless
+    /// `THAW_CHANNELS_LAST=0`).
+    #[serde(default)]
+    pub channels_last: Option<bool>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -308,6 +344,7 @@ struct RawDistributed {
     last_call_secs: Option<f64>,
     collective: Option<CollectiveKind>,
     bucket_mb: Option<f64>,
+    overlap: Option<bool>,
     #[serde(alias = "collective_timeout_secs")]
     step_timeout_secs: Option<f64>,
     heartbeat_timeout_secs: Option<f64>,
@@ -367,6 +404,8 @@ struct RawTrain {
     warmup_steps: Option<usize>,
     label_smoothing: Option<f64>,
     feature_cache_mb: Option<f64>,
+    precision: Option<Precision>,
+    channels_last: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
@@ -568,6 +607,8 @@ impl JobSpec {
                 true,
                 Some(1e7),
             )?,
+            precision: t.precision.unwrap_or_default(),
+            channels_last: t.channels_last,
         };
 
         if train.lr_schedule == LrSchedule::OneCycle && train.warmup_steps > 0 {
@@ -629,6 +670,7 @@ impl JobSpec {
                 false,
                 Some(4096.0),
             )?,
+            overlap: d.overlap.unwrap_or(defaults.overlap),
             step_timeout_secs: check_finite(
                 "distributed.step_timeout_secs",
                 d.step_timeout_secs.unwrap_or(defaults.step_timeout_secs),
@@ -724,6 +766,10 @@ impl JobSpec {
             t.label_smoothing,
             t.feature_cache_mb
         );
+        s += &format!("precision = {}\n", q(t.precision.as_str()));
+        if let Some(cl) = t.channels_last {
+            s += &format!("channels_last = {cl}\n");
+        }
         s += &self.schedule.to_toml();
         s += &format!(
             "\n[output]\ndir = {}\ncheckpoint_every_steps = {}\nkeep_checkpoints = {}\n",
@@ -733,13 +779,14 @@ impl JobSpec {
         );
         let d = &self.distributed;
         s += &format!(
-            "\n[distributed]\nmin_workers = {}\nmax_workers = {}\njoin_timeout_secs = {:?}\nlast_call_secs = {:?}\ncollective = {}\nbucket_mb = {:?}\nstep_timeout_secs = {:?}\nheartbeat_timeout_secs = {:?}\nrejoin_timeout_secs = {:?}\ncoordinator_timeout_secs = {:?}\nmax_restarts = {}\n",
+            "\n[distributed]\nmin_workers = {}\nmax_workers = {}\njoin_timeout_secs = {:?}\nlast_call_secs = {:?}\ncollective = {}\nbucket_mb = {:?}\noverlap = {}\nstep_timeout_secs = {:?}\nheartbeat_timeout_secs = {:?}\nrejoin_timeout_secs = {:?}\ncoordinator_timeout_secs = {:?}\nmax_restarts = {}\n",
             d.min_workers,
             d.max_workers,
             d.join_timeout_secs,
             d.last_call_secs,
             q(d.collective.as_str()),
             d.bucket_mb,
+            d.overlap,
             d.step_timeout_secs,
             d.heartbeat_timeout_secs,
             d.rejoin_timeout_secs,

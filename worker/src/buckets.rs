@@ -59,6 +59,12 @@ impl Buckets {
         }
     }
 
+    /// The lowest layer group bucket `b` has a parameter of: its gradients are all final once
+    /// backward has gone through that group.
+    pub fn lowest_group(&self, b: usize, params: &[Param]) -> usize {
+        self.buckets[b].params.iter().map(|&i| params[i].group).min().unwrap_or(0)
+    }
+
     /// Names of the parameters in bucket order (every trainable parameter exactly once).
     pub fn parameter_names(&self) -> Vec<&str> {
         self.buckets.iter().flat_map(|b| b.params.iter().map(|&i| self.names[i].as_str())).collect()

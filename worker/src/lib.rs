@@ -8,10 +8,13 @@
 //! libtorch runs on the calling thread; nothing here is async.
 
 pub mod agent;
+pub mod amp;
 pub mod buckets;
 pub mod checkpoint;
 pub mod collective;
 pub mod data;
+pub mod ddp;
+pub mod device;
 pub mod failpoint;
 pub mod feature_cache;
 pub mod imagenet_classes;

@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
 use thaw_coordinator::schedule::stage_of;
-use thaw_coordinator::spec::{BnPolicy, JobSpec, SpecError, Stage, WeightsSpec};
+use thaw_coordinator::spec::{BnPolicy, JobSpec, Precision, SpecError, Stage, WeightsSpec};
 
 use thaw_coordinator::core::PlanInfo;
 use thaw_coordinator::plan::{EpochCursor, EpochPlan};
@@ -24,11 +24,13 @@ use crate::collective::{Collective, CollectiveError};
 use crate::data::loader::{Batch, Loader, LoaderConfig};
 use crate::data::transform::Transform;
 use crate::data::{self, DataError, Dataset, SampleError, Splits};
+use crate::amp::{autocast, LossScaler};
+use crate::ddp;
 use crate::optim::{Optimizer, Param};
 use crate::progress::Progress;
 use crate::stage_cache::StageCache;
 use crate::weights::{self, WeightsError};
-use crate::zoo::{Arch, GroupMode, Network, UnknownArch};
+use crate::zoo::{Arch, CutForward, GroupMode, Network, UnknownArch};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
@@ -76,12 +78,31 @@ pub struct Trainer {
     cache: Option<StageCache>,
     /// `run` stops at the first step boundary after this much training, then evaluates.
     time_budget: Option<std::time::Duration>,
+    /// fp16's loss scale (unused in fp32 and bf16); part of the state, like the optimizer's.
+    scaler: LossScaler,
 }
 
 /// Where an epoch's batches come from: decoded by the loader, or prefix outputs from the cache.
 enum Source {
     Loader(Loader),
     Cached { planned: Vec<Vec<usize>>, next: usize },
+}
+
+/// An epoch's batches as the training loop takes them: from `source`, with the next one
+/// already sent to the GPU (`ahead`, device runs only).
+struct Feed {
+    source: Source,
+    ahead: Option<Option<Result<Batch, TrainError>>>,
+}
+
+impl Feed {
+    fn new(source: Source) -> Feed {
+        Feed { source, ahead: None }
+    }
+
+    fn cached(&self) -> bool {
+        matches!(self.source, Source::Cached { .. })
+    }
 }
 
 /// What a finished run reports.
@@ -126,7 +147,8 @@ impl Trainer {
 
         // Random init (and everything else drawn from libtorch's RNG) follows the spec's seed.
         tch::manual_seed(spec.seed as i64);
-        let mut net = Network::new(arch, num_classes, device);
+        let channels_last = spec.train.channels_last.unwrap_or_else(crate::zoo::channels_last_default);
+        let mut net = Network::with_layout(arch, num_classes, device, channels_last);
         let groups = net.group_names();
         let stages = spec.schedule.expand(&groups, &spec.train)?;
         let groups = groups.len();
@@ -160,12 +182,12 @@ impl Trainer {
         let whole = splits.train.resize_whole();
         let transform = Transform::new(&pre, spec.data.image_size, whole);
 
-        let (cursor, history) = match ck {
-            None => (Cursor::default(), Vec::new()),
+        let (cursor, history, scaler) = match ck {
+            None => (Cursor::default(), Vec::new(), LossScaler::default()),
             Some(ck) => {
                 ck.restore_model(&net)?;
                 optimizer.load_state(&ck.optim);
-                (ck.cursor, ck.history)
+                (ck.cursor, ck.history, scaler_of(&ck.optim))
             }
         };
 
@@ -184,6 +206,7 @@ impl Trainer {
             weights_source,
             cache: None,
             time_budget: None,
+            scaler,
         })
     }
 
@@ -333,7 +356,30 @@ impl Trainer {
         }
     }
 
-    fn next_batch(&self, source: &mut Source) -> Option<Result<Batch, TrainError>> {
+    /// The next batch, on the training device. On a GPU the batch after it is already on its
+    /// way: copied from pinned host memory without blocking, so the transfer overlaps this
+    /// step's compute (the copy is queued before the step's kernels).
+    fn next_batch(&self, feed: &mut Feed) -> Option<Result<Batch, TrainError>> {
+        let device = self.net.vs.device();
+        if !device.is_cuda() {
+            return self.next_host_batch(&mut feed.source);
+        }
+        let to_device = |b: Batch| Batch {
+            images: b.images.pin_memory(device).to_device_(device, b.images.kind(), true, false),
+            labels: b.labels.pin_memory(device).to_device_(device, b.labels.kind(), true, false),
+            ..b
+        };
+        let current = match feed.ahead.take() {
+            Some(ahead) => ahead,
+            None => self.next_host_batch(&mut feed.source).map(|b| b.map(to_device)),
+        };
+        if current.is_some() {
+            feed.ahead = Some(self.next_host_batch(&mut feed.source).map(|b| b.map(to_device)));
+        }
+        current
+    }
+
+    fn next_host_batch(&self, source: &mut Source) -> Option<Result<Batch, TrainError>> {
         match source {
             Source::Loader(loader) => loader.next().map(Ok),
             Source::Cached { planned, next } => {
@@ -349,16 +395,30 @@ impl Trainer {
     /// The training forward pass of a batch: from cached prefix outputs, or through the prefix
     /// (storing its outputs) when the stage caches, or through the whole network.
     fn forward_batch(&mut self, xs: &Tensor, batch: &Batch, cached: bool) -> Result<Tensor, TrainError> {
+        Ok(self.forward_pass(xs, batch, cached, false)?.output)
+    }
+
+    /// [`Trainer::forward_batch`], cut at the layer groups' boundaries when `cut` (for a backward
+    /// pass group by group that overlaps the all-reduce, `ddp.rs`).
+    fn forward_pass(&mut self, xs: &Tensor, batch: &Batch, cached: bool, cut: bool) -> Result<CutForward, TrainError> {
         let n = self.modes.len();
+        let net = &self.net;
+        let rest = |x: &Tensor, from: usize| {
+            if cut {
+                net.forward_range_cut(x, &self.modes, from..n)
+            } else {
+                CutForward::uncut(net.forward_range(x, &self.modes, from..n))
+            }
+        };
         match &mut self.cache {
-            Some(c) if cached => Ok(self.net.forward_range(xs, &self.modes, c.prefix..n)),
+            Some(c) if cached => Ok(rest(xs, c.prefix)),
             Some(c) => {
                 c.mark_bad(batch.skipped_indices.iter().copied());
-                let feats = self.net.forward_range(xs, &self.modes, 0..c.prefix);
+                let feats = net.forward_range(xs, &self.modes, 0..c.prefix);
                 c.train.put_batch(&batch.indices, &feats)?;
-                Ok(self.net.forward_range(&feats, &self.modes, c.prefix..n))
+                Ok(rest(&feats, c.prefix))
             }
-            None => Ok(self.net.forward_modes(xs, &self.modes)),
+            None => Ok(rest(xs, 0)),
         }
     }
 
@@ -373,7 +433,7 @@ impl Trainer {
             cursor: self.cursor.clone(),
             history: self.history.clone(),
             model: self.net.vs.variables(),
-            optim: self.optimizer.state_tensors().into_iter().collect::<HashMap<_, _>>(),
+            optim: self.optimizer.state_tensors().into_iter().chain(scaler_tensors(&self.scaler)).collect(),
         }
     }
 
@@ -421,6 +481,7 @@ impl Trainer {
         // The optimizer keeps state only for the parameters of the stage in force.
         self.enter_stage_of(self.cursor.epoch.min(self.spec.train.epochs.saturating_sub(1)))?;
         self.optimizer.load_state(&ck.optim);
+        self.scaler = scaler_of(&ck.optim);
         Ok(())
     }
 
@@ -498,8 +559,8 @@ impl Trainer {
             let cfg = self.train_loader_config(bs, epoch);
             self.cache_for_stage(0);
             let planned = rank_batches(&plan, 0)?;
-            let mut source = self.source(planned, self.cursor.step, cfg);
-            let cached = matches!(source, Source::Cached { .. });
+            let mut source = Feed::new(self.source(planned, self.cursor.step, cfg));
+            let cached = source.cached();
             let started = Instant::now();
             let mut data_wait = 0.0;
             let mut progress =
@@ -522,16 +583,22 @@ impl Trainer {
                     let xs = batch.images.to_device(device);
                     let ys = batch.labels.to_device(device);
                     self.optimizer.zero_grad();
-                    let logits = self.forward_batch(&xs, &batch, cached)?;
-                    let loss = logits.cross_entropy_loss::<Tensor>(
-                        &ys,
-                        None,
-                        tch::Reduction::Mean,
-                        -100,
-                        self.spec.train.label_smoothing,
-                    );
-                    loss.backward();
-                    self.optimizer.step(&|g| lrs[g]);
+                    let (precision, smoothing) = (self.spec.train.precision, self.spec.train.label_smoothing);
+                    let (logits, loss) = autocast(precision, device, || {
+                        let logits = self.forward_batch(&xs, &batch, cached)?;
+                        let loss =
+                            logits.cross_entropy_loss::<Tensor>(&ys, None, tch::Reduction::Mean, -100, smoothing);
+                        Ok::<_, TrainError>((logits, loss))
+                    })?;
+                    if precision == Precision::Fp16 {
+                        (&loss * self.scaler.factor()).backward();
+                        if self.scaler.unscale(self.optimizer.params()) {
+                            self.optimizer.step(&|g| lrs[g]);
+                        }
+                    } else {
+                        loss.backward();
+                        self.optimizer.step(&|g| lrs[g]);
+                    }
                     let loss_v = loss.double_value(&[]);
                     if !loss_v.is_finite() {
                         return Err(self.diverged(loss_v, epoch, batch.step));
@@ -614,11 +681,13 @@ impl Trainer {
     /// Loss and correct counts over the validation samples `order`.
     fn evaluate_on(&mut self, order: Vec<usize>) -> Result<EvalSums, TrainError> {
         let (bs, threads, tta) = (self.spec.train.batch_size, self.spec.data.loader_threads, self.spec.data.tta_hflip);
-        match &mut self.cache {
+        let device = self.net.vs.device();
+        // Evaluation computes in the precision training does.
+        autocast(self.spec.train.precision, device, || match &mut self.cache {
             // Cached prefix outputs cannot be mirrored: test-time flips run the whole network.
             Some(c) if !tta => c.evaluate(&self.net, self.splits.val.clone(), order, &self.transform, bs, threads),
             _ => evaluate_on(&self.net, self.splits.val.clone(), order, &self.transform, bs, threads, tta),
-        }
+        })
     }
 
     /// Every rank scores its share of the validation set (every `world`-th sample from its rank)
@@ -632,6 +701,23 @@ impl Trainer {
         let mut sums = [s.loss_sum as f32, s.correct as f32, s.seen as f32];
         c.all_reduce_sum(&mut sums)?;
         EvalSums { loss_sum: sums[0] as f64, correct: sums[1] as i64, seen: sums[2] as i64 }.mean()
+    }
+}
+
+/// The loss scaler as two entries of a checkpoint's optimizer state (f64 scalars).
+fn scaler_tensors(s: &LossScaler) -> [(String, Tensor); 2] {
+    [
+        ("amp.loss_scale".into(), Tensor::from_slice(&[s.scale])),
+        ("amp.good_steps".into(), Tensor::from_slice(&[s.good_steps as f64])),
+    ]
+}
+
+/// The loss scaler saved by [`scaler_tensors`] (the initial one for older checkpoints).
+fn scaler_of(optim: &HashMap<String, Tensor>) -> LossScaler {
+    let value = |k: &str| optim.get(k).map(|t| t.to_kind(Kind::Double).double_value(&[0]));
+    match (value("amp.loss_scale"), value("amp.good_steps")) {
+        (Some(scale), Some(good)) if scale.is_finite() && scale > 0.0 => LossScaler { scale, good_steps: good as u32 },
+        _ => LossScaler::default(),
     }
 }
 
@@ -820,10 +906,6 @@ pub struct DistOutcome {
     pub end: DistEnd,
 }
 
-fn to_vec(t: &Tensor) -> Vec<f32> {
-    Vec::<f32>::try_from(t.to_device(Device::Cpu).to_kind(Kind::Float).flatten(0, -1)).unwrap_or_default()
-}
-
 impl Trainer {
     /// Applies a stage in place: frozen groups stop training, the BatchNorm policy and learning
     /// rates change, the optimizer keeps the state of parameters that stay trainable. Callers
@@ -908,6 +990,8 @@ impl Trainer {
         Buckets::ensure_grads(&params);
         let mut buckets = Buckets::new(&params, bucket_bytes);
         let device = self.net.vs.device();
+        let overlap = self.spec.distributed.overlap && c.world_size() > 1;
+        let precision = self.spec.train.precision;
         let policy = CheckpointPolicy { every_steps: self.spec.output.checkpoint_every_steps };
         let mut end = DistEnd::Finished;
         while self.cursor.epoch < self.spec.train.epochs {
@@ -932,8 +1016,8 @@ impl Trainer {
             let batches = rank_batches(&plan, rank)?;
             let cfg = self.train_loader_config(self.spec.train.batch_size, epoch);
             self.cache_for_stage(rank);
-            let mut source = self.source(batches, self.cursor.step, cfg);
-            let cached = matches!(source, Source::Cached { .. });
+            let mut source = Feed::new(self.source(batches, self.cursor.step, cfg));
+            let cached = source.cached();
             let started = Instant::now();
             let mut progress = Progress::new(
                 format!("rank {rank} epoch {}/{}", epoch + 1, self.spec.train.epochs),
@@ -955,22 +1039,24 @@ impl Trainer {
                 let at = plan.schedule_step(batch.step as u64) as usize;
                 let n = batch.labels.size()[0];
                 self.optimizer.zero_grad();
+                let loss_factor = if precision == Precision::Fp16 { self.scaler.factor() } else { 1.0 };
                 let (mut loss_sum, mut correct) = (0.0, 0i64);
+                // The forward pass and its loss; backward runs inside the reduction below.
+                let mut pass = None;
                 if n > 0 {
                     tch::manual_seed(step_seed(self.spec.seed, epoch, at) ^ rank as i64);
                     let xs = batch.images.to_device(device);
                     let ys = batch.labels.to_device(device);
-                    let logits = self.forward_batch(&xs, &batch, cached)?;
-                    let sum = logits.cross_entropy_loss::<Tensor>(
-                        &ys,
-                        None,
-                        tch::Reduction::Sum,
-                        -100,
-                        self.spec.train.label_smoothing,
-                    );
-                    (&sum * (world / global.max(1.0))).backward();
+                    let smoothing = self.spec.train.label_smoothing;
+                    let (fwd, sum) = autocast(precision, device, || {
+                        let fwd = self.forward_pass(&xs, &batch, cached, overlap)?;
+                        let sum =
+                            fwd.output.cross_entropy_loss::<Tensor>(&ys, None, tch::Reduction::Sum, -100, smoothing);
+                        Ok::<_, TrainError>((fwd, sum))
+                    })?;
                     loss_sum = sum.double_value(&[]);
-                    correct = logits.argmax(-1, false).eq_tensor(&ys).sum(Kind::Int64).int64_value(&[]);
+                    correct = fwd.output.argmax(-1, false).eq_tensor(&ys).sum(Kind::Int64).int64_value(&[]);
+                    pass = Some((&sum * (world / global.max(1.0) * loss_factor), fwd));
                 }
                 ctl.trained(epoch as u32, batch.step as u64, &batch.indices);
                 // Step statistics and requests, summed over ranks: every rank sees the same.
@@ -989,12 +1075,13 @@ impl Trainer {
                     flag(leave_local.is_some()),
                     flag(reform_local.is_some()),
                 ];
-                c.all_reduce_sum(&mut stats)?;
-                for b in 0..buckets.buckets.len() {
-                    let mut buf = to_vec(&buckets.gather(b, &params));
-                    c.all_reduce_mean(&mut buf)?;
-                    buckets.scatter(b, &params, &Tensor::from_slice(&buf).to_device(device));
-                }
+                // Backward, with each bucket's all-reduce started as soon as its gradients are
+                // final (or after backward, without overlap); returns once every bucket is in.
+                ddp::reduce_step(c, &mut stats, &buckets, &params, overlap, |ready| {
+                    if let Some((loss, fwd)) = pass {
+                        fwd.backward(&loss, ready);
+                    }
+                })?;
                 // Every rank sees the same totals, so all stop together over a limit.
                 skipped_all += stats[5] as u64;
                 self.check_skipped(epoch, skipped_all, first_skipped.as_deref())?;
@@ -1002,8 +1089,13 @@ impl Trainer {
                     return Err(self.diverged(stats[0] as f64, epoch, batch.step));
                 }
                 // The step is complete on every rank that gets here: apply it, with the cursor.
+                // (fp16: every rank sees the same reduced gradients, so all skip an overflow.)
                 let lrs = self.group_lrs(epoch, at, plan.schedule_steps() as usize);
-                self.optimizer.step(&|g| lrs[g]);
+                if precision != Precision::Fp16 || self.scaler.unscale(&params) {
+                    self.optimizer.step(&|g| lrs[g]);
+                } else {
+                    tracing::debug!(epoch, step = batch.step, scale = self.scaler.scale, "fp16 overflow: step skipped");
+                }
                 self.cursor.loss_sum += stats[0] as f64;
                 self.cursor.correct += stats[1] as u64;
                 self.cursor.seen += stats[2] as u64;

@@ -51,11 +51,46 @@ pub trait Collective: Send {
     /// the world size).
     fn all_reduce_mean(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError>;
 
+    /// [`Collective::all_reduce_mean`] of a tensor's elements, in place: `t` is an `f32` tensor.
+    /// A contiguous CPU tensor is reduced where it lies (no copy); anything else goes through a
+    /// host buffer. The NCCL engine overrides it to reduce CUDA tensors on the GPU.
+    fn all_reduce_mean_tensor(&mut self, t: &mut tch::Tensor) -> Result<(), CollectiveError> {
+        with_host_f32(self.rank(), t, |buf| self.all_reduce_mean(buf))
+    }
+
     /// Replaces `buf` on every rank by `root`'s `buf`. Every rank passes a buffer of the same length.
     fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<(), CollectiveError>;
 
     /// Returns once every rank has entered the barrier.
     fn barrier(&mut self) -> Result<(), CollectiveError>;
+}
+
+/// Runs `f` on the elements of the `f32` tensor `t` as a host slice, and leaves what `f` wrote
+/// in `t`: in place for a contiguous CPU tensor, through a copy otherwise.
+pub fn with_host_f32(
+    rank: usize,
+    t: &mut tch::Tensor,
+    f: impl FnOnce(&mut [f32]) -> Result<(), CollectiveError>,
+) -> Result<(), CollectiveError> {
+    if t.kind() != tch::Kind::Float {
+        return Err(CollectiveError::InvalidArgument { rank, reason: format!("needs an f32 tensor, got {:?}", t.kind()) });
+    }
+    let n = t.numel();
+    if t.device() == tch::Device::Cpu && t.is_contiguous() {
+        if n == 0 {
+            return f(&mut []);
+        }
+        // SAFETY: a contiguous CPU f32 tensor holds `n` f32 at `data_ptr`; `t` is borrowed
+        // mutably for the whole call, so nothing else reads or writes them meanwhile.
+        let buf = unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut f32, n) };
+        return f(buf);
+    }
+    let mut buf = vec![0f32; n];
+    t.to_device(tch::Device::Cpu).contiguous().copy_data(&mut buf, n);
+    f(&mut buf)?;
+    let back = tch::Tensor::from_slice(&buf).view(t.size().as_slice()).to_device(t.device());
+    tch::no_grad(|| t.copy_(&back));
+    Ok(())
 }
 
 /// A group of one process: every operation leaves the buffer as it is and succeeds.

@@ -8,14 +8,18 @@
 //! [`Collective`] works on host buffers, so an operation copies the buffer to a device buffer (kept
 //! and grown as needed), runs NCCL on this engine's own stream, and copies the result back. The
 //! mean is NCCL's sum divided once on the host, as the contract says. For gradients already on
-//! the GPU, [`NcclCollective::all_reduce_mean_tensor`] skips both copies.
+//! the GPU, [`Collective::all_reduce_mean_tensor`] skips both copies: the bucket is summed in place
+//! on the engine's stream, which first waits (an event, on the GPU: the host does not block) for
+//! the work torch had queued, so the training thread can go on queueing backward kernels while
+//! NCCL reduces the buckets it already handed over.
 //!
 //! How the contract of `collective/mod.rs` is met with NCCL:
 //! - Deadlines: the communicator is non-blocking (`ncclConfig_t.blocking = 0`); the calling thread
 //!   polls `ncclCommGetAsyncError` and the stream until the operation is done, and at the deadline
 //!   calls `ncclCommAbort`, which also stops kernels waiting for a lost peer (NCCL's documented
 //!   recipe). NCCL does not say which rank it was waiting for, so a timeout names none. Waits that
-//!   only involve this GPU (the copies, and `Cuda::synchronize` in the tensor path) are not bounded.
+//!   only involve this GPU (the copies, and the stream's wait for torch's work in the tensor path)
+//!   are not bounded.
 //! - Mismatched calls: NCCL itself would hang or mix data. Before each operation every rank
 //!   all-reduces a small header (operation, length, root, call number) to its maximum and minimum
 //!   (one extra 64-byte NCCL call); if they differ, every rank sees it and fails before any data
@@ -160,20 +164,21 @@ impl NcclCollective {
     /// Replaces the CUDA tensor `t` on every rank by the element-wise mean over all ranks, in place
     /// on the GPU: no host copies. `t` must be a contiguous `f32` tensor on this engine's GPU.
     ///
-    /// It first waits for all of torch's work on the GPU (`Cuda::synchronize`, not bounded by the
-    /// deadline), so whatever produced `t` is finished; NCCL then sums in place on this engine's
-    /// stream, and torch divides by the world size. Replicas stay bitwise identical; the result can
-    /// differ from [`Collective::all_reduce_mean`] by an ulp, since torch multiplies by the inverse.
-    /// The write bypasses autograd's version counter: use it on gradients, not on inputs of a graph.
-    pub fn all_reduce_mean_tensor(&mut self, t: &mut tch::Tensor) -> Result<(), CollectiveError> {
+    /// The engine's stream first waits for the work torch queued on its default stream before
+    /// this call (an event recorded there; the host does not block), so whatever produced `t` is
+    /// finished before NCCL reads it; NCCL sums in place, the calling thread polls to the end,
+    /// and torch divides by the world size. Replicas stay bitwise identical; the result can differ
+    /// from [`Collective::all_reduce_mean`] by an ulp, since torch multiplies by the inverse. The
+    /// write bypasses autograd's version counter: use it on gradients, not on inputs of a graph.
+    fn all_reduce_mean_device(&mut self, t: &mut tch::Tensor) -> Result<(), CollectiveError> {
         let len = check_tensor(self.rank, self.ordinal, t)?;
         // An earlier failure is reported before touching torch.
         if let Some(first) = &self.broken {
             return Err(CollectiveError::Broken { rank: self.rank, op: Operation::AllReduce, first: first.clone() });
         }
         let ptr = t.data_ptr() as cu_sys::CUdeviceptr;
-        tch::Cuda::synchronize(self.ordinal as i64);
         self.run(Call::Mean, len, |gpu, deadline, timeout| {
+            gpu.after_torch()?;
             if len > 0 {
                 // SAFETY: `ptr` holds `len` f32 on this GPU (checked above), borrowed mutably
                 // until this returns.
@@ -246,6 +251,16 @@ impl Collective for NcclCollective {
         self.all_reduce_host(buf, Call::Sum)
     }
 
+    /// CUDA tensors are reduced where they lie ([`NcclCollective::all_reduce_mean_device`]); CPU
+    /// tensors through the host path.
+    fn all_reduce_mean_tensor(&mut self, t: &mut tch::Tensor) -> Result<(), CollectiveError> {
+        if t.device().is_cuda() {
+            return self.all_reduce_mean_device(t);
+        }
+        let rank = self.rank;
+        super::with_host_f32(rank, t, |buf| self.all_reduce_mean(buf))
+    }
+
     fn all_reduce_mean(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
         self.all_reduce_host(buf, Call::Mean)?;
         // The sum is bitwise identical on every rank, so the quotient is too.
@@ -315,6 +330,8 @@ struct Gpu {
     /// The device's primary context (the one torch uses), retained.
     ctx: cu_sys::CUcontext,
     stream: cu_sys::CUstream,
+    /// Recorded on torch's stream so that `stream` waits for torch's work on the GPU.
+    torch_done: cu_sys::CUevent,
     comm: nccl::ncclComm_t,
     /// The staging buffer for host data, `data_len` f32 (grown, never shrunk).
     data: cu_sys::CUdeviceptr,
@@ -335,6 +352,7 @@ impl Gpu {
             device: 0,
             ctx: std::ptr::null_mut(),
             stream: std::ptr::null_mut(),
+            torch_done: std::ptr::null_mut(),
             comm: std::ptr::null_mut(),
             data: 0,
             data_len: 0,
@@ -348,6 +366,8 @@ impl Gpu {
                 gpu.ctx = cu::primary_ctx::retain(gpu.device).map_err(cuda("cuDevicePrimaryCtxRetain"))?;
                 cu::ctx::set_current(gpu.ctx).map_err(cuda("cuCtxSetCurrent"))?;
                 gpu.stream = cu::stream::create(cu::stream::StreamKind::NonBlocking).map_err(cuda("cuStreamCreate"))?;
+                gpu.torch_done = cu::event::create(cu_sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
+                    .map_err(cuda("cuEventCreate"))?;
                 gpu.header = cu::malloc_sync(2 * HEADER * size_of::<i64>()).map_err(cuda("cuMemAlloc"))?;
             }
             Ok(())
@@ -387,6 +407,18 @@ impl Gpu {
         self.wait_comm(deadline, timeout, "forming the group (ncclCommInitRankConfig)").map_err(|e| {
             format!("{e}; check that all {world_size} ranks were started with the same unique id and can reach rank 0")
         })
+    }
+
+    /// Makes the stream wait, on the GPU, for everything queued so far on torch's stream (the
+    /// legacy default stream, which torch uses unless told otherwise), from any thread.
+    fn after_torch(&self) -> Result<(), String> {
+        // SAFETY: the event and the stream are ours and live; the null stream is the legacy one.
+        unsafe {
+            cu::event::record(self.torch_done, std::ptr::null_mut())
+                .map_err(|e| format!("cuEventRecord on torch's stream failed: {e}"))?;
+            cu::stream::wait_event(self.stream, self.torch_done, cu_sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT)
+                .map_err(|e| format!("cuStreamWaitEvent failed: {e}"))
+        }
     }
 
     /// Grows the staging buffer to at least `len` f32 and returns it.
@@ -590,6 +622,9 @@ impl Drop for Gpu {
                 if !self.stream.is_null() {
                     cu::stream::destroy(self.stream).map_err(|e| e.to_string())?;
                 }
+                if !self.torch_done.is_null() {
+                    cu::event::destroy(self.torch_done).map_err(|e| e.to_string())?;
+                }
                 cu::primary_ctx::release(self.device).map_err(|e| e.to_string())?;
             }
             Ok(())
@@ -674,7 +709,7 @@ fn probe() -> Result<usize, String> {
     })
 }
 
-/// Checks the tensor of [`NcclCollective::all_reduce_mean_tensor`]; returns its length.
+/// Checks the tensor of [`NcclCollective::all_reduce_mean_device`]; returns its length.
 fn check_tensor(rank: usize, ordinal: usize, t: &tch::Tensor) -> Result<usize, CollectiveError> {
     let invalid = |reason: String| Err(CollectiveError::InvalidArgument { rank, reason });
     if !t.defined() {

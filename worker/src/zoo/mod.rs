@@ -437,12 +437,33 @@ impl Network {
         self.forward_range_bn(xs, modes, range, self.bn)
     }
 
+    /// [`Network::forward_range`] cut at every group boundary that gradients cross, for a
+    /// backward pass group by group from the top ([`CutForward::backward`]): each such group's
+    /// output is handed to the next group as a new leaf, so backward stops there until it is
+    /// carried on explicitly. Values and gradients are bitwise those of `forward_range`.
+    pub fn forward_range_cut(&self, xs: &Tensor, modes: &[GroupMode], range: std::ops::Range<usize>) -> CutForward {
+        let mut boundaries = Vec::new();
+        let output = self.forward_range_inner(xs, modes, range.clone(), self.bn, Some(&mut boundaries));
+        CutForward { output, boundaries }
+    }
+
     fn forward_range_bn(
         &self,
         xs: &Tensor,
         modes: &[GroupMode],
         range: std::ops::Range<usize>,
         bn: BnPolicy,
+    ) -> Tensor {
+        self.forward_range_inner(xs, modes, range, bn, None)
+    }
+
+    fn forward_range_inner(
+        &self,
+        xs: &Tensor,
+        modes: &[GroupMode],
+        range: std::ops::Range<usize>,
+        bn: BnPolicy,
+        mut cuts: Option<&mut Vec<Boundary>>,
     ) -> Tensor {
         assert_eq!(modes.len(), self.groups.len(), "one mode per group");
         let frozen = |i: usize| modes[i] == GroupMode::Frozen;
@@ -466,6 +487,12 @@ impl Network {
         };
         for i in no_grad_end..range.end {
             x = run(x, i);
+            if let Some(cuts) = cuts.as_deref_mut() {
+                if i + 1 < range.end {
+                    let next_input = x.detach().set_requires_grad(true);
+                    cuts.push(Boundary { group: i, output: std::mem::replace(&mut x, next_input.shallow_clone()), next_input });
+                }
+            }
         }
         x
     }
@@ -509,6 +536,51 @@ impl Network {
     pub fn head_variables(&self) -> Vec<String> {
         let head = self.groups.last().expect("a network has a head");
         head.params.iter().chain(&head.buffers).cloned().collect()
+    }
+}
+
+/// A group's output where a cut forward pass ([`Network::forward_range_cut`]) stopped autograd.
+struct Boundary {
+    /// The group that produced `output`.
+    group: usize,
+    /// The group's output, attached to its graph.
+    output: Tensor,
+    /// The same values as a leaf, the next group's input: its gradient is what flows back.
+    next_input: Tensor,
+}
+
+/// A training forward pass cut at group boundaries, whose backward pass runs one group at a
+/// time from the top and says when each group's gradients are final: what lets data-parallel
+/// training start reducing the upper layers' gradients while the lower ones still compute.
+pub struct CutForward {
+    /// The network's output (logits, or features for a range that ends before the head).
+    pub output: Tensor,
+    boundaries: Vec<Boundary>,
+}
+
+impl CutForward {
+    /// A pass that was not cut: backward is one `loss.backward()`, then `ready(0)`.
+    pub fn uncut(output: Tensor) -> CutForward {
+        CutForward { output, boundaries: Vec::new() }
+    }
+
+    /// Backpropagates `loss` (a scalar computed from `output`) through every group, top down.
+    /// After the gradients of groups `g..` are final, calls `ready(g)`, with `g` decreasing;
+    /// the last call is `ready(g)` for the lowest group that gradients reach.
+    ///
+    /// Between groups the gradient is carried on by backpropagating `sum(output * grad)`, whose
+    /// gradient with respect to `output` is `grad` exactly (a multiplication by one), so every
+    /// parameter's gradient is bitwise the one of `loss.backward()` on an uncut pass.
+    pub fn backward(self, loss: &Tensor, ready: &mut dyn FnMut(usize)) {
+        loss.backward();
+        ready(self.boundaries.last().map_or(0, |b| b.group + 1));
+        for b in self.boundaries.into_iter().rev() {
+            let grad = b.next_input.grad();
+            if grad.defined() {
+                (&b.output * &grad).sum(b.output.kind()).backward();
+            }
+            ready(b.group);
+        }
     }
 }
 
@@ -823,9 +895,13 @@ mod tests {
     #[test]
     fn channels_last_computes_the_same_function_and_gradients() {
         // (No reliance on the global seed: tests run in parallel and draw from it too.)
-        let a = Network::with_layout(Arch::MobilenetV2, 10, Device::Cpu, true);
+        let mut a = Network::with_layout(Arch::MobilenetV2, 10, Device::Cpu, true);
         let mut b = Network::with_layout(Arch::MobilenetV2, 10, Device::Cpu, false);
         b.vs.copy(&a.vs).unwrap();
+        // BatchNorm on stored statistics: batch statistics over 8 samples of a 1x1 map amplify
+        // rounding differences of a random network far beyond what the layout is about.
+        a.set_bn_policy(BnPolicy::FrozenStats);
+        b.set_bn_policy(BnPolicy::FrozenStats);
         let w = a.vs.variables()["features.1.conv.0.0.weight"].shallow_clone();
         assert_eq!(w.stride(), [9, 1, 3, 1], "a 32x1x3x3 depthwise weight stored NHWC");
         assert!(w.requires_grad(), "the layout change keeps the parameter a trainable leaf");
@@ -843,6 +919,47 @@ mod tests {
         for name in ["features.0.0.weight", "features.1.conv.0.0.weight", "features.18.0.weight"] {
             let (ga, gb) = (a.vs.variables()[name].grad(), b.vs.variables()[name].grad());
             assert!(ga.defined() && rel(&ga, &gb) < 1e-2, "gradients of {name} differ: {}", rel(&ga, &gb));
+        }
+    }
+
+    #[test]
+    fn a_cut_backward_gives_bitwise_the_gradients_of_a_whole_one() {
+        // Ranges end before the head (dropout there would draw from the global RNG, which tests
+        // running in parallel share); a random projection of the features stands for the loss.
+        let cases: &[(Arch, i64, usize)] =
+            &[(Arch::Lenet5, 32, 0), (Arch::Resnet18, 64, 0), (Arch::Resnet18, 64, 2), (Arch::MobilenetV2, 64, 1), (Arch::InceptionV3, 75, 0)];
+        for &(arch, size, frozen) in cases {
+            let plain = Network::new(arch, 10, Device::Cpu);
+            let mut cut = Network::new(arch, 10, Device::Cpu);
+            cut.vs.copy(&plain.vs).unwrap();
+            let n = plain.groups().len();
+            let modes: Vec<GroupMode> =
+                (0..n).map(|g| if g < frozen { GroupMode::Frozen } else { GroupMode::Train }).collect();
+            plain.set_modes(&modes);
+            cut.set_modes(&modes);
+            let channels = if arch == Arch::Lenet5 { 1 } else { 3 };
+            let x = Tensor::randn([2, channels, size, size], (tch::Kind::Float, Device::Cpu));
+            let y = plain.forward_range(&x, &modes, 0..n - 1);
+            let r = Tensor::randn(y.size(), (tch::Kind::Float, Device::Cpu));
+            (&y * &r).sum(tch::Kind::Float).backward();
+            let f = cut.forward_range_cut(&x, &modes, 0..n - 1);
+            assert!(f.output.equal(&y), "{arch}: the cut pass computes the same output");
+            let mut calls = Vec::new();
+            let loss = (&f.output * &r).sum(tch::Kind::Float);
+            f.backward(&loss, &mut |g| calls.push(g));
+            let expect: Vec<usize> = (frozen.max(0)..n - 1).rev().collect();
+            assert_eq!(calls, expect, "{arch}: ready(g) once per group from the top, after loss.backward()");
+            let (pv, cv) = (plain.vs.variables(), cut.vs.variables());
+            let mut compared = 0;
+            for (name, p) in &pv {
+                let (gp, gc) = (p.grad(), cv[name].grad());
+                assert_eq!(gp.defined(), gc.defined(), "{arch}: {name}");
+                if gp.defined() {
+                    assert!(gp.equal(&gc), "{arch}: the gradient of {name} differs");
+                    compared += 1;
+                }
+            }
+            assert!(compared > 0, "{arch}: some gradients were compared");
         }
     }
 }
