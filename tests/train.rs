@@ -224,6 +224,11 @@ fn bad_jobs_are_rejected_before_anything_starts() {
             vec!["unknown model `resnt50`", "resnet50"],
         ),
         (
+            "bad-precision",
+            fmnist_spec("bad-precision", &out, "arch = \"lenet5\"\nweights = \"none\"", "[train]\nprecision = \"fp8\""),
+            vec!["fp8", "fp32", "bf16", "fp16"],
+        ),
+        (
             "typo-field",
             fmnist_spec("typo-field", &out, "arch = \"lenet5\"\nweights = \"none\"", "[train]\nepochz = 3"),
             vec!["epochz"],
@@ -262,4 +267,42 @@ fn bad_jobs_are_rejected_before_anything_starts() {
         }
         assert!(!out.exists(), "{name}: the rejected job wrote {}", out.display());
     }
+}
+
+#[test]
+fn bf16_and_fp16_train_on_cpu_close_to_fp32() {
+    // LeNet-5 from scratch, the same job in each precision: autocast computes the convolutions
+    // and matrix products in the reduced type; the weights, gradients and the optimizer stay f32.
+    let dir = tempfile::tempdir().unwrap();
+    let run = |precision: &str| {
+        let (spec, out) = fmnist_job(
+            dir.path(),
+            precision,
+            "arch = \"lenet5\"\nweights = \"none\"",
+            &format!(
+                "train_limit = 4000\nval_limit = 1000\n[train]\nepochs = 2\nbatch_size = 32\nlr = 0.05\n\
+                 precision = \"{precision}\"\n[schedule]\nstrategy = \"scratch\""
+            ),
+        );
+        let o = ok(thaw(&["train", spec.to_str().unwrap()]));
+        let metrics: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+        let loss = |e: usize| metrics[e]["train_loss"].as_f64().unwrap();
+        assert!(loss(1) < loss(0) && loss(0) < 10f64.ln(), "{precision}: the loss goes down: {metrics}");
+        let resolved = std::fs::read_to_string(out.join("spec.toml")).unwrap();
+        assert!(resolved.contains(&format!("precision = \"{precision}\"")), "{resolved}");
+        (final_accuracy(&stdout(&o)), out)
+    };
+    let (fp32, _) = run("fp32");
+    let (bf16, _) = run("bf16");
+    let (fp16, out) = run("fp16");
+    assert!(fp32 > 0.6, "fp32 learns: {fp32}");
+    assert!((bf16 - fp32).abs() < 0.05, "bf16 {bf16} is close to fp32 {fp32}");
+    assert!((fp16 - fp32).abs() < 0.05, "fp16 {fp16} is close to fp32 {fp32}");
+    // fp16's loss scale is part of the state: in the checkpoint, and positive.
+    let bytes = std::fs::read(out.join("checkpoint.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let scale = st.tensor("optim.amp.loss_scale").expect("the loss scale is saved");
+    let scale = f64::from_le_bytes(scale.data()[..8].try_into().unwrap());
+    assert!(scale > 0.0 && scale <= 65536.0, "{scale}");
 }
