@@ -5,7 +5,8 @@
 #
 #   bash scripts/gpu-lent.sh build   # here: torch 2.11.0's libtorch from PyPI (the wheel alone,
 #                                    # into .thaw/torch-2.11), benches/gpu.rs built against it with
-#                                    # NCCL, stripped, staged in .thaw/gpu-carry/ with its scripts
+#                                    # NCCL and tch 0.24 (2.11's), stripped, staged in
+#                                    # .thaw/gpu-carry/ with its scripts
 #   bash scripts/gpu-lent.sh run     # there (what the device tool runs; well under 10 minutes):
 #                                    # benches/gpu.rs against the machine's torch/lib: GPU vs CPU
 #                                    # losses of MobileNetV2 and ResNet50, an NCCL world of 1 through
@@ -32,7 +33,18 @@ build)
       --target "$dir" "torch==$TORCH"
     touch "$dir/.thaw-torch-$TORCH"
   fi
-  export LIBTORCH="$dir/torch" LIBTORCH_BYPASS_VERSION_CHECK=1
+  # tch 0.26's generated bindings call ops libtorch 2.11 lacks (torch-sys fails to compile against
+  # its headers), so the device build uses tch 0.24, the one made for 2.11, in a copy of the
+  # working tree: Cargo.toml's two pins are the only change.
+  src="$root/.thaw/gpu-src"
+  step "copying the working tree to $src with tch and torch-sys pinned to 0.24.0"
+  rm -rf "$src" && mkdir -p "$src"
+  git ls-files -z | tar --null -T - -cf - | tar -xf - -C "$src"
+  sed -i 's/^tch = "=0.26.0"/tch = "=0.24.0"/' "$src/Cargo.toml"
+  sed -i 's/^torch-sys = "=0.26.0"/torch-sys = "=0.24.0"/' "$src/worker/Cargo.toml"
+  grep -q '^tch = "=0.24.0"' "$src/Cargo.toml" || fail "could not pin tch in $src/Cargo.toml"
+  cd "$src"
+  export LIBTORCH="$dir/torch" PROTOC="$root/.thaw/bin/protoc" PROTOC_INCLUDE="$root/.thaw/protoc-include"
   export CARGO_TARGET_DIR="$root/.thaw/target-gpu"
   # libtorch_cuda is linked by name (nothing references it by symbol, and without it libtorch sees
   # no GPU); its own CUDA libraries are on the GPU machine only, hence --allow-shlib-undefined.
@@ -41,6 +53,7 @@ build)
   step "building benches/gpu.rs against libtorch $TORCH with NCCL"
   cargo bench --no-run --target x86_64-unknown-linux-gnu --features nccl --bench gpu
   bin=$(ls -t "$CARGO_TARGET_DIR"/x86_64-unknown-linux-gnu/release/deps/gpu-* | grep -v '\.d$' | head -1)
+  cd "$root"
   rm -rf "$carry" && mkdir -p "$carry"
   strip -o "$carry/gpu" "$bin"
   cp benches/gpu_torch.py scripts/gpu-lent.sh "$carry/"
