@@ -132,6 +132,21 @@ pub struct Security {
     pub insecure: bool,
     /// What it holds at most for its callers.
     pub limits: service::Limits,
+    /// Where the plaintext health port listens, if anywhere (`--health-listen`).
+    pub health_listen: Option<String>,
+}
+
+impl Security {
+    /// Binds `--health-listen` and serves the health protocol there until shutdown.
+    async fn spawn_health(&self, state: &std::sync::Arc<State>) -> Result<()> {
+        let Some(addr) = &self.health_listen else { return Ok(()) };
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("--health-listen: cannot listen on {addr}"))?;
+        tracing::info!(addr = %listener.local_addr()?, "health endpoint listening (grpc.health.v1, plaintext)");
+        tokio::spawn(service::serve_health(listener, state.clone(), shutdown_signal()));
+        Ok(())
+    }
 }
 
 impl Security {
@@ -208,6 +223,7 @@ pub fn coordinator(
             tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
         let addr = listener.local_addr()?;
         security.guard(addr, &state)?;
+        security.spawn_health(&state).await?;
         tracing::info!(%addr, "coordinator listening");
         println!("coordinator listening on {}://{addr}", security.scheme());
         service::serve(listener, security.tls.clone(), state, shutdown_signal()).await?;
@@ -270,6 +286,7 @@ pub fn coordinator_ha(
         let state = State::standby(lead.clone());
         state.set_retention(retention);
         security.guard(addr, &state)?;
+        security.spawn_health(&state).await?;
         let owner = std::sync::Arc::new(Owner { state: state.clone(), opts: opts.clone(), lead: lead.clone() });
         let campaign = election.spawn(etcd::campaign(opts.clone(), lead, owner));
         tracing::info!(%addr, advertise = %me, etcd = %opts.endpoints.join(","), prefix = %opts.prefix, "coordinator listening (standing by until elected)");
@@ -511,24 +528,55 @@ pub fn watch(job: &str, url: &str, json: bool) -> Result<i32> {
 }
 
 /// `thaw worker`: one worker process of a job.
-pub fn worker(url: &str, job: &str, worker_id: Option<String>, bind_host: &str, device: tch::Device) -> Result<()> {
+/// Exit statuses of `thaw worker`, for supervisors (a Kubernetes Job's `podFailurePolicy`):
+/// 0 the job finished, or this worker left it gracefully; 1 a failure that starting the worker
+/// again may cure (the coordinator unreachable past `--connect-timeout-secs`, a lost group, a
+/// crash); [`EXIT_PERMANENT`] the job can never run on this worker; [`EXIT_JOB_ENDED`] the job
+/// ended (failed or cancelled) while this worker was in it.
+pub const EXIT_PERMANENT: i32 = 3;
+pub const EXIT_JOB_ENDED: i32 = 4;
+
+/// `thaw worker`: joins the job and trains until it ends; returns the exit status.
+pub fn worker(
+    url: &str,
+    job: &str,
+    worker_id: Option<String>,
+    bind_host: &str,
+    device: tch::Device,
+    connect_wait: Option<Duration>,
+) -> Result<i32> {
     if let Some(n) = std::env::var("THAW_TORCH_THREADS").ok().and_then(|s| s.parse::<i32>().ok()) {
         tch::set_num_threads(n.max(1));
     }
     let worker_name = worker_id.unwrap_or_else(|| std::env::var("HOSTNAME").unwrap_or_else(|_| "worker".into()));
-    let out = thaw_worker::agent::run(thaw_worker::agent::AgentOptions {
+    let out = match thaw_worker::agent::run(thaw_worker::agent::AgentOptions {
         coordinator: url.to_string(),
         job: job.to_string(),
         worker_name,
         bind_host: bind_host.to_string(),
         device,
         connect_attempts: 5,
-    })?;
+        connect_wait,
+    }) {
+        Ok(out) => out,
+        Err(e) => {
+            let code = if e.is_permanent() { EXIT_PERMANENT } else { 1 };
+            eprintln!("error: {e}");
+            return Ok(code);
+        }
+    };
     match out.outcome.end {
-        DistEnd::Stopped(why) | DistEnd::Reform(why) => bail!("rank {} of {} stopped: {why}", out.rank, out.world_size),
+        DistEnd::Stopped(why) => {
+            eprintln!("error: rank {} of {} stopped: {why}", out.rank, out.world_size);
+            Ok(EXIT_JOB_ENDED)
+        }
+        DistEnd::Reform(why) => {
+            eprintln!("error: rank {} of {} stopped: {why}", out.rank, out.world_size);
+            Ok(1)
+        }
         DistEnd::Left(why) => {
             eprintln!("rank {} left the group: {why}", out.rank);
-            Ok(())
+            Ok(0)
         }
         DistEnd::Finished => {
             if out.rank == 0 {
@@ -536,7 +584,7 @@ pub fn worker(url: &str, job: &str, worker_id: Option<String>, bind_host: &str, 
                     println!("final validation accuracy: {:.4}", m.val_acc);
                 }
             }
-            Ok(())
+            Ok(0)
         }
     }
 }
@@ -740,7 +788,9 @@ pub fn launch(spec_path: &Path, opts: &LaunchOptions, device: DeviceRequest) -> 
                         continue; // it left gracefully, or the job is ending
                     }
                     let alive = done.iter().filter(|d| !**d).count() as u32;
-                    if restarts_left > 0 {
+                    // A worker that can never run the job, or whose job ended, is not restarted.
+                    let retryable = !matches!(status.code(), Some(EXIT_PERMANENT | EXIT_JOB_ENDED));
+                    if retryable && restarts_left > 0 {
                         restarts_left -= 1;
                         eprintln!("worker {i} exited with {status}; starting it again ({restarts_left} restarts left)");
                         children[i] = spawn(i as u32)?;
@@ -819,4 +869,30 @@ fn d_physical(visible: &thaw_worker::device::Visible, d: tch::Device) -> Option<
         tch::Device::Cuda(k) => visible.physical(k),
         _ => None,
     }
+}
+
+/// `thaw health ADDR`: one grpc.health.v1 check; Ok when SERVING, an error naming the status
+/// (or why no answer came) otherwise.
+pub fn health(addr: &str, service: &str, timeout_secs: f64) -> Result<()> {
+    use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
+    if !(timeout_secs > 0.0 && timeout_secs.is_finite()) {
+        bail!("--timeout-secs {timeout_secs}: must be positive");
+    }
+    let timeout = Duration::from_secs_f64(timeout_secs);
+    let url = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
+    runtime()?.block_on(async {
+        let answer = tokio::time::timeout(timeout, async {
+            let channel = tonic::transport::Endpoint::from_shared(url.clone())?.connect().await?;
+            let reply = HealthClient::new(channel).check(HealthCheckRequest { service: service.to_string() }).await?;
+            anyhow::Ok(reply.into_inner().status())
+        })
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer from {url} within {timeout_secs} s"))?
+        .with_context(|| format!("health check of {url}"))?;
+        if answer != ServingStatus::Serving {
+            bail!("{url}: service {service:?} is {}", answer.as_str_name());
+        }
+        println!("{url}: {service:?} SERVING");
+        Ok(())
+    })
 }

@@ -208,6 +208,18 @@ enum Command {
         #[arg(long, default_value = "cpu")]
         device: DeviceArg,
     },
+    /// Ask a coordinator's health endpoint (grpc.health.v1, plaintext: `--health-listen`); exits
+    /// 0 when SERVING. For container health checks without a shell.
+    Health {
+        /// HOST:PORT of the health endpoint.
+        #[arg(default_value = "127.0.0.1:7071")]
+        addr: String,
+        /// "" (liveness) or "thaw.v1.Jobs" (readiness).
+        #[arg(long, default_value = "")]
+        service: String,
+        #[arg(long, default_value_t = 3.0)]
+        timeout_secs: f64,
+    },
     /// Run a coordinator (jobs, rendezvous, epoch plans) until Ctrl-C or SIGTERM.
     Coordinator {
         #[arg(long, default_value = "127.0.0.1:7070")]
@@ -256,6 +268,11 @@ enum Command {
         /// Worker joins that may wait for their groups at once, all jobs together.
         #[arg(long, default_value_t = 1024)]
         max_pending_joins: usize,
+        /// Also serve the gRPC health protocol alone, in plaintext, on this address (for
+        /// Kubernetes probes, which present no client certificate): "" is liveness,
+        /// "thaw.v1.Jobs" readiness (the leader, or a standby that knows it).
+        #[arg(long, env = "THAW_HEALTH_LISTEN")]
+        health_listen: Option<String>,
     },
     /// Certificates for a cluster's mutual TLS.
     #[command(subcommand)]
@@ -276,6 +293,10 @@ enum Command {
         /// 0), cuda:K (the K-th visible GPU) or auto.
         #[arg(long, default_value = "cpu")]
         device: DeviceArg,
+        /// Keep trying to reach the coordinator this long (its name may not resolve yet, as a
+        /// Kubernetes Service's before its pods are ready) instead of giving up after 5 tries.
+        #[arg(long, env = "THAW_CONNECT_TIMEOUT_SECS")]
+        connect_timeout_secs: Option<f64>,
     },
     /// Submit a job to a coordinator; prints its id.
     Submit {
@@ -479,6 +500,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Models { json } => models(json),
+        Command::Health { addr, service, timeout_secs } => cluster::health(&addr, &service, timeout_secs),
         Command::Launch { nproc, min_nproc, max_nproc, max_restarts, resume, insecure, spec, device } => {
             let opts = cluster::LaunchOptions { nproc, min_nproc, max_nproc, max_restarts, resume, insecure };
             exit_with(cluster::launch(&spec, &opts, device.0)?)
@@ -497,6 +519,7 @@ fn run(cli: Cli) -> Result<()> {
             max_jobs,
             max_watches_per_client,
             max_pending_joins,
+            health_listen,
         } => {
             for (flag, v) in [
                 ("--max-jobs", max_jobs),
@@ -514,7 +537,7 @@ fn run(cli: Cli) -> Result<()> {
                 .map(|d| thaw_coordinator::tls::ServerTls::load(&d))
                 .transpose()
                 .map_err(|e| anyhow::anyhow!("--tls: {e}"))?;
-            let security = cluster::Security { tokens, tls, insecure, limits };
+            let security = cluster::Security { tokens, tls, insecure, limits, health_listen };
             if !(retention_hours >= 0.0 && retention_hours.is_finite()) {
                 anyhow::bail!("--retention-hours {retention_hours}: must be 0 (keep) or more");
             }
@@ -559,8 +582,21 @@ fn run(cli: Cli) -> Result<()> {
             println!("{} signed by {}/ca.crt in {}", name, ca_dir.display(), out.display());
             Ok(())
         }
-        Command::Worker { coordinator, job, worker_id, bind_host, device } => {
-            cluster::worker(&coordinator, &job, worker_id, &bind_host, device.device()?)
+        Command::Worker { coordinator, job, worker_id, bind_host, device, connect_timeout_secs } => {
+            let wait = match connect_timeout_secs {
+                Some(s) if !(s > 0.0 && s.is_finite()) => {
+                    bail!("--connect-timeout-secs {s}: must be a positive number of seconds")
+                }
+                s => s.map(std::time::Duration::from_secs_f64),
+            };
+            let device = match device.device() {
+                Ok(d) => d,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    std::process::exit(cluster::EXIT_PERMANENT);
+                }
+            };
+            exit_with(cluster::worker(&coordinator, &job, worker_id, &bind_host, device, wait)?)
         }
         Command::Submit { spec, coordinator, resume } => cluster::submit(&spec, &coordinator, resume.as_deref()),
         Command::Status { job, coordinator, json, limit, after } => {

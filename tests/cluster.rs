@@ -297,6 +297,67 @@ fn device_requests_that_cannot_be_met_fail_before_anything_starts() {
 }
 
 #[test]
+fn the_health_endpoint_answers_probes_and_workers_exit_with_what_a_supervisor_needs() {
+    // The plaintext health port (what kubelet's gRPC probes reach) on a port chosen here.
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let health = format!("127.0.0.1:{port}");
+    let dir = tempfile::tempdir().unwrap();
+    let mut coord = Command::new(env!("CARGO_BIN_EXE_thaw"))
+        .args(["coordinator", "--listen", "127.0.0.1:0", "--health-listen", &health, "--state-dir"])
+        .arg(dir.path().join("state"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(coord.stdout.take().unwrap()), &mut line).unwrap();
+    let url = line.trim().rsplit(' ').next().unwrap().to_string();
+    // Readiness is checked every second: the first answers may still be NOT_SERVING.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for service in ["", "thaw.v1.Jobs"] {
+        loop {
+            let o = thaw(&["health", &health, "--service", service]);
+            if o.status.success() {
+                assert!(stdout(&o).contains("SERVING"), "{}", stdout(&o));
+                break;
+            }
+            assert!(Instant::now() < deadline, "{service:?} never SERVING: {}", stderr(&o));
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    // The same protocol on the main port, no token needed.
+    ok(thaw(&["health", url.trim_start_matches("http://")]));
+
+    // Exit statuses: 3 for a job that can never run here, 1 for what a restart may cure.
+    let o = thaw_url(&["worker", "--job", "no-such-job"], &url);
+    assert_eq!(o.status.code(), Some(3), "an unknown job is permanent: {}", stderr(&o));
+    assert!(stderr(&o).contains("no-such-job"), "{}", stderr(&o));
+    let o = thaw(&["worker", "--job", "x", "--device", "cuda:7"]);
+    assert_eq!(o.status.code(), Some(3), "a device that does not exist is permanent: {}", stderr(&o));
+    let started = Instant::now();
+    let o = thaw(&[
+        "worker",
+        "--job",
+        "x",
+        "--coordinator",
+        "http://thaw-coordinator.invalid:7070",
+        "--connect-timeout-secs",
+        "3",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "an unreachable coordinator is retryable: {}", stderr(&o));
+    assert!(stderr(&o).contains("cannot reach the coordinator at http://thaw-coordinator.invalid:7070"), "{}", stderr(&o));
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_secs(3) && waited < Duration::from_secs(20), "waited {waited:?}");
+    let err = fails(thaw(&["worker", "--job", "x", "--connect-timeout-secs", "0"]));
+    assert!(err.contains("--connect-timeout-secs 0: must be a positive"), "{err}");
+
+    let _ = coord.kill();
+    let _ = coord.wait();
+    let err = fails(thaw(&["health", &health, "--timeout-secs", "2"]));
+    assert!(err.contains(&health), "a closed port is named: {err}");
+}
+
+#[test]
 fn bad_input_to_the_cluster_gets_clear_errors() {
     // A worker pointed at an address where nothing listens: bounded retries, then a clear error.
     let started = Instant::now();

@@ -252,6 +252,15 @@ impl State {
 
     /// Why this coordinator must not answer now (a standby, or a leader whose lease ran out),
     /// as the status to answer with: UNAVAILABLE, with the leader's URL in `thaw-leader`.
+    /// Whether calls can be answered usefully: no refusal, or a refusal that points at the
+    /// leader (a standby redirects).
+    pub fn ready(&self) -> bool {
+        match self.leadership.as_ref().and_then(|l| l.refusal()) {
+            None => true,
+            Some((_, leader)) => leader.is_some(),
+        }
+    }
+
     pub fn refusal(&self) -> Option<Status> {
         let (why, leader) = self.leadership.as_ref()?.refusal()?;
         let mut s = Status::unavailable(why);
@@ -605,6 +614,54 @@ impl Workers for WorkersService {
 /// Serves both services on `listener` until `shutdown` resolves, over mutual TLS when `tls` is
 /// given (see `tls.rs`); sweeps liveness (and flushes the store) every second, and flushes the
 /// store once more on the way out.
+/// The name under which [`health_service`] reports readiness.
+pub const READY_SERVICE: &str = "thaw.v1.Jobs";
+
+/// The gRPC health protocol (`grpc.health.v1`), for Kubernetes probes and `thaw health`:
+/// - `""` is SERVING while the process serves (liveness);
+/// - [`READY_SERVICE`] is SERVING when calls can be answered usefully: by the leader (or the only
+///   coordinator), or by a standby that knows where the leader is; NOT_SERVING while nobody is
+///   known to lead or this leader's lease ran out (readiness). Checked every second.
+///
+/// Health calls need no token: they reveal one bit. Over TLS they are answered like any call;
+/// `thaw coordinator --health-listen` also serves them alone in plaintext, since kubelet's gRPC
+/// probes cannot present a client certificate.
+pub fn health_service(
+    state: Arc<State>,
+) -> tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health> {
+    let (reporter, server) = tonic_health::server::health_reporter();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut last = None;
+        loop {
+            tick.tick().await;
+            let ready = state.ready();
+            if last != Some(ready) {
+                let status = if ready {
+                    tonic_health::ServingStatus::Serving
+                } else {
+                    tonic_health::ServingStatus::NotServing
+                };
+                reporter.set_service_status(READY_SERVICE, status).await;
+                last = Some(ready);
+            }
+        }
+    });
+    server
+}
+
+/// Serves [`health_service`] alone on `listener`, in plaintext, until `shutdown`.
+pub async fn serve_health(
+    listener: tokio::net::TcpListener,
+    state: Arc<State>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    tonic::transport::Server::builder()
+        .add_service(health_service(state))
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+        .await
+}
+
 pub async fn serve(
     listener: tokio::net::TcpListener,
     tls: Option<Arc<crate::tls::ServerTls>>,
@@ -633,6 +690,7 @@ pub async fn serve(
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .add_service(health_service(state.clone()))
         .add_service(tonic::service::interceptor::InterceptedService::new(
             JobsServer::new(JobsService(state.clone())).max_decoding_message_size(max).max_encoding_message_size(max),
             gate(state.clone()),

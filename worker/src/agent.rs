@@ -15,7 +15,7 @@ use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rand::Rng;
 use thaw_coordinator::client::{Coordinators, WorkersApi};
@@ -39,15 +39,43 @@ pub enum AgentError {
     #[error("cannot reach the coordinator at {url} after {attempts} attempts: {last}")]
     Unreachable { url: String, attempts: u32, last: String },
     #[error("coordinator refused {what}: {message}")]
-    Rpc { what: &'static str, message: String },
+    Rpc { what: &'static str, code: tonic::Code, message: String },
     #[error(transparent)]
     Train(#[from] TrainError),
     #[error("{0}")]
     Setup(String),
 }
 
+impl AgentError {
+    /// Whether starting this worker again could help: no for a job it can never run (invalid
+    /// spec, data, weights or device; an unknown, full or finished job; no credential), yes for
+    /// an unreachable coordinator, a lost group or a failed collective. Supervisors read it from
+    /// the exit status (`thaw worker`: 3 permanent, 1 retryable).
+    pub fn is_permanent(&self) -> bool {
+        use tonic::Code;
+        match self {
+            AgentError::Unreachable { .. } => false,
+            AgentError::Rpc { code, .. } => matches!(
+                code,
+                Code::NotFound
+                    | Code::InvalidArgument
+                    | Code::FailedPrecondition
+                    | Code::ResourceExhausted
+                    | Code::PermissionDenied
+                    | Code::Unauthenticated
+                    | Code::AlreadyExists
+            ),
+            AgentError::Train(e) => !matches!(
+                e,
+                TrainError::Collective(_) | TrainError::Control(_) | TrainError::Io(_)
+            ),
+            AgentError::Setup(_) => true,
+        }
+    }
+}
+
 fn rpc(what: &'static str) -> impl Fn(tonic::Status) -> AgentError {
-    move |s| AgentError::Rpc { what, message: s.message().to_string() }
+    move |s| AgentError::Rpc { what, code: s.code(), message: s.message().to_string() }
 }
 
 /// Whether `s` says the coordinator could not be reached or gave no answer (it is restarting, or
@@ -121,6 +149,8 @@ pub struct AgentOptions {
     pub device: tch::Device,
     /// Attempts to reach the coordinator before giving up (with backoff and jitter).
     pub connect_attempts: u32,
+    /// Keep trying to reach the coordinator this long instead (`--connect-timeout-secs`).
+    pub connect_wait: Option<Duration>,
 }
 
 /// What the run amounted to, for the exit status.
@@ -137,11 +167,24 @@ pub fn worker_id(name: &str) -> String {
 
 /// Finds the coordinator that answers for `job` among `list` (comma-separated URLs: a standby
 /// points at the leader), with `attempts` tries (backoff with jitter) while none answers.
-async fn connect(list: &str, attempts: u32, job: &str) -> Result<(Arc<Coordinators>, pb::Job), AgentError> {
+async fn connect(
+    list: &str,
+    attempts: u32,
+    wait: Option<Duration>,
+    job: &str,
+) -> Result<(Arc<Coordinators>, pb::Job), AgentError> {
     let coords = Coordinators::parse(list).map_err(AgentError::Setup)?;
-    let attempts = attempts.max(1);
+    // With `wait`, tries until it is spent (a name that does not resolve yet, as a Kubernetes
+    // Service's before its pods are ready, is an outage like any other), else `attempts` times.
+    let until = wait.map(|w| Instant::now() + w);
+    let attempts = if until.is_some() { u32::MAX } else { attempts.max(1) };
     let mut last = String::new();
+    let mut tried = 0;
     for i in 0..attempts {
+        if until.is_some_and(|u| i > 0 && Instant::now() >= u) {
+            break;
+        }
+        tried = i + 1;
         match within(RPC_DEADLINE, coords.jobs().get(pb::GetJobRequest { job_id: job.to_string() })).await {
             Ok(j) => return Ok((coords, j)),
             Err(s) if is_outage(&s) => {
@@ -154,13 +197,17 @@ async fn connect(list: &str, attempts: u32, job: &str) -> Result<(Arc<Coordinato
             Err(s) => return Err(rpc("the job lookup")(s)),
         }
         if i + 1 < attempts {
-            // Exponential backoff with jitter, capped at 5 s.
+            // Exponential backoff with jitter, capped at 5 s (and at the deadline).
             let base = (200u64 << i.min(5)).min(5_000);
             let jitter = rand::rng().random_range(0..=base / 2);
-            tokio::time::sleep(Duration::from_millis(base + jitter)).await;
+            let mut pause = Duration::from_millis(base + jitter);
+            if let Some(u) = until {
+                pause = pause.min(u.saturating_duration_since(Instant::now()));
+            }
+            tokio::time::sleep(pause).await;
         }
     }
-    Err(AgentError::Unreachable { url: list.to_string(), attempts, last })
+    Err(AgentError::Unreachable { url: list.to_string(), attempts: tried, last })
 }
 
 /// What the control tasks (heartbeats, signals) tell the training thread, and who this worker is
@@ -322,7 +369,7 @@ pub fn run(opts: AgentOptions) -> Result<AgentOutcome, AgentError> {
             .map_err(|e| AgentError::Setup(format!("cannot start the control runtime: {e}")))?,
     );
     let me = worker_id(&opts.worker_name);
-    let (coords, job) = rt.block_on(connect(&opts.coordinator, opts.connect_attempts, &opts.job))?;
+    let (coords, job) = rt.block_on(connect(&opts.coordinator, opts.connect_attempts, opts.connect_wait, &opts.job))?;
     let spec = JobSpec::from_toml(&job.spec_toml, std::path::Path::new("/")).map_err(TrainError::from)?;
     let nccl = spec.distributed.collective == CollectiveKind::Nccl;
     // Before anything heavy: a job that wants NCCL fails here, clearly, where NCCL cannot run.
