@@ -8,6 +8,7 @@
 #   .thaw/data/fashion-mnist/  Fashion-MNIST IDX files (Debian dataset-fashion-mnist)
 #   .thaw/data/photos/         scikit-image's sample photos (chelsea.png, coffee.png, ...)
 #   .thaw/bin/etcd             etcd 3.4 (Debian etcd-server), for the state-store tests
+#   .thaw/k8s-venv             kubernetes-validate (Kubernetes 1.37 schemas, offline), for tests/deploy.rs
 #   .thaw/bin/protoc           protoc (crates.io protoc-bin-vendored-linux-x86_64), which the
 #                              etcd-client crate's build script needs (.cargo/config.toml: PROTOC)
 #
@@ -74,6 +75,17 @@ if [ "$cuda" = 1 ]; then
   else
     step "no nvidia-smi here: the CUDA build will run on CPU until it meets a GPU and its driver"
   fi
+fi
+# --- Kubernetes schemas ----------------------------------------------------------------------
+# kubernetes-validate validates manifests offline against Kubernetes 1.37's schemas (tests/deploy.rs).
+k8s_marker="$thaw/k8s-venv/.thaw-kubernetes-validate-1.37.0"
+if [ ! -f "$k8s_marker" ]; then
+  step "installing kubernetes-validate 1.37.0 into .thaw/k8s-venv"
+  "$py" -m venv "$thaw/k8s-venv"
+  "$thaw/k8s-venv/bin/pip" install --quiet --disable-pip-version-check kubernetes-validate==1.37.0 \
+    PyYAML==6.0.4 jsonschema==4.26.0 jsonschema-specifications==2025.9.1 referencing==0.37.0 \
+    rpds-py==2026.9.1 attrs==26.1.0 importlib_resources==7.1.0 packaging==26.4 typing_extensions==4.16.0
+  touch "$k8s_marker"
 fi
 # --- pretrained weights ----------------------------------------------------------------------
 pth="$thaw/weights/mobilenet_v2-b0353104.pth"

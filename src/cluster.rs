@@ -896,3 +896,58 @@ pub fn health(addr: &str, service: &str, timeout_secs: f64) -> Result<()> {
         Ok(())
     })
 }
+
+/// `thaw worker --local-ranks K`: this process runs K workers, itself again with the same
+/// arguments and `THAW_LOCAL_RANK=i` (so `--device cuda` gives each its GPU) and worker ids
+/// `ID-i`; SIGTERM and SIGINT are passed on to them; the exit status is the first non-zero one of
+/// theirs, or 0.
+pub fn local_ranks(k: u32, worker_id: Option<&str>) -> Result<i32> {
+    if k == 0 || k > 64 {
+        bail!("--local-ranks {k}: must be between 1 and 64");
+    }
+    let exe = std::env::current_exe().context("locating the thaw binary")?;
+    // Our own arguments, without --local-ranks and --worker-id (set per child below).
+    let mut args = Vec::new();
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        if a == "--local-ranks" || a == "--worker-id" {
+            it.next();
+        } else if !(a.starts_with("--local-ranks=") || a.starts_with("--worker-id=")) {
+            args.push(a);
+        }
+    }
+    let base = worker_id
+        .map(str::to_string)
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| format!("worker-{}", std::process::id()));
+    let mut children = Vec::new();
+    for i in 0..k {
+        let child = Command::new(&exe)
+            .args(&args)
+            .args(["--worker-id", &format!("{base}-{i}")])
+            .env("THAW_LOCAL_RANK", i.to_string())
+            .env("THAW_LOCAL_WORLD_SIZE", k.to_string())
+            .spawn()
+            .with_context(|| format!("starting local rank {i}"))?;
+        children.push(child);
+    }
+    let pids: Vec<i32> = children.iter().map(|c| c.id() as i32).collect();
+    let rt = runtime()?;
+    rt.spawn(async move {
+        shutdown_signal().await;
+        tracing::info!(ranks = pids.len(), "passing the signal on to the local ranks");
+        for pid in pids {
+            // SAFETY: kill(2) on our own children's pids.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+    });
+    let mut code = 0;
+    for (i, mut c) in children.into_iter().enumerate() {
+        let status = c.wait().with_context(|| format!("waiting for local rank {i}"))?;
+        let this = status.code().unwrap_or(1);
+        if code == 0 && this != 0 {
+            code = this;
+        }
+    }
+    Ok(code)
+}

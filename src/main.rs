@@ -2,6 +2,7 @@
 //! coordinator crates; no training logic lives here.
 
 mod cluster;
+mod k8s;
 mod data_cli;
 mod plan;
 
@@ -47,6 +48,42 @@ impl DeviceArg {
         let local_rank = device::local_rank_from_env()?;
         Ok(device::assign(self.0, local_rank, &device::Visible::probe())?)
     }
+}
+
+#[derive(Subcommand)]
+enum K8sCommand {
+    /// Print the job's workers as Kubernetes objects (YAML): a headless Service, an Indexed Job
+    /// and a NetworkPolicy; `kubectl apply -f -` takes them.
+    Render {
+        spec: PathBuf,
+        /// The image (a pinned tag; default thaw:VERSION-cpu, or -cuda with GPUs).
+        #[arg(long)]
+        image: Option<String>,
+        /// GPUs per pod (nvidia.com/gpu); above 1 the pod runs that many ranks.
+        #[arg(long, default_value_t = 0)]
+        gpus_per_worker: u32,
+        /// The coordinator's URL as pods reach it.
+        #[arg(long, default_value = "https://thaw-coordinator:7070")]
+        coordinator: String,
+        #[arg(long)]
+        namespace: Option<String>,
+        /// A PersistentVolumeClaim mounted read-only at the spec's data.root.
+        #[arg(long)]
+        data_pvc: Option<String>,
+        /// A PersistentVolumeClaim mounted at the spec's output.dir.
+        #[arg(long)]
+        runs_pvc: Option<String>,
+        /// /dev/shm's size limit per pod (a memory emptyDir).
+        #[arg(long, default_value = "2Gi")]
+        shm_size: String,
+        #[arg(long, default_value = "2")]
+        cpu: String,
+        #[arg(long, default_value = "8Gi")]
+        memory: String,
+        /// The Job's activeDeadlineSeconds, in hours.
+        #[arg(long, default_value_t = 72.0)]
+        deadline_hours: f64,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -220,6 +257,9 @@ enum Command {
         #[arg(long, default_value_t = 3.0)]
         timeout_secs: f64,
     },
+    /// Kubernetes: a job's worker manifests from its spec.
+    #[command(subcommand)]
+    K8s(K8sCommand),
     /// Run a coordinator (jobs, rendezvous, epoch plans) until Ctrl-C or SIGTERM.
     Coordinator {
         #[arg(long, default_value = "127.0.0.1:7070")]
@@ -297,6 +337,10 @@ enum Command {
         /// Kubernetes Service's before its pods are ready) instead of giving up after 5 tries.
         #[arg(long, env = "THAW_CONNECT_TIMEOUT_SECS")]
         connect_timeout_secs: Option<f64>,
+        /// Run this many workers (ranks) from this one process, local ranks 0..K (THAW_LOCAL_RANK),
+        /// e.g. one per GPU of a Kubernetes pod; signals are passed on to them.
+        #[arg(long, default_value_t = 1)]
+        local_ranks: u32,
     },
     /// Submit a job to a coordinator; prints its id.
     Submit {
@@ -500,6 +544,37 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Models { json } => models(json),
+        Command::K8s(K8sCommand::Render {
+            spec,
+            image,
+            gpus_per_worker,
+            coordinator,
+            namespace,
+            data_pvc,
+            runs_pvc,
+            shm_size,
+            cpu,
+            memory,
+            deadline_hours,
+        }) => {
+            let job = JobSpec::from_file(&spec)?;
+            let variant = if gpus_per_worker > 0 { "cuda" } else { "cpu" };
+            let image = image.unwrap_or_else(|| format!("thaw:{}-{variant}", env!("CARGO_PKG_VERSION")));
+            let opts = k8s::RenderOptions {
+                image,
+                gpus_per_worker,
+                coordinator,
+                namespace,
+                data_pvc,
+                runs_pvc,
+                shm_size,
+                cpu,
+                memory,
+                deadline_hours,
+            };
+            print!("{}", k8s::to_yaml(&k8s::render(&job, &opts)?)?);
+            Ok(())
+        }
         Command::Health { addr, service, timeout_secs } => cluster::health(&addr, &service, timeout_secs),
         Command::Launch { nproc, min_nproc, max_nproc, max_restarts, resume, insecure, spec, device } => {
             let opts = cluster::LaunchOptions { nproc, min_nproc, max_nproc, max_restarts, resume, insecure };
@@ -582,7 +657,10 @@ fn run(cli: Cli) -> Result<()> {
             println!("{} signed by {}/ca.crt in {}", name, ca_dir.display(), out.display());
             Ok(())
         }
-        Command::Worker { coordinator, job, worker_id, bind_host, device, connect_timeout_secs } => {
+        Command::Worker { local_ranks, worker_id, .. } if local_ranks != 1 => {
+            exit_with(cluster::local_ranks(local_ranks, worker_id.as_deref())?)
+        }
+        Command::Worker { coordinator, job, worker_id, bind_host, device, connect_timeout_secs, .. } => {
             let wait = match connect_timeout_secs {
                 Some(s) if !(s > 0.0 && s.is_finite()) => {
                     bail!("--connect-timeout-secs {s}: must be a positive number of seconds")

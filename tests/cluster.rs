@@ -358,6 +358,34 @@ fn the_health_endpoint_answers_probes_and_workers_exit_with_what_a_supervisor_ne
 }
 
 #[test]
+fn one_worker_process_runs_several_local_ranks() {
+    // `thaw worker --local-ranks 2` (k ranks in a k-GPU pod, here on CPU): one process starts
+    // both ranks of a 2-worker job, each with its own THAW_LOCAL_RANK and worker id.
+    let dir = tempfile::tempdir().unwrap();
+    let (mut coord, url) = start_coordinator(&dir.path().join("state"));
+    let out = dir.path().join("out");
+    let spec = write_spec(
+        dir.path(),
+        "pair",
+        &lenet_job("pair", &out, "batch_size = 32", 600, 1).replace("[output]", "[distributed]\nworkers = 2\n[output]"),
+    );
+    ok(thaw_url(&["submit", spec.to_str().unwrap()], &url));
+    let o = thaw_url(&["worker", "--job", "pair", "--local-ranks", "2", "--worker-id", "pod-a"], &url);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let status = stdout(&ok(thaw_url(&["status", "pair", "--json"], &url)));
+    assert!(status.contains("\"succeeded\""), "{status}");
+    assert!(stdout(&o).contains("final validation accuracy"), "rank 0 reports: {}", stdout(&o));
+    // The coordinator names rank 0 by its worker id.
+    let text = stdout(&ok(thaw_url(&["status", "pair"], &url)));
+    assert!(text.contains("pod-a-0") || text.contains("pod-a-1"), "{text}");
+    assert!(stderr(&o).matches("joined rank=").count() == 2, "two ranks joined:\n{}", stderr(&o));
+    let err = fails(thaw_url(&["worker", "--job", "pair", "--local-ranks", "0"], &url));
+    assert!(err.contains("--local-ranks 0: must be between 1 and 64"), "{err}");
+    let _ = coord.kill();
+    let _ = coord.wait();
+}
+
+#[test]
 fn bad_input_to_the_cluster_gets_clear_errors() {
     // A worker pointed at an address where nothing listens: bounded retries, then a clear error.
     let started = Instant::now();

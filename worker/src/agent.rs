@@ -192,7 +192,12 @@ async fn connect(
                 if coords.after_error(&s) && s.metadata().contains_key(LEADER_HEADER) {
                     continue;
                 }
-                tracing::warn!(url = %coords.url(), attempt = i + 1, attempts, error = %last, "coordinator not reachable yet");
+                match until {
+                    Some(u) => tracing::warn!(url = %coords.url(), attempt = i + 1, error = %last,
+                        waiting_secs = u.saturating_duration_since(Instant::now()).as_secs(), "coordinator not reachable yet"),
+                    None => tracing::warn!(url = %coords.url(), attempt = i + 1, attempts, error = %last,
+                        "coordinator not reachable yet"),
+                }
             }
             Err(s) => return Err(rpc("the job lookup")(s)),
         }
