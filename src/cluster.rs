@@ -134,6 +134,8 @@ pub struct Security {
     pub limits: service::Limits,
     /// Where the plaintext health port listens, if anywhere (`--health-listen`).
     pub health_listen: Option<String>,
+    /// Where `/metrics` is served, if anywhere (`--metrics-addr`).
+    pub metrics_addr: Option<String>,
 }
 
 impl Security {
@@ -146,6 +148,12 @@ impl Security {
         tracing::info!(addr = %listener.local_addr()?, "health endpoint listening (grpc.health.v1, plaintext)");
         tokio::spawn(service::serve_health(listener, state.clone(), shutdown_signal()));
         Ok(())
+    }
+
+    /// Binds `--metrics-addr` and serves `/metrics` there until shutdown.
+    async fn spawn_metrics(&self, state: &std::sync::Arc<State>) -> Result<()> {
+        let Some(addr) = &self.metrics_addr else { return Ok(()) };
+        spawn_metrics(addr, state).await
     }
 }
 
@@ -224,6 +232,7 @@ pub fn coordinator(
         let addr = listener.local_addr()?;
         security.guard(addr, &state)?;
         security.spawn_health(&state).await?;
+        security.spawn_metrics(&state).await?;
         tracing::info!(%addr, "coordinator listening");
         println!("coordinator listening on {}://{addr}", security.scheme());
         service::serve(listener, security.tls.clone(), state, shutdown_signal()).await?;
@@ -287,6 +296,7 @@ pub fn coordinator_ha(
         state.set_retention(retention);
         security.guard(addr, &state)?;
         security.spawn_health(&state).await?;
+        security.spawn_metrics(&state).await?;
         let owner = std::sync::Arc::new(Owner { state: state.clone(), opts: opts.clone(), lead: lead.clone() });
         let campaign = election.spawn(etcd::campaign(opts.clone(), lead, owner));
         tracing::info!(%addr, advertise = %me, etcd = %opts.endpoints.join(","), prefix = %opts.prefix, "coordinator listening (standing by until elected)");
@@ -618,6 +628,8 @@ pub struct LaunchOptions {
     pub max_restarts: u32,
     /// A checkpoint to resume from (any world size wrote it).
     pub resume: Option<PathBuf>,
+    /// Serve the launch's coordinator's `/metrics` on this address.
+    pub metrics_addr: Option<String>,
     /// No ephemeral credentials: plaintext gRPC and no tokens (for comparisons and debugging).
     pub insecure: bool,
 }
@@ -705,6 +717,9 @@ pub fn launch(spec_path: &Path, opts: &LaunchOptions, device: DeviceRequest) -> 
         let url = format!("{scheme}://{}", listener.local_addr()?);
         // The job lives and dies with this process: an in-memory store, nothing under THAW_HOME.
         let state = State::new();
+        if let Some(addr) = &opts.metrics_addr {
+            spawn_metrics(addr, &state).await?;
+        }
         let mut credentials = thaw_coordinator::client::Credentials::default();
         if let Some(e) = &ephemeral {
             let line = format!("operator {} launch", e.token);
@@ -950,4 +965,15 @@ pub fn local_ranks(k: u32, worker_id: Option<&str>) -> Result<i32> {
         }
     }
     Ok(code)
+}
+
+/// Serves `/metrics` for `state` on `addr` until shutdown; says where on stderr.
+async fn spawn_metrics(addr: &str, state: &std::sync::Arc<State>) -> Result<()> {
+    let listener =
+        tokio::net::TcpListener::bind(addr).await.with_context(|| format!("--metrics-addr: cannot listen on {addr}"))?;
+    let at = listener.local_addr()?;
+    tracing::info!(addr = %at, "metrics at http://{at}/metrics");
+    eprintln!("metrics: http://{at}/metrics");
+    tokio::spawn(service::serve_metrics(listener, state.clone(), shutdown_signal()));
+    Ok(())
 }

@@ -24,8 +24,18 @@ use thaw_worker::zoo::{Arch, Network};
 #[derive(Parser)]
 #[command(name = "thaw", version, about = "Transfer learning for computer vision, from one CPU to a GPU cluster")]
 struct Cli {
+    /// Log lines as text, or as one JSON object per line (for log shippers). `thaw launch`
+    /// passes it on to its workers.
+    #[arg(long, global = true, env = "THAW_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 /// `--device`: auto, cpu, cuda (local rank i on the i-th visible GPU) or cuda:K; the rules are in
@@ -239,6 +249,9 @@ enum Command {
         /// launch makes ephemeral certificates and tokens; everything stays on 127.0.0.1 either way).
         #[arg(long)]
         insecure: bool,
+        /// Serve the job's Prometheus metrics (`GET /metrics`) on this address.
+        #[arg(long)]
+        metrics_addr: Option<String>,
         spec: PathBuf,
         /// cpu, cuda (local rank i runs on the i-th visible GPU; CUDA_VISIBLE_DEVICES chooses
         /// which), auto, or cuda:K for a single rank. Each worker gets THAW_LOCAL_RANK.
@@ -313,6 +326,9 @@ enum Command {
         /// "thaw.v1.Jobs" readiness (the leader, or a standby that knows it).
         #[arg(long, env = "THAW_HEALTH_LISTEN")]
         health_listen: Option<String>,
+        /// Serve Prometheus metrics (`GET /metrics`) on this address.
+        #[arg(long, env = "THAW_METRICS_ADDR")]
+        metrics_addr: Option<String>,
     },
     /// Certificates for a cluster's mutual TLS.
     #[command(subcommand)]
@@ -436,17 +452,20 @@ enum WeightsCommand {
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false);
+    match cli.log_format {
+        LogFormat::Json => {
+            // Workers started by `thaw launch` inherit it.
+            std::env::set_var("THAW_LOG_FORMAT", "json");
+            logs.json().flatten_event(true).init()
+        }
         // Worker logs go to files under `thaw launch`: colour codes only on a terminal.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .init();
-    if let Err(e) = run(Cli::parse()) {
+        LogFormat::Text => logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
+    }
+    if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
@@ -576,8 +595,9 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Health { addr, service, timeout_secs } => cluster::health(&addr, &service, timeout_secs),
-        Command::Launch { nproc, min_nproc, max_nproc, max_restarts, resume, insecure, spec, device } => {
-            let opts = cluster::LaunchOptions { nproc, min_nproc, max_nproc, max_restarts, resume, insecure };
+        Command::Launch { nproc, min_nproc, max_nproc, max_restarts, resume, insecure, metrics_addr, spec, device } => {
+            let opts =
+                cluster::LaunchOptions { nproc, min_nproc, max_nproc, max_restarts, resume, insecure, metrics_addr };
             exit_with(cluster::launch(&spec, &opts, device.0)?)
         }
         Command::Coordinator {
@@ -595,6 +615,7 @@ fn run(cli: Cli) -> Result<()> {
             max_watches_per_client,
             max_pending_joins,
             health_listen,
+            metrics_addr,
         } => {
             for (flag, v) in [
                 ("--max-jobs", max_jobs),
@@ -612,7 +633,7 @@ fn run(cli: Cli) -> Result<()> {
                 .map(|d| thaw_coordinator::tls::ServerTls::load(&d))
                 .transpose()
                 .map_err(|e| anyhow::anyhow!("--tls: {e}"))?;
-            let security = cluster::Security { tokens, tls, insecure, limits, health_listen };
+            let security = cluster::Security { tokens, tls, insecure, limits, health_listen, metrics_addr };
             if !(retention_hours >= 0.0 && retention_hours.is_finite()) {
                 anyhow::bail!("--retention-hours {retention_hours}: must be 0 (keep) or more");
             }

@@ -27,6 +27,7 @@ use crate::recovery::{Arrival, Regroup, RegroupError, RegroupState};
 use crate::rendezvous::{Member, Rendezvous, RendezvousConfig, RendezvousError, RendezvousState};
 use crate::spec::{JobSpec, SpecError, Stage};
 use crate::store::{LiveState, MemoryStore, StateStore, StoreError, StoredJob};
+use crate::telemetry::{RankTelemetry, RankView};
 
 /// Progress alone (no state change, no finished epoch) is written to the store at most this often
 /// per job; [`Coordinator::flush`] writes what was held back.
@@ -276,6 +277,8 @@ struct Job {
     nccl_unique_id: Vec<u8>,
     metrics: Vec<EpochMetrics>,
     last_seen: HashMap<String, Instant>,
+    /// The last figures each worker sent with its heartbeat, with its rank then.
+    telemetry: BTreeMap<String, (u32, RankTelemetry)>,
     /// Members that finished the job and said goodbye before rank 0 did: done, not lost.
     finished: Vec<String>,
     /// The credential its workers must present to join, when one was issued.
@@ -576,6 +579,7 @@ impl Coordinator {
                 nccl_unique_id: live.nccl_unique_id,
                 metrics: stored.metrics.clone(),
                 last_seen: HashMap::new(),
+                telemetry: BTreeMap::new(),
                 finished: Vec::new(),
                 worker_token: stored.worker_token.clone(),
                 ring_secret: if stored.ring_secret.is_empty() {
@@ -687,6 +691,7 @@ impl Coordinator {
             nccl_unique_id: Vec::new(),
             metrics: Vec::new(),
             last_seen: HashMap::new(),
+            telemetry: BTreeMap::new(),
             finished: Vec::new(),
             worker_token: None,
             ring_secret: crate::auth::new_job_token(),
@@ -910,8 +915,17 @@ impl Coordinator {
     /// A worker is alive; the answer says whether to go on, re-form or stop. Any worker of a job
     /// that has ended is told to stop, known or not: after a restart the coordinator no longer
     /// knows the members of the jobs it failed, and their workers must still learn why.
-    pub fn heartbeat(&mut self, job_id: &str, worker_id: &str, now: Instant) -> Result<Command, CoreError> {
+    pub fn heartbeat(
+        &mut self,
+        job_id: &str,
+        worker_id: &str,
+        telemetry: Option<RankTelemetry>,
+        now: Instant,
+    ) -> Result<Command, CoreError> {
         let (job, _) = self.job_mut(job_id)?;
+        if let (Some(t), Some(rank)) = (telemetry, job.rank_of(worker_id)) {
+            job.telemetry.insert(worker_id.to_string(), (rank, t));
+        }
         let state = job.record.state();
         let last_reason = || job.record.history().last().map(|t| t.reason.clone()).unwrap_or_default();
         if state.is_terminal() {
@@ -1155,6 +1169,25 @@ impl Coordinator {
         failed
     }
 
+    /// Every job as `/metrics` and the web view show it: its view, its layer groups, and its
+    /// current members' last telemetry by rank (none for a finished job).
+    pub fn observe(&self) -> Vec<(JobView, Vec<String>, Vec<RankView>)> {
+        self.jobs
+            .keys()
+            .filter_map(|id| {
+                let job = self.job(id).ok()?;
+                let live = !job.record.state().is_terminal();
+                let ranks = job
+                    .telemetry
+                    .iter()
+                    .filter(|(w, _)| live && job.is_member(w))
+                    .map(|(w, (rank, t))| RankView { rank: *rank, worker: w.clone(), telemetry: t.clone() })
+                    .collect();
+                Some((self.get(id).ok()?, job.groups.clone(), ranks))
+            })
+            .collect()
+    }
+
     pub fn get(&self, job_id: &str) -> Result<JobView, CoreError> {
         let job = self.job(job_id)?;
         Ok(JobView {
@@ -1297,7 +1330,7 @@ mod tests {
         // 10 samples, 2 ranks x batch 4: 2 steps each.
         let plan = c.epoch_plan(&id, 0).unwrap();
         assert_eq!((plan.num_samples, plan.world_size, plan.steps), (10, 2, 2));
-        assert_eq!(c.heartbeat(&id, "w-b", t0).unwrap(), Command::Continue);
+        assert_eq!(c.heartbeat(&id, "w-b", None, t0).unwrap(), Command::Continue);
         c.report_progress(&id, 0, 0, 2, 10, Some(EpochMetrics { epoch: 1, val_acc: 0.5, ..Default::default() }), 5)
             .unwrap();
         assert_eq!(c.get(&id).unwrap().record.progress().samples_done, 10);
@@ -1388,7 +1421,7 @@ mod tests {
         ready(c.poll_join(&id, "w-a", t0, 0).unwrap());
         c.cancel(&id, "", 1).unwrap();
         assert!(
-            matches!(c.heartbeat(&id, "w-a", t0).unwrap(), Command::Stop { reason } if reason.contains("cancelled"))
+            matches!(c.heartbeat(&id, "w-a", None, t0).unwrap(), Command::Stop { reason } if reason.contains("cancelled"))
         );
         assert!(c.cancel(&id, "", 2).is_err(), "terminal states are final");
 
@@ -1397,7 +1430,7 @@ mod tests {
         c.join(&id2, "w-b", "a:2", 8, &[], &[], t0, 0).unwrap();
         ready(c.poll_join(&id2, "w-b", t0, 0).unwrap());
         let t1 = t0 + Duration::from_secs(5);
-        c.heartbeat(&id2, "w-a", t1).unwrap();
+        c.heartbeat(&id2, "w-a", None, t1).unwrap();
         let t2 = t1 + Duration::from_secs(1);
         assert_eq!(c.check_liveness(t2, 10), ["k"]);
         let view = c.get(&id2).unwrap();
@@ -1406,7 +1439,7 @@ mod tests {
         assert!(why.contains("rank 1 (w-b) sent no heartbeat for 3s (failure 1 of 2 allowed)"), "{why}");
         // The survivor is told to re-form and comes back; alone it is below min_workers = 2, so
         // the regroup waits rejoin_timeout_secs for a replacement, then fails naming who was lost.
-        assert!(matches!(c.heartbeat(&id2, "w-a", t2).unwrap(), Command::Reform { .. }));
+        assert!(matches!(c.heartbeat(&id2, "w-a", None, t2).unwrap(), Command::Reform { .. }));
         let cursor = EpochCursor { epoch: 0, world: 2, step: 1, cut: None };
         let back = JoinInfo {
             worker_id: "w-a",
@@ -1420,7 +1453,7 @@ mod tests {
         };
         c.join_with(&id2, &back, t2, 11).unwrap();
         assert!(matches!(c.poll_join(&id2, "w-a", t2, 11).unwrap(), JoinPoll::Waiting { .. }));
-        c.heartbeat(&id2, "w-a", t2 + Duration::from_secs(2)).unwrap();
+        c.heartbeat(&id2, "w-a", None, t2 + Duration::from_secs(2)).unwrap();
         c.check_liveness(t2 + Duration::from_secs(2), 12);
         let view = c.get(&id2).unwrap();
         assert_eq!(view.record.state(), JobState::Failed);
@@ -1538,10 +1571,10 @@ mod tests {
         assert_eq!(v.record.progress().samples_done, 24, "progress survives");
         assert_eq!(c.epoch_plan(&running, 0).unwrap(), plan_before, "the same plan from the new coordinator");
         assert!(c.check_member(&running, "w-b", 1, 1).is_ok());
-        assert_eq!(c.heartbeat(&running, "w-a", t1).unwrap(), Command::Continue);
+        assert_eq!(c.heartbeat(&running, "w-a", None, t1).unwrap(), Command::Continue);
         assert!(c.check_liveness(t1 + Duration::from_secs(1), 9_001).is_empty(), "no heartbeat missed yet");
-        c.heartbeat(&running, "w-a", t1 + Duration::from_secs(4)).unwrap();
-        c.heartbeat(&running, "w-b", t1 + Duration::from_secs(4)).unwrap();
+        c.heartbeat(&running, "w-a", None, t1 + Duration::from_secs(4)).unwrap();
+        c.heartbeat(&running, "w-b", None, t1 + Duration::from_secs(4)).unwrap();
         assert!(c.check_liveness(t1 + Duration::from_secs(4), 9_002).contains(&running));
         let why = c.get(&running).unwrap().record.history().last().unwrap().reason.clone();
         assert!(why.contains("rank 2 (w-c) sent no heartbeat"), "w-c never came back: {why}");
@@ -1701,14 +1734,14 @@ mod tests {
         let at = |step| EpochCursor { epoch: 0, world: 3, step, cut: None };
         c.join_with(&id, &survivor("w-a", "a:2", 1, at(0), true), t0, 3).unwrap();
         assert_eq!(c.get(&id).unwrap().record.state(), Recovering);
-        assert!(matches!(c.heartbeat(&id, "w-b", t0).unwrap(), Command::Reform { .. }), "w-b is still in its step");
+        assert!(matches!(c.heartbeat(&id, "w-b", None, t0).unwrap(), Command::Reform { .. }), "w-b is still in its step");
         assert!(c.check_member(&id, "w-a", 0, 1).is_ok(), "members are kept until the group re-forms");
         c.join_with(&id, &survivor("w-b", "b:2", 1, at(1), true), t0, 4).unwrap();
         assert!(matches!(c.poll_join(&id, "w-a", t0, 5).unwrap(), JoinPoll::Waiting { .. }), "w-c is expected");
         // w-c's heartbeat lapses: dropped, and the group forms without it.
         let later = t0 + Duration::from_secs(4);
-        c.heartbeat(&id, "w-a", later).unwrap();
-        c.heartbeat(&id, "w-b", later).unwrap();
+        c.heartbeat(&id, "w-a", None, later).unwrap();
+        c.heartbeat(&id, "w-b", None, later).unwrap();
         c.check_liveness(later, 6);
         let a = ready(c.poll_join(&id, "w-a", later, 7).unwrap());
         let b = ready(c.poll_join(&id, "w-b", later, 7).unwrap());
@@ -1733,7 +1766,7 @@ mod tests {
         assert!(err.to_string().contains("generation 1, the group is at generation 2"), "{err}");
         assert!(c.check_member(&id, "w-c", 2, 2).is_err());
         assert!(c.check_member(&id, "w-b", 0, 2).is_err(), "w-b is rank 1 now");
-        assert!(c.heartbeat(&id, "w-c", later).is_err(), "a dropped worker is no longer known");
+        assert!(c.heartbeat(&id, "w-c", None, later).is_err(), "a dropped worker is no longer known");
     }
 
     #[test]
@@ -1787,7 +1820,7 @@ mod tests {
         c.join(&id, "w-n", "n:1", 40, &[], &[], t0, 6).unwrap();
         assert!(matches!(c.poll_join(&id, "w-n", t0, 6).unwrap(), JoinPoll::Waiting { .. }));
         assert_eq!(c.get(&id).unwrap().record.state(), Running);
-        match c.heartbeat(&id, "w-b", t0).unwrap() {
+        match c.heartbeat(&id, "w-b", None, t0).unwrap() {
             Command::Reform { reason } => assert_eq!(reason, "admitting w-n"),
             other => panic!("{other:?}"),
         }

@@ -75,6 +75,81 @@ pub struct State {
     watchers: Mutex<HashMap<String, usize>>,
     /// Joins waiting for their group to form.
     pending_joins: std::sync::atomic::AtomicUsize,
+    /// RPCs answered, by method and status, and their latency.
+    rpc: Arc<RpcMetrics>,
+}
+
+/// RPC counts and latency by method (the gRPC path's last segment) and status code.
+#[derive(Debug)]
+pub struct RpcMetrics {
+    requests: prometheus_client::metrics::family::Family<Vec<(&'static str, String)>, prometheus_client::metrics::counter::Counter>,
+    seconds: prometheus_client::metrics::family::Family<
+        Vec<(&'static str, String)>,
+        prometheus_client::metrics::histogram::Histogram,
+        fn() -> prometheus_client::metrics::histogram::Histogram,
+    >,
+}
+
+fn latency_buckets() -> prometheus_client::metrics::histogram::Histogram {
+    prometheus_client::metrics::histogram::Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.0005, 4.0, 10,
+    ))
+}
+
+impl RpcMetrics {
+    fn new() -> RpcMetrics {
+        RpcMetrics { requests: Default::default(), seconds: prometheus_client::metrics::family::Family::new_with_constructor(latency_buckets) }
+    }
+
+    fn observe(&self, path: &str, code: &str, seconds: f64) {
+        let method = path.rsplit('/').next().unwrap_or(path).to_string();
+        self.requests.get_or_create(&vec![("method", method.clone()), ("code", code.to_string())]).inc();
+        self.seconds.get_or_create(&vec![("method", method)]).observe(seconds);
+    }
+}
+
+/// Wraps the gRPC routes to count and time every call ([`RpcMetrics`]); the status is the
+/// response's `grpc-status` header when the call ended there (errors), else OK.
+#[derive(Clone)]
+struct Timed<S> {
+    inner: S,
+    rpc: Arc<RpcMetrics>,
+}
+
+impl<S, B, R> tower::Service<http::Request<B>> for Timed<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<R>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let path = req.uri().path().to_string();
+        let (rpc, start) = (self.rpc.clone(), Instant::now());
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let r = fut.await;
+            let code = match &r {
+                Ok(resp) => resp
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<i32>().ok())
+                    .map_or("OK".to_string(), |c| format!("{:?}", tonic::Code::from(c))),
+                Err(_) => "transport".to_string(),
+            };
+            if !path.starts_with("/grpc.health") {
+                rpc.observe(&path, &code, start.elapsed().as_secs_f64());
+            }
+            r
+        })
+    }
 }
 
 /// The most a coordinator holds for its callers, so that none of them (authenticated, but buggy
@@ -150,6 +225,7 @@ impl State {
             limits: Default::default(),
             watchers: Default::default(),
             pending_joins: Default::default(),
+            rpc: Arc::new(RpcMetrics::new()),
         })
     }
 
@@ -168,6 +244,7 @@ impl State {
             limits: Default::default(),
             watchers: Default::default(),
             pending_joins: Default::default(),
+            rpc: Arc::new(RpcMetrics::new()),
         })
     }
 
@@ -252,6 +329,24 @@ impl State {
 
     /// Why this coordinator must not answer now (a standby, or a leader whose lease ran out),
     /// as the status to answer with: UNAVAILABLE, with the leader's URL in `thaw-leader`.
+    /// Every metric in Prometheus text format (`/metrics`): the jobs as the core holds them now
+    /// ([`crate::exposition`]) and the RPC counters.
+    pub fn metrics_text(self: &Arc<Self>) -> String {
+        let mut registry = prometheus_client::registry::Registry::default();
+        let state = self.clone();
+        registry.register_collector(Box::new(crate::exposition::JobsCollector::new(move || state.core().observe())));
+        registry.register("thaw_rpc_requests", "gRPC calls answered, by method and status.", self.rpc.requests.clone());
+        registry.register_with_unit(
+            "thaw_rpc_duration",
+            "Time to answer gRPC calls, by method.",
+            prometheus_client::registry::Unit::Seconds,
+            self.rpc.seconds.clone(),
+        );
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+        out
+    }
+
     /// Whether calls can be answered usefully: no refusal, or a refusal that points at the
     /// leader (a standby redirects).
     pub fn ready(&self) -> bool {
@@ -552,7 +647,8 @@ impl Workers for WorkersService {
 
     async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let r = req.into_inner();
-        let cmd = self.0.core().heartbeat(&r.job_id, &r.worker_id, Instant::now()).map_err(status)?;
+        let telemetry = r.telemetry.map(telemetry_of);
+        let cmd = self.0.core().heartbeat(&r.job_id, &r.worker_id, telemetry, Instant::now()).map_err(status)?;
         Ok(Response::new(match cmd {
             Command::Continue => {
                 pb::HeartbeatResponse { command: pb::WorkerCommand::Continue as i32, reason: String::new() }
@@ -650,6 +746,29 @@ pub fn health_service(
     server
 }
 
+/// Serves `GET /metrics` (Prometheus text format, [`State::metrics_text`]) on `listener` until
+/// `shutdown`. Read-only; like the health port it carries no job data beyond names and figures.
+pub async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    state: Arc<State>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use axum::routing::get;
+    let app = axum::Router::new().route(
+        "/metrics",
+        get(move || {
+            let state = state.clone();
+            async move {
+                (
+                    [(http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+                    state.metrics_text(),
+                )
+            }
+        }),
+    );
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+}
+
 /// Serves [`health_service`] alone on `listener`, in plaintext, until `shutdown`.
 pub async fn serve_health(
     listener: tokio::net::TcpListener,
@@ -686,10 +805,12 @@ pub async fn serve(
             None => Ok(req),
         }
     };
+    let rpc = state.rpc.clone();
     let router = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .layer(tower::layer::layer_fn(move |inner| Timed { inner, rpc: rpc.clone() }))
         .add_service(health_service(state.clone()))
         .add_service(tonic::service::interceptor::InterceptedService::new(
             JobsServer::new(JobsService(state.clone())).max_decoding_message_size(max).max_encoding_message_size(max),
@@ -789,4 +910,22 @@ pub fn cursor_to_proto(c: &EpochCursor) -> pb::EpochCursor {
 
 pub fn cursor_from_proto(c: &pb::EpochCursor) -> EpochCursor {
     EpochCursor { epoch: c.epoch, world: c.world.max(1), step: c.step, cut: c.cut.as_ref().map(cut_from_proto) }
+}
+
+/// A heartbeat's telemetry as the core keeps it: non-finite figures become 0 and at most 64
+/// learning rates are kept (a model has a handful of groups), so a worker cannot bloat the view.
+fn telemetry_of(t: pb::RankTelemetry) -> crate::telemetry::RankTelemetry {
+    let f = |x: f64| if x.is_finite() { x } else { 0.0 };
+    crate::telemetry::RankTelemetry {
+        steps: t.steps,
+        step_seconds: f(t.step_seconds),
+        data_wait_seconds: f(t.data_wait_seconds),
+        allreduce_seconds: f(t.allreduce_seconds),
+        allreduce_exposed_seconds: f(t.allreduce_exposed_seconds),
+        samples: t.samples,
+        skipped: t.skipped,
+        loss: f(t.loss),
+        group_lr: t.group_lr.into_iter().take(64).map(f).collect(),
+        stage: t.stage,
+    }
 }

@@ -181,7 +181,7 @@ fn call(
         }
         Op::Heartbeat => {
             let Ok(r) = pb::HeartbeatRequest::decode(msg) else { return };
-            done(core.heartbeat(&r.job_id, &r.worker_id, now).map(drop));
+            done(core.heartbeat(&r.job_id, &r.worker_id, None, now).map(drop));
         }
         Op::EpochPlan => {
             let Ok(r) = pb::EpochPlanRequest::decode(msg) else { return };

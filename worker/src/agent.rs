@@ -227,6 +227,8 @@ struct Flags {
     reform: Option<String>,
     rank: u32,
     generation: u32,
+    /// This worker's figures since it started, sent with every heartbeat.
+    telemetry: pb::RankTelemetry,
 }
 
 type Shared = Arc<Mutex<Flags>>;
@@ -355,6 +357,21 @@ impl Control for GrpcControl {
         flags(&self.shared).reform.clone()
     }
 
+    fn step_done(&mut self, s: &crate::train::StepTelemetry) {
+        let mut f = flags(&self.shared);
+        let t = &mut f.telemetry;
+        t.steps += 1;
+        t.step_seconds += s.seconds;
+        t.data_wait_seconds += s.data_wait;
+        t.allreduce_seconds += s.allreduce;
+        t.allreduce_exposed_seconds += s.allreduce_exposed;
+        t.samples += s.samples;
+        t.skipped += s.skipped;
+        t.loss = s.loss;
+        t.group_lr.clone_from(&s.group_lr);
+        t.stage = s.stage;
+    }
+
     fn trained(&mut self, epoch: u32, step: u64, samples: &[usize]) {
         let mut ledger = self.ledger.lock().unwrap_or_else(|p| p.into_inner());
         let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
@@ -404,11 +421,17 @@ pub fn run(opts: AgentOptions) -> Result<AgentOutcome, AgentError> {
             let lost_after = (outage.as_secs_f64() / beat_every.as_secs_f64()).ceil() as u32;
             loop {
                 tokio::time::sleep(beat_every).await;
-                let (rank, generation) = {
+                let (rank, generation, telemetry) = {
                     let f = flags(&shared);
-                    (f.rank, f.generation)
+                    (f.rank, f.generation, f.telemetry.clone())
                 };
-                let req = pb::HeartbeatRequest { job_id: job.clone(), worker_id: worker.clone(), rank, generation };
+                let req = pb::HeartbeatRequest {
+                    job_id: job.clone(),
+                    worker_id: worker.clone(),
+                    rank,
+                    generation,
+                    telemetry: Some(telemetry),
+                };
                 let answer = within(RPC_DEADLINE, coords.workers().heartbeat(req)).await;
                 if let Err(e) = &answer {
                     coords.after_error(e);

@@ -16,6 +16,7 @@
 //!   which recovery relies on (ARCHITECTURE.md, "Job states and recovery").
 
 use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use tch::Tensor;
 
@@ -39,36 +40,42 @@ pub fn reduce_step(
     params: &[Param],
     overlap: bool,
     backward: impl FnOnce(&mut dyn FnMut(usize)),
-) -> Result<(), CollectiveError> {
+) -> Result<CommTime, CollectiveError> {
     let n = buckets.buckets.len();
     if !overlap {
         backward(&mut |_| {});
+        let start = Instant::now();
         c.all_reduce_sum(stats)?;
         for b in 0..n {
             let mut flat = buckets.gather(b, params);
             c.all_reduce_mean_tensor(&mut flat)?;
             buckets.scatter(b, params, &flat);
         }
-        return Ok(());
+        let all = start.elapsed();
+        return Ok(CommTime { busy: all, exposed: all });
     }
     let ready_from: Vec<usize> = (0..n).map(|b| buckets.lowest_group(b, params)).collect();
     let reduced = std::thread::scope(|s| {
         let (tx, rx) = mpsc::channel::<(usize, Tensor)>();
         let mut sums = stats.to_vec();
-        let comm = s.spawn(move || -> Result<(Vec<f32>, Vec<(usize, Tensor)>), CollectiveError> {
+        let comm = s.spawn(move || -> Result<(Vec<f32>, Vec<(usize, Tensor)>, Duration), CollectiveError> {
+            let start = Instant::now();
             c.all_reduce_sum(&mut sums)?;
+            let mut busy = start.elapsed();
             let mut done = Vec::with_capacity(n);
             let mut failed = None;
             // Every bucket is received even after a failure, so the sender never blocks.
             for (b, mut flat) in rx {
                 if failed.is_none() {
+                    let start = Instant::now();
                     match c.all_reduce_mean_tensor(&mut flat) {
                         Ok(()) => done.push((b, flat)),
                         Err(e) => failed = Some(e),
                     }
+                    busy += start.elapsed();
                 }
             }
-            failed.map_or(Ok((sums, done)), Err)
+            failed.map_or(Ok((sums, done, busy)), Err)
         });
         let mut next = 0;
         let mut hand_over = |g: usize| {
@@ -81,15 +88,28 @@ pub fn reduce_step(
         backward(&mut hand_over);
         hand_over(0);
         drop(tx);
-        match comm.join() {
+        let waited = Instant::now();
+        let r = match comm.join() {
             Ok(r) => r,
             Err(panic) => std::panic::resume_unwind(panic),
-        }
+        };
+        r.map(|r| (r, waited.elapsed()))
     });
-    let (sums, done) = reduced?;
+    let ((sums, done, busy), waited) = reduced?;
     stats.copy_from_slice(&sums);
+    let scatter = Instant::now();
     for (b, flat) in done {
         buckets.scatter(b, params, &flat);
     }
-    Ok(())
+    Ok(CommTime { busy, exposed: waited + scatter.elapsed() })
+}
+
+/// Where a step's communication time went.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct CommTime {
+    /// Time spent in collective operations (on the communication thread, with overlap).
+    pub busy: Duration,
+    /// Time the training thread waited for them after its backward pass: all of `busy` without
+    /// overlap, what overlap did not hide with it.
+    pub exposed: Duration,
 }

@@ -105,6 +105,24 @@ impl Feed {
     }
 }
 
+/// One finished distributed step, as measured by its rank.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct StepTelemetry {
+    /// Wall time from the end of the previous step: waiting for data included.
+    pub seconds: f64,
+    pub data_wait: f64,
+    /// The step's reductions: time in the collective, and the part the training thread waited.
+    pub allreduce: f64,
+    pub allreduce_exposed: f64,
+    /// This rank's samples and unreadable samples in the step.
+    pub samples: u64,
+    pub skipped: u64,
+    /// Mean loss over the global batch, the learning rate per layer group, the stage (1-based).
+    pub loss: f64,
+    pub group_lr: Vec<f64>,
+    pub stage: u32,
+}
+
 /// What a finished run reports.
 pub struct RunSummary {
     pub history: Vec<EpochMetrics>,
@@ -885,6 +903,9 @@ pub trait Control {
     /// enter the step's all-reduce (for the exactly-once ledger and tests): whether the step
     /// counts is the group's decision, which a later re-form records.
     fn trained(&mut self, _epoch: u32, _step: u64, _samples: &[usize]) {}
+
+    /// After every finished step: what it took (for metrics; heartbeats carry the sums).
+    fn step_done(&mut self, _t: &StepTelemetry) {}
 }
 
 /// How a data-parallel run ended. Every rank of the group ends at the same step boundary, for
@@ -1030,7 +1051,9 @@ impl Trainer {
             let mut last_report = Instant::now();
             while let Some(batch) = self.next_batch(&mut source) {
                 let batch = batch?;
-                data_wait += waited.elapsed().as_secs_f64();
+                let this_wait = waited.elapsed().as_secs_f64();
+                let step_started = waited;
+                data_wait += this_wait;
                 self.note_skipped(&batch.skipped, &mut first_skipped);
                 let global =
                     plan.step_real_count(batch.step as u64).map_err(|e| TrainError::Invalid(e.to_string()))? as f64;
@@ -1077,7 +1100,7 @@ impl Trainer {
                 ];
                 // Backward, with each bucket's all-reduce started as soon as its gradients are
                 // final (or after backward, without overlap); returns once every bucket is in.
-                ddp::reduce_step(c, &mut stats, &buckets, &params, overlap, |ready| {
+                let comm = ddp::reduce_step(c, &mut stats, &buckets, &params, overlap, |ready| {
                     if let Some((loss, fwd)) = pass {
                         fwd.backward(&loss, ready);
                     }
@@ -1096,6 +1119,17 @@ impl Trainer {
                 } else {
                     tracing::debug!(epoch, step = batch.step, scale = self.scaler.scale, "fp16 overflow: step skipped");
                 }
+                ctl.step_done(&StepTelemetry {
+                    seconds: step_started.elapsed().as_secs_f64(),
+                    data_wait: this_wait,
+                    allreduce: comm.busy.as_secs_f64(),
+                    allreduce_exposed: comm.exposed.as_secs_f64(),
+                    samples: n as u64,
+                    skipped: batch.skipped.len() as u64,
+                    loss: stats[0] as f64 / (stats[2] as f64).max(1.0),
+                    group_lr: lrs.clone(),
+                    stage: self.stage.index as u32 + 1,
+                });
                 self.cursor.loss_sum += stats[0] as f64;
                 self.cursor.correct += stats[1] as u64;
                 self.cursor.seen += stats[2] as u64;

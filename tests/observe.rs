@@ -1,0 +1,139 @@
+//! Watching a training job: the coordinator's `/metrics` scraped during a real 2-worker job and
+//! read back with an independent Prometheus text-format parser.
+
+mod common;
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// `GET /metrics` over plain HTTP/1.1.
+fn scrape(addr: &str) -> Option<String> {
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let (head, body) = out.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200").then(|| body.to_string())
+}
+
+/// (name, labels) -> value, from the parser's view of `text`.
+fn parse(text: &str) -> HashMap<(String, Vec<(String, String)>), f64> {
+    let lines = text.lines().map(|l| Ok(l.to_string()));
+    let scrape = prometheus_parse::Scrape::parse(lines).expect("Prometheus text format");
+    scrape
+        .samples
+        .into_iter()
+        .filter_map(|s| {
+            let v = match s.value {
+                prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Gauge(v) | prometheus_parse::Value::Untyped(v) => v,
+                _ => return None,
+            };
+            let mut labels: Vec<(String, String)> = s.labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+            labels.sort();
+            Some(((s.metric, labels), v))
+        })
+        .collect()
+}
+
+fn get(m: &HashMap<(String, Vec<(String, String)>), f64>, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let mut want: Vec<(String, String)> = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    want.sort();
+    m.get(&(name.to_string(), want)).copied()
+}
+
+#[test]
+fn a_running_two_worker_job_can_be_scraped() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let spec = write_spec(
+        dir.path(),
+        "watched",
+        &format!(
+            "name = \"watched\"\nseed = 3\n[model]\narch = \"lenet5\"\nweights = \"none\"\n[data]\nformat = \"idx\"\n\
+             root = \"{}\"\nval_limit = 1000\n[train]\nepochs = 2\nbatch_size = 32\nlr = 0.05\n[schedule]\n\
+             strategy = \"scratch\"\n[output]\ndir = \"{}\"\n",
+            fashion_mnist().display(),
+            out.display()
+        ),
+    );
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr = format!("127.0.0.1:{port}");
+    let (mut launch, _url) = spawn_launch(&spec, &["--nproc", "2", "--metrics-addr", &addr], &[]);
+    // Scrape until both ranks have reported a few steps through their heartbeats.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let (text, m) = loop {
+        if let Some(text) = scrape(&addr) {
+            let m = parse(&text);
+            let steps = |r: &str| get(&m, "thaw_rank_steps_total", &[("job", "watched"), ("rank", r)]).unwrap_or(0.0);
+            if steps("0") >= 50.0 && steps("1") >= 50.0 {
+                break (text, m);
+            }
+        }
+        assert!(Instant::now() < deadline, "no per-rank figures within 120 s");
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    let job = [("job", "watched")];
+    assert_eq!(get(&m, "thaw_jobs", &[("state", "running")]), Some(1.0), "{text}");
+    assert_eq!(get(&m, "thaw_jobs", &[("state", "failed")]), Some(0.0));
+    assert_eq!(get(&m, "thaw_job_workers", &job), Some(2.0));
+    assert_eq!(get(&m, "thaw_job_state_transitions_total", &[("job", "watched"), ("to", "running")]), Some(1.0));
+    assert!(get(&m, "thaw_job_rendezvous_duration_seconds", &job).is_some_and(|s| (0.0..60.0).contains(&s)));
+    for rank in ["0", "1"] {
+        let r = [("job", "watched"), ("rank", rank)];
+        let steps = get(&m, "thaw_rank_steps_total", &r).unwrap();
+        let seconds = get(&m, "thaw_rank_step_seconds_total", &r).unwrap();
+        let allreduce = get(&m, "thaw_rank_allreduce_seconds_total", &r).unwrap();
+        let exposed = get(&m, "thaw_rank_allreduce_exposed_seconds_total", &r).unwrap();
+        let wait = get(&m, "thaw_rank_data_wait_seconds_total", &r).unwrap();
+        let samples = get(&m, "thaw_rank_samples_total", &r).unwrap();
+        assert!(seconds > 0.0 && allreduce > 0.0 && exposed > 0.0 && wait >= 0.0, "rank {rank}: {text}");
+        assert!(allreduce + wait < seconds * 1.5, "rank {rank}: parts within the step time");
+        assert!((samples - steps * 32.0).abs() <= 32.0 * 2.0, "rank {rank}: 32 samples a step ({samples}, {steps})");
+        assert!(get(&m, "thaw_rank_samples_per_second", &r).unwrap() > 0.0);
+    }
+    let loss = get(&m, "thaw_job_loss", &job).unwrap();
+    assert!(loss.is_finite() && loss > 0.0 && loss < 10.0, "{loss}");
+    assert_eq!(get(&m, "thaw_job_stage", &job), Some(1.0));
+    for group in ["conv", "fc", "head"] {
+        assert_eq!(get(&m, "thaw_job_learning_rate", &[("job", "watched"), ("group", group)]), Some(0.05), "{group}");
+    }
+    assert!(get(&m, "thaw_rpc_requests_total", &[("method", "Heartbeat"), ("code", "OK")]).unwrap() >= 2.0);
+    assert!(get(&m, "thaw_rpc_requests_total", &[("method", "Join"), ("code", "OK")]) == Some(2.0));
+    // Low-cardinality labels only: no sample, step or worker-process label.
+    for ((name, labels), _) in &m {
+        for (k, _) in labels {
+            assert!(["job", "rank", "state", "to", "group", "method", "code", "le"].contains(&k.as_str()), "{name}: {k}");
+        }
+    }
+    let status = launch.wait().unwrap();
+    assert!(status.success(), "the job finishes");
+}
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_spec(
+        dir.path(),
+        "logs",
+        &format!(
+            "name = \"logs\"\n[model]\narch = \"lenet5\"\nweights = \"none\"\n[data]\nformat = \"idx\"\nroot = \"{}\"\n\
+             train_limit = 256\nval_limit = 64\n[train]\nepochs = 1\nbatch_size = 32\n[output]\ndir = \"{}\"\n",
+            fashion_mnist().display(),
+            dir.path().join("out").display()
+        ),
+    );
+    let o = ok(thaw(&["--log-format", "json", "train", spec.to_str().unwrap()]));
+    let err = stderr(&o);
+    let events: Vec<serde_json::Value> =
+        err.lines().filter(|l| l.starts_with('{')).map(|l| serde_json::from_str(l).expect(l)).collect();
+    assert!(events.len() >= 2, "{err}");
+    for e in &events {
+        assert!(e["timestamp"].is_string() && e["level"].is_string() && e["message"].is_string(), "{e}");
+    }
+    let prepared = events.iter().find(|e| e["message"] == "prepared").expect("the prepared event");
+    assert_eq!(prepared["arch"], "lenet5", "fields are top-level keys: {prepared}");
+    assert!(!err.lines().any(|l| l.contains(" INFO ") || l.contains(" WARN ")), "no text log line:\n{err}");
+}
