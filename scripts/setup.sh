@@ -9,6 +9,7 @@
 #   .thaw/data/photos/         scikit-image's sample photos (chelsea.png, coffee.png, ...)
 #   .thaw/bin/etcd             etcd 3.4 (Debian etcd-server), for the state-store tests
 #   .thaw/k8s-venv             kubernetes-validate (Kubernetes 1.37 schemas, offline), for tests/deploy.rs
+#   .thaw/tb-venv              tensorboard (its event-file reader), for tests/observe.rs
 #   .thaw/bin/protoc           protoc (crates.io protoc-bin-vendored-linux-x86_64), which the
 #                              etcd-client crate's build script needs (.cargo/config.toml: PROTOC)
 #
@@ -86,6 +87,17 @@ if [ ! -f "$k8s_marker" ]; then
     PyYAML==6.0.4 jsonschema==4.26.0 jsonschema-specifications==2025.9.1 referencing==0.37.0 \
     rpds-py==2026.9.1 attrs==26.1.0 importlib_resources==7.1.0 packaging==26.4 typing_extensions==4.16.0
   touch "$k8s_marker"
+fi
+# --- TensorBoard's reader ----------------------------------------------------------------------
+# Python's tensorboard package reads back the event files thaw writes (tests/observe.rs).
+tb_marker="$thaw/tb-venv/.thaw-tensorboard-2.20.0"
+if [ ! -f "$tb_marker" ]; then
+  step "installing tensorboard 2.20.0 into .thaw/tb-venv"
+  "$py" -m venv "$thaw/tb-venv"
+  "$thaw/tb-venv/bin/pip" install --quiet --disable-pip-version-check tensorboard==2.20.0 absl-py==2.5.1 \
+    grpcio==1.85.3 Markdown==3.11.3 MarkupSafe==3.0.4 numpy==2.4.6 packaging==26.4 pillow==13.0.0 \
+    protobuf==7.36.2 tensorboard-data-server==0.7.2 typing_extensions==4.16.0 Werkzeug==3.1.9
+  touch "$tb_marker"
 fi
 # --- pretrained weights ----------------------------------------------------------------------
 pth="$thaw/weights/mobilenet_v2-b0353104.pth"

@@ -863,6 +863,7 @@ pub fn launch(spec_path: &Path, opts: &LaunchOptions, device: DeviceRequest) -> 
         if let Some(m) = final_job.metrics.last() {
             println!("final validation accuracy: {:.4}", m.val_acc);
         }
+        println!("curves: tensorboard --logdir {}", spec.output.dir.join("tb").display());
         if exit_code(final_job.state) == 1 {
             eprintln!("worker logs: {}", logs.display());
         }

@@ -858,6 +858,7 @@ fn train(
         ),
     }
     println!("checkpoint: {}", summary.checkpoint.display());
+    println!("curves: tensorboard --logdir {}", trainer.tensorboard_dir().display());
     Ok(())
 }
 

@@ -110,6 +110,32 @@ fn a_running_two_worker_job_can_be_scraped() {
     }
     let status = launch.wait().unwrap();
     assert!(status.success(), "the job finishes");
+
+    // Rank 0 wrote TensorBoard events: TensorBoard's own reader finds every step and epoch.
+    let tags = tensorboard_scalars(&out.join("tb"));
+    let steps = tags.get("train/step_loss").expect("per-step loss");
+    assert_eq!(steps.len(), 2 * 938, "one loss per step of 2 epochs of 60,000 / 64");
+    assert!(steps.last().unwrap().1 < steps[0].1, "the loss falls: {:?} -> {:?}", steps[0], steps.last());
+    for group in ["conv", "fc", "head"] {
+        assert_eq!(tags[&format!("lr/{group}")].len(), 2 * 938);
+    }
+    let val = &tags["epoch/val_acc"];
+    assert_eq!(val.iter().map(|p| p.0).collect::<Vec<_>>(), [938, 1876], "one point per epoch, at its last step");
+    assert!(val[1].1 > 0.5, "{val:?}");
+}
+
+/// Every scalar series of the event files in `dir`, as TensorBoard's EventAccumulator reads them:
+/// tag -> [(step, value)].
+fn tensorboard_scalars(dir: &std::path::Path) -> HashMap<String, Vec<(i64, f64)>> {
+    let py = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".thaw/tb-venv/bin/python");
+    assert!(py.is_file(), "{} is missing: run scripts/setup.sh", py.display());
+    let script = "import json, sys\n\
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator\n\
+        ea = EventAccumulator(sys.argv[1], size_guidance={'scalars': 0}); ea.Reload()\n\
+        print(json.dumps({t: [(s.step, s.value) for s in ea.Scalars(t)] for t in ea.Tags()['scalars']}))\n";
+    let o = std::process::Command::new(py).args(["-c", script]).arg(dir).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).unwrap()
 }
 
 #[test]

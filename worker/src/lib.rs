@@ -24,6 +24,7 @@ pub mod progress;
 pub mod recommend;
 pub mod stage_cache;
 pub mod tensor_io;
+pub mod tensorboard;
 pub mod train;
 pub mod weights;
 pub mod zoo;

@@ -29,6 +29,7 @@ use crate::ddp;
 use crate::optim::{Optimizer, Param};
 use crate::progress::Progress;
 use crate::stage_cache::StageCache;
+use crate::tensorboard::EventWriter;
 use crate::weights::{self, WeightsError};
 use crate::zoo::{Arch, CutForward, GroupMode, Network, UnknownArch};
 
@@ -80,6 +81,9 @@ pub struct Trainer {
     time_budget: Option<std::time::Duration>,
     /// fp16's loss scale (unused in fp32 and bf16); part of the state, like the optimizer's.
     scaler: LossScaler,
+    /// TensorBoard events under `output.dir/tb` (rank 0, or the one process), opened at the
+    /// first step.
+    events: Option<EventWriter>,
 }
 
 /// Where an epoch's batches come from: decoded by the loader, or prefix outputs from the cache.
@@ -225,6 +229,7 @@ impl Trainer {
             cache: None,
             time_budget: None,
             scaler,
+            events: None,
         })
     }
 
@@ -622,6 +627,8 @@ impl Trainer {
                         return Err(self.diverged(loss_v, epoch, batch.step));
                     }
                     let correct = logits.argmax(-1, false).eq_tensor(&ys).sum(Kind::Int64).int64_value(&[]);
+                    let global_step = (epoch * plan.schedule_steps() as usize + at) as u64;
+                    self.log_step(global_step, loss_v, &lrs);
                     self.cursor.loss_sum += loss_v * n as f64;
                     self.cursor.correct += correct as u64;
                     self.cursor.seen += n as u64;
@@ -680,6 +687,7 @@ impl Trainer {
                 step_ms = m.seconds * 1e3 / steps.max(1) as f64,
                 "epoch done"
             );
+            self.log_epoch(((epoch + 1) * plan.schedule_steps() as usize) as u64, &m);
             self.history.push(m);
             self.cursor = Cursor { epoch: epoch + 1, ..Cursor::default() };
             self.save_checkpoint()?;
@@ -719,6 +727,49 @@ impl Trainer {
         let mut sums = [s.loss_sum as f32, s.correct as f32, s.seen as f32];
         c.all_reduce_sum(&mut sums)?;
         EvalSums { loss_sum: sums[0] as f64, correct: sums[1] as i64, seen: sums[2] as i64 }.mean()
+    }
+}
+
+impl Trainer {
+    /// Where this run's TensorBoard event files go: `output.dir/tb`.
+    pub fn tensorboard_dir(&self) -> PathBuf {
+        self.spec.output.dir.join("tb")
+    }
+
+    /// Writes one step's scalars (the loss and each group's learning rate) at global step `at`.
+    fn log_step(&mut self, at: u64, loss: f64, lrs: &[f64]) {
+        if self.events.is_none() {
+            match EventWriter::create(&self.tensorboard_dir()) {
+                Ok(w) => self.events = Some(w),
+                Err(e) => {
+                    tracing::warn!(dir = %self.tensorboard_dir().display(), error = %e, "no TensorBoard events");
+                    return;
+                }
+            }
+        }
+        let groups = self.net.group_names();
+        let tags: Vec<String> = groups.iter().map(|g| format!("lr/{g}")).collect();
+        let mut values: Vec<(&str, f64)> = vec![("train/step_loss", loss)];
+        values.extend(tags.iter().map(String::as_str).zip(lrs.iter().copied()));
+        if let Some(w) = &mut self.events {
+            w.scalars(at, &values);
+        }
+    }
+
+    /// Writes an epoch's metrics at global step `at`.
+    fn log_epoch(&mut self, at: u64, m: &EpochMetrics) {
+        if let Some(w) = &mut self.events {
+            w.scalars(
+                at,
+                &[
+                    ("epoch/train_loss", m.train_loss),
+                    ("epoch/train_acc", m.train_acc),
+                    ("epoch/val_loss", m.val_loss),
+                    ("epoch/val_acc", m.val_acc),
+                ],
+            );
+            w.flush();
+        }
     }
 }
 
@@ -1119,6 +1170,10 @@ impl Trainer {
                 } else {
                     tracing::debug!(epoch, step = batch.step, scale = self.scaler.scale, "fp16 overflow: step skipped");
                 }
+                if rank == 0 {
+                    let global_step = (epoch * plan.schedule_steps() as usize + at) as u64;
+                    self.log_step(global_step, stats[0] as f64 / (stats[2] as f64).max(1.0), &lrs);
+                }
                 ctl.step_done(&StepTelemetry {
                     seconds: step_started.elapsed().as_secs_f64(),
                     data_wait: this_wait,
@@ -1201,6 +1256,7 @@ impl Trainer {
                     "epoch done"
                 );
                 ctl.progress(epoch as u32, steps as u64, self.cursor.seen, Some(&m));
+                self.log_epoch(((epoch + 1) * plan.schedule_steps() as usize) as u64, &m);
             }
             self.history.push(m);
             self.cursor = Cursor { epoch: epoch + 1, world: plan.world_size(), ..Cursor::default() };
