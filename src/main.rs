@@ -5,6 +5,7 @@ mod cluster;
 mod k8s;
 mod data_cli;
 mod plan;
+mod plot;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -269,6 +270,16 @@ enum Command {
         service: String,
         #[arg(long, default_value_t = 3.0)]
         timeout_secs: f64,
+    },
+    /// Draw runs' curves: loss and accuracy per epoch, learning rates per group over steps, the
+    /// stages as bands; several runs are overlaid.
+    Plot {
+        /// Run directories (a job's output.dir: metrics.json, tb/, spec.toml).
+        #[arg(required = true)]
+        runs: Vec<PathBuf>,
+        /// A .png or .svg file.
+        #[arg(long, default_value = "curves.png")]
+        out: PathBuf,
     },
     /// Kubernetes: a job's worker manifests from its spec.
     #[command(subcommand)]
@@ -563,6 +574,11 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Models { json } => models(json),
+        Command::Plot { runs, out } => {
+            plot::plot(&runs, &out)?;
+            println!("{}", out.display());
+            Ok(())
+        }
         Command::K8s(K8sCommand::Render {
             spec,
             image,

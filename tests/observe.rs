@@ -122,6 +122,22 @@ fn a_running_two_worker_job_can_be_scraped() {
     let val = &tags["epoch/val_acc"];
     assert_eq!(val.iter().map(|p| p.0).collect::<Vec<_>>(), [938, 1876], "one point per epoch, at its last step");
     assert!(val[1].1 > 0.5, "{val:?}");
+
+    // thaw plot draws the run, as PNG and SVG.
+    let png = dir.path().join("curves.png");
+    ok(thaw(&["plot", out.to_str().unwrap(), "--out", png.to_str().unwrap()]));
+    let img = image::open(&png).expect("a PNG").to_rgb8();
+    assert_eq!(img.dimensions(), (1400, 900));
+    let blue = img.pixels().filter(|p| p.0 == [31, 119, 180]).count();
+    assert!(blue > 500, "the run's curves are drawn in its colour ({blue} pixels)");
+    let svg = dir.path().join("curves.svg");
+    ok(thaw(&["plot", out.to_str().unwrap(), "--out", svg.to_str().unwrap()]));
+    let text = std::fs::read_to_string(&svg).unwrap();
+    assert!(text.contains("<svg") && text.contains("loss per epoch") && text.contains("watched"), "{}", &text[..200]);
+    let err = fails(thaw(&["plot", dir.path().to_str().unwrap(), "--out", png.to_str().unwrap()]));
+    assert!(err.contains("not a run directory (no readable metrics.json)"), "{err}");
+    let err = fails(thaw(&["plot", out.to_str().unwrap(), "--out", "x.jpg"]));
+    assert!(err.contains("--out x.jpg: give a .png or .svg file"), "{err}");
 }
 
 /// Every scalar series of the event files in `dir`, as TensorBoard's EventAccumulator reads them:

@@ -130,6 +130,49 @@ impl Drop for EventWriter {
     }
 }
 
+/// Every scalar series of the event files in `dir` (as written here, or by anything that writes
+/// `simple_value` scalars): tag -> [(step, value)], in file then record order. A damaged record
+/// (length or data CRC) is an error naming the file and the offset.
+pub fn read_scalars(dir: &Path) -> std::io::Result<std::collections::BTreeMap<String, Vec<(u64, f64)>>> {
+    let bad = |path: &Path, at: usize, what: &str| {
+        std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: {what} at byte {at}", path.display()))
+    };
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("events.out.tfevents.")))
+        .collect();
+    files.sort();
+    let mut out: std::collections::BTreeMap<String, Vec<(u64, f64)>> = Default::default();
+    for path in files {
+        let bytes = std::fs::read(&path)?;
+        let mut at = 0;
+        while at < bytes.len() {
+            if bytes.len() - at < 12 {
+                return Err(bad(&path, at, "a truncated record header"));
+            }
+            let len_bytes = &bytes[at..at + 8];
+            if u32::from_le_bytes(bytes[at + 8..at + 12].try_into().unwrap_or_default()) != masked_crc(len_bytes) {
+                return Err(bad(&path, at, "a record length whose CRC does not match"));
+            }
+            let len = u64::from_le_bytes(len_bytes.try_into().unwrap_or_default()) as usize;
+            let end = at.checked_add(16).and_then(|x| x.checked_add(len)).filter(|&e| e <= bytes.len());
+            let Some(end) = end else { return Err(bad(&path, at, "a truncated record")) };
+            let data = &bytes[at + 12..end - 4];
+            if u32::from_le_bytes(bytes[end - 4..end].try_into().unwrap_or_default()) != masked_crc(data) {
+                return Err(bad(&path, at, "a record whose CRC does not match"));
+            }
+            let event = Event::decode(data).map_err(|e| bad(&path, at, &format!("an undecodable event ({e})")))?;
+            for v in event.summary.map(|s| s.value).unwrap_or_default() {
+                if let Some(x) = v.simple_value {
+                    out.entry(v.tag).or_default().push((event.step.max(0) as u64, x as f64));
+                }
+            }
+            at = end;
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -172,5 +215,15 @@ mod tests {
         assert_eq!(events[1].step, 7);
         assert_eq!(values.len(), 2, "non-finite values are left out");
         assert_eq!((values[1].tag.as_str(), values[1].simple_value), ("lr/head", Some(0.01)));
+        let read = read_scalars(dir.path()).unwrap();
+        assert_eq!(read["loss"], [(7, 0.5)]);
+        // A flipped byte is found and named.
+        let file = std::fs::read_dir(dir.path()).unwrap().next().unwrap().unwrap().path();
+        let mut bytes = std::fs::read(&file).unwrap();
+        let last = bytes.len() - 6;
+        bytes[last] ^= 1;
+        std::fs::write(&file, bytes).unwrap();
+        let err = read_scalars(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("CRC does not match") && err.contains("events.out.tfevents."), "{err}");
     }
 }

@@ -739,6 +739,16 @@ impl Trainer {
     /// Writes one step's scalars (the loss and each group's learning rate) at global step `at`.
     fn log_step(&mut self, at: u64, loss: f64, lrs: &[f64]) {
         if self.events.is_none() {
+            if at == 0 && self.history.is_empty() {
+                // A run from its start: the event files of an earlier run in this directory go.
+                if let Ok(rd) = std::fs::read_dir(self.tensorboard_dir()) {
+                    for e in rd.flatten() {
+                        if e.file_name().to_string_lossy().starts_with("events.out.tfevents.") {
+                            let _ = std::fs::remove_file(e.path());
+                        }
+                    }
+                }
+            }
             match EventWriter::create(&self.tensorboard_dir()) {
                 Ok(w) => self.events = Some(w),
                 Err(e) => {
@@ -750,7 +760,9 @@ impl Trainer {
         let groups = self.net.group_names();
         let tags: Vec<String> = groups.iter().map(|g| format!("lr/{g}")).collect();
         let mut values: Vec<(&str, f64)> = vec![("train/step_loss", loss)];
-        values.extend(tags.iter().map(String::as_str).zip(lrs.iter().copied()));
+        // A frozen group's learning rate is 0: it does not train, whatever the schedule's curve.
+        let effective = lrs.iter().zip(&self.modes).map(|(lr, m)| if *m == GroupMode::Train { *lr } else { 0.0 });
+        values.extend(tags.iter().map(String::as_str).zip(effective));
         if let Some(w) = &mut self.events {
             w.scalars(at, &values);
         }
