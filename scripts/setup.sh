@@ -11,6 +11,7 @@
 #   .thaw/k8s-venv             kubernetes-validate (Kubernetes 1.37 schemas, offline), for tests/deploy.rs
 #   .thaw/tb-venv              tensorboard (its event-file reader), for tests/observe.rs
 #   .thaw/fonts/               DejaVu Sans (Debian fonts-dejavu-core), the font of thaw plot's PNGs
+#   chromium                   Debian's, system-wide (needs root), for the web view's browser test
 #   .thaw/bin/protoc           protoc (crates.io protoc-bin-vendored-linux-x86_64), which the
 #                              etcd-client crate's build script needs (.cargo/config.toml: PROTOC)
 #
@@ -43,6 +44,7 @@ MOBILENET_SHA256=b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee988
 SKIMAGE_PKG=scikit-image==0.26.0
 FMNIST_DEB=dataset-fashion-mnist=0.0~git20200523.55506a9-1
 FONTS_DEB=fonts-dejavu-core=2.37-6
+CHROMIUM_DEB=chromium=148.0.7778.167-1~deb12u1
 ETCD_DEB=etcd-server=3.4.23-4+b4
 PROTOC_CRATE=protoc-bin-vendored-linux-x86_64
 PROTOC_CRATE_VERSION=3.3.0
@@ -165,6 +167,17 @@ if [ ! -f "$thaw/fonts/DejaVuSans.ttf" ]; then
   mkdir -p "$thaw/fonts"
   cp "$x"/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf "$thaw/fonts/"
   rm -rf "$x"
+fi
+# Headless Chromium, the real browser the web view's test drives (tests/observe.rs). It has too
+# many shared-library dependencies to unpack without installing, so this one needs root.
+if ! command -v chromium >/dev/null; then
+  step "installing Chromium for the web view's test ($CHROMIUM_DEB)"
+  if [ "$(id -u)" = 0 ]; then
+    apt-get install -y -q --no-install-recommends "$CHROMIUM_DEB" >/dev/null 2>&1 \
+      || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends "$CHROMIUM_DEB" >/dev/null; }
+  else
+    echo "setup: Chromium is missing and installing it needs root: sudo apt-get install $CHROMIUM_DEB" >&2; exit 1
+  fi
 fi
 # --- protoc, from crates.io through cargo itself ----------------------------------------------
 if [ ! -x "$thaw/bin/protoc" ]; then

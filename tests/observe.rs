@@ -179,3 +179,69 @@ fn json_logs_are_one_object_per_line() {
     assert_eq!(prepared["arch"], "lenet5", "fields are top-level keys: {prepared}");
     assert!(!err.lines().any(|l| l.contains(" INFO ") || l.contains(" WARN ")), "no text log line:\n{err}");
 }
+
+/// The page at `url` after its scripts ran for about `ms`, as headless Chromium sees it.
+fn browser_dom(url: &str, ms: u32) -> String {
+    let o = std::process::Command::new("chromium")
+        .args(["--headless", "--no-sandbox", "--disable-gpu", &format!("--virtual-time-budget={ms}"), "--dump-dom", url])
+        .output()
+        .expect("chromium (scripts/setup.sh installs it)");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+#[test]
+fn the_web_view_shows_a_running_job_in_a_real_browser_and_keeps_it_current() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let spec = write_spec(
+        dir.path(),
+        "seen",
+        &format!(
+            "name = \"seen\"\nseed = 5\n[model]\narch = \"lenet5\"\nweights = \"none\"\n[data]\nformat = \"idx\"\n\
+             root = \"{}\"\nval_limit = 1000\n[train]\nepochs = 3\nbatch_size = 16\nlr = 0.05\n[schedule]\n\
+             strategy = \"scratch\"\n[output]\ndir = \"{}\"\n",
+            fashion_mnist().display(),
+            out.display()
+        ),
+    );
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr = format!("127.0.0.1:{port}");
+    let (mut launch, url) = spawn_launch(&spec, &["--nproc", "2", "--metrics-addr", &addr], &[]);
+    // thaw launch's coordinator has tokens: the page needs one (the launch's operator token).
+    let token_file = launch_var(&url, "THAW_TOKEN_FILE").expect("the launch's token file");
+    let token = std::fs::read_to_string(&token_file).unwrap().trim().to_string();
+    // Without the token the API refuses.
+    let o = std::process::Command::new("curl").args(["-s", "-o", "/dev/null", "-w", "%{http_code}", &format!("http://{addr}/api/jobs")]).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "401");
+    let page = format!("http://{addr}/?job=seen&token={token}");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let points = |dom: &str| -> usize {
+        dom.split("id=\"loss\"").nth(1).and_then(|s| s.split("data-points=\"").nth(1)).and_then(|s| s.split('"').next()).and_then(|n| n.parse().ok()).unwrap_or(0)
+    };
+    let first = loop {
+        let dom = browser_dom(&page, 3000);
+        if points(&dom) >= 2 {
+            break dom;
+        }
+        assert!(Instant::now() < deadline, "no loss curve within 120 s:\n{dom}");
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert!(first.contains("seen") && first.contains("running"), "{first}");
+    assert!(first.contains("stage 1: epochs 1-3: conv, fc, head"), "the stage timeline");
+    assert!(first.contains("where a step's time goes") && first.contains("<td>1</td>"), "both ranks' split");
+    std::thread::sleep(Duration::from_secs(3));
+    let later = browser_dom(&page, 3000);
+    assert!(points(&later) > points(&first), "the curve grows: {} then {}", points(&first), points(&later));
+    let list = browser_dom(&format!("http://{addr}/?token={token}"), 3000);
+    assert!(list.contains("data-job=\"seen\"") && list.contains("ETA"), "{list}");
+    let screenshot = out.join("web.png");
+    let o = std::process::Command::new("chromium")
+        .args(["--headless", "--no-sandbox", "--disable-gpu", "--window-size=1280,1100", "--virtual-time-budget=3000"])
+        .arg(format!("--screenshot={}", screenshot.display()))
+        .arg(&page)
+        .output()
+        .unwrap();
+    assert!(o.status.success() && image::open(&screenshot).is_ok(), "a screenshot");
+    assert!(launch.wait().unwrap().success());
+}

@@ -251,6 +251,28 @@ impl PlanInfo {
 }
 
 /// A read-only view of a job.
+/// Rank 0's loss points kept per job for the web view.
+const LOSS_TRACE: usize = 4096;
+
+/// A stage as the web view shows it: 1-based, its epochs (0-based, end exclusive), what trains.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct StageView {
+    pub index: usize,
+    pub epochs: (usize, usize),
+    pub trainable: Vec<String>,
+}
+
+/// Everything a job's web page shows (see [`Coordinator::detail`]).
+#[derive(Clone, Debug)]
+pub struct JobDetail {
+    pub view: JobView,
+    pub epochs: usize,
+    pub stages: Vec<StageView>,
+    pub groups: Vec<String>,
+    pub ranks: Vec<RankView>,
+    pub loss_trace: Vec<(u64, f64)>,
+}
+
 #[derive(Clone, Debug)]
 pub struct JobView {
     pub record: JobRecord,
@@ -279,6 +301,8 @@ struct Job {
     last_seen: HashMap<String, Instant>,
     /// The last figures each worker sent with its heartbeat, with its rank then.
     telemetry: BTreeMap<String, (u32, RankTelemetry)>,
+    /// Rank 0's loss at each heartbeat: (its steps so far, loss), the last `LOSS_TRACE` of them.
+    loss_trace: std::collections::VecDeque<(u64, f64)>,
     /// Members that finished the job and said goodbye before rank 0 did: done, not lost.
     finished: Vec<String>,
     /// The credential its workers must present to join, when one was issued.
@@ -580,6 +604,7 @@ impl Coordinator {
                 metrics: stored.metrics.clone(),
                 last_seen: HashMap::new(),
                 telemetry: BTreeMap::new(),
+                loss_trace: Default::default(),
                 finished: Vec::new(),
                 worker_token: stored.worker_token.clone(),
                 ring_secret: if stored.ring_secret.is_empty() {
@@ -692,6 +717,7 @@ impl Coordinator {
             metrics: Vec::new(),
             last_seen: HashMap::new(),
             telemetry: BTreeMap::new(),
+            loss_trace: Default::default(),
             finished: Vec::new(),
             worker_token: None,
             ring_secret: crate::auth::new_job_token(),
@@ -924,6 +950,12 @@ impl Coordinator {
     ) -> Result<Command, CoreError> {
         let (job, _) = self.job_mut(job_id)?;
         if let (Some(t), Some(rank)) = (telemetry, job.rank_of(worker_id)) {
+            if rank == 0 && t.steps > job.loss_trace.back().map_or(0, |p| p.0) && t.loss.is_finite() {
+                if job.loss_trace.len() == LOSS_TRACE {
+                    job.loss_trace.pop_front();
+                }
+                job.loss_trace.push_back((t.steps, t.loss));
+            }
             job.telemetry.insert(worker_id.to_string(), (rank, t));
         }
         let state = job.record.state();
@@ -1186,6 +1218,35 @@ impl Coordinator {
                 Some((self.get(id).ok()?, job.groups.clone(), ranks))
             })
             .collect()
+    }
+
+    /// One job as its web page shows it: the view, the stages against the layer groups, the
+    /// ranks' telemetry and rank 0's loss over steps.
+    pub fn detail(&self, job_id: &str) -> Result<JobDetail, CoreError> {
+        let job = self.job(job_id)?;
+        let names: Vec<&str> = job.groups.iter().map(String::as_str).collect();
+        let live = !job.record.state().is_terminal();
+        Ok(JobDetail {
+            view: self.get(job_id)?,
+            epochs: job.spec.train.epochs,
+            stages: job
+                .stages
+                .iter()
+                .map(|st| StageView {
+                    index: st.index + 1,
+                    epochs: (st.epochs.start, st.epochs.end),
+                    trainable: st.trainable_names(&names).iter().map(|g| g.to_string()).collect(),
+                })
+                .collect(),
+            groups: job.groups.clone(),
+            ranks: job
+                .telemetry
+                .iter()
+                .filter(|(w, _)| live && job.is_member(w))
+                .map(|(w, (rank, t))| RankView { rank: *rank, worker: w.clone(), telemetry: t.clone() })
+                .collect(),
+            loss_trace: job.loss_trace.iter().copied().collect(),
+        })
     }
 
     pub fn get(&self, job_id: &str) -> Result<JobView, CoreError> {

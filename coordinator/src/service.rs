@@ -347,6 +347,20 @@ impl State {
         out
     }
 
+    /// Every job's detail for the web view (see [`crate::core::Coordinator::detail`]).
+    pub fn details(&self) -> Vec<crate::core::JobDetail> {
+        let core = self.core();
+        core.list().iter().filter_map(|v| core.detail(v.record.job_id()).ok()).collect()
+    }
+
+    /// Whether `meta` carries a reader token (always, without tokens): the web view's check.
+    pub fn authorize_reader(&self, meta: &tonic::metadata::MetadataMap) -> Result<(), String> {
+        match self.tokens.get() {
+            Some(t) => t.check(meta, crate::auth::Role::Reader).map(|_| ()).map_err(|s| s.message().to_string()),
+            None => Ok(()),
+        }
+    }
+
     /// Whether calls can be answered usefully: no refusal, or a refusal that points at the
     /// leader (a standby redirects).
     pub fn ready(&self) -> bool {
@@ -746,15 +760,16 @@ pub fn health_service(
     server
 }
 
-/// Serves `GET /metrics` (Prometheus text format, [`State::metrics_text`]) on `listener` until
-/// `shutdown`. Read-only; like the health port it carries no job data beyond names and figures.
+/// Serves `GET /metrics` (Prometheus text format, [`State::metrics_text`]) and the web view
+/// ([`crate::web`]) on `listener` until `shutdown`. Read-only.
 pub async fn serve_metrics(
     listener: tokio::net::TcpListener,
     state: Arc<State>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     use axum::routing::get;
-    let app = axum::Router::new().route(
+    let web = crate::web::routes(state.clone());
+    let app = axum::Router::new().merge(web).route(
         "/metrics",
         get(move || {
             let state = state.clone();

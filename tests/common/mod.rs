@@ -81,6 +81,12 @@ pub fn authorize<'a>(cmd: &'a mut Command, url: &str) -> &'a mut Command {
     cmd
 }
 
+/// A credential variable (`THAW_TOKEN_FILE`, ...) that the launch whose coordinator is `url` printed.
+pub fn launch_var(url: &str, name: &str) -> Option<String> {
+    let all = LAUNCH_CREDENTIALS.lock().unwrap_or_else(|p| p.into_inner());
+    all.iter().find(|(u, _)| u == url)?.1.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+}
+
 pub fn thaw_url(args: &[&str], url: &str) -> Output {
     authorize(&mut Command::new(env!("CARGO_BIN_EXE_thaw")), url)
         .args(args)
