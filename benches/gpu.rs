@@ -22,7 +22,6 @@ use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 use thaw_coordinator::spec::{OptimizerSpec, Precision};
 use thaw_worker::amp::autocast;
-use thaw_worker::buckets::Buckets;
 use thaw_worker::optim::{Optimizer, Param};
 use thaw_worker::zoo::{Arch, GroupMode, Network};
 
@@ -77,6 +76,7 @@ fn check_against_cpu(gpu: Device) {
 
 #[cfg(feature = "nccl")]
 fn check_nccl(gpu: Device) {
+    use thaw_worker::buckets::Buckets;
     use thaw_worker::collective::{new_unique_id, Collective, NcclCollective};
     let Device::Cuda(ordinal) = gpu else { unreachable!() };
     let id = new_unique_id().expect("an NCCL unique id");

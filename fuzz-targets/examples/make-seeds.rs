@@ -199,7 +199,7 @@ fn main() {
     };
     let tick = |ms10: u16| record(Op::Tick, &ms10.to_le_bytes());
     let hb = |job: &str, w: &str, rank| {
-        message(Op::Heartbeat, &pb::HeartbeatRequest { job_id: job.into(), worker_id: w.into(), rank, generation: 1 })
+        message(Op::Heartbeat, &pb::HeartbeatRequest { job_id: job.into(), worker_id: w.into(), rank, generation: 1, telemetry: None })
     };
     let plan = |job: &str, w: &str, rank, epoch| {
         message(
