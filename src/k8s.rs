@@ -27,20 +27,35 @@ use anyhow::{bail, Result};
 use serde_json::{json, Value};
 use thaw_coordinator::spec::JobSpec;
 
-/// What `thaw k8s render` was asked for.
+/// What `thaw k8s render` was asked for (its flags).
+#[derive(clap::Args, Clone, Debug)]
 pub struct RenderOptions {
-    pub image: String,
+    /// The image (a pinned tag; default thaw:VERSION-cpu, or -cuda with GPUs).
+    #[arg(long)]
+    pub image: Option<String>,
+    /// GPUs per pod (nvidia.com/gpu); above 1 the pod runs that many ranks.
+    #[arg(long, default_value_t = 0)]
     pub gpus_per_worker: u32,
+    /// The coordinator's URL as pods reach it.
+    #[arg(long, default_value = "https://thaw-coordinator:7070")]
     pub coordinator: String,
+    #[arg(long)]
     pub namespace: Option<String>,
-    /// A PersistentVolumeClaim mounted read-only at the spec's `data.root`.
+    /// A PersistentVolumeClaim mounted read-only at the spec's data.root.
+    #[arg(long)]
     pub data_pvc: Option<String>,
-    /// A PersistentVolumeClaim mounted at the spec's `output.dir` (checkpoints, metrics).
+    /// A PersistentVolumeClaim mounted at the spec's output.dir (checkpoints, metrics).
+    #[arg(long)]
     pub runs_pvc: Option<String>,
-    /// `/dev/shm`'s size limit per pod.
+    /// /dev/shm's size limit per pod (a memory emptyDir).
+    #[arg(long, default_value = "2Gi")]
     pub shm_size: String,
+    #[arg(long, default_value = "2")]
     pub cpu: String,
+    #[arg(long, default_value = "8Gi")]
     pub memory: String,
+    /// The Job's activeDeadlineSeconds, in hours.
+    #[arg(long, default_value_t = 72.0)]
     pub deadline_hours: f64,
 }
 
@@ -66,8 +81,10 @@ pub fn render(spec: &JobSpec, o: &RenderOptions) -> Result<Vec<Value>> {
     if o.gpus_per_worker > 16 {
         bail!("--gpus-per-worker {}: at most 16", o.gpus_per_worker);
     }
-    if o.image.is_empty() || o.image.ends_with(":latest") || !o.image.rsplit('/').next().unwrap_or("").contains(':') {
-        bail!("--image {:?}: give a pinned tag (name:version), not latest", o.image);
+    let variant = if o.gpus_per_worker > 0 { "cuda" } else { "cpu" };
+    let image = o.image.clone().unwrap_or_else(|| format!("thaw:{}-{variant}", env!("CARGO_PKG_VERSION")));
+    if image.is_empty() || image.ends_with(":latest") || !image.rsplit('/').next().unwrap_or("").contains(':') {
+        bail!("--image {image:?}: give a pinned tag (name:version), not latest");
     }
     if !(o.deadline_hours > 0.0 && o.deadline_hours.is_finite()) {
         bail!("--deadline-hours {}: must be positive", o.deadline_hours);
@@ -137,7 +154,7 @@ pub fn render(spec: &JobSpec, o: &RenderOptions) -> Result<Vec<Value>> {
     }
     let container = json!({
         "name": "worker",
-        "image": o.image.clone(),
+        "image": image,
         "imagePullPolicy": "IfNotPresent",
         "args": args,
         "env": [

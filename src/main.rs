@@ -67,33 +67,8 @@ enum K8sCommand {
     /// and a NetworkPolicy; `kubectl apply -f -` takes them.
     Render {
         spec: PathBuf,
-        /// The image (a pinned tag; default thaw:VERSION-cpu, or -cuda with GPUs).
-        #[arg(long)]
-        image: Option<String>,
-        /// GPUs per pod (nvidia.com/gpu); above 1 the pod runs that many ranks.
-        #[arg(long, default_value_t = 0)]
-        gpus_per_worker: u32,
-        /// The coordinator's URL as pods reach it.
-        #[arg(long, default_value = "https://thaw-coordinator:7070")]
-        coordinator: String,
-        #[arg(long)]
-        namespace: Option<String>,
-        /// A PersistentVolumeClaim mounted read-only at the spec's data.root.
-        #[arg(long)]
-        data_pvc: Option<String>,
-        /// A PersistentVolumeClaim mounted at the spec's output.dir.
-        #[arg(long)]
-        runs_pvc: Option<String>,
-        /// /dev/shm's size limit per pod (a memory emptyDir).
-        #[arg(long, default_value = "2Gi")]
-        shm_size: String,
-        #[arg(long, default_value = "2")]
-        cpu: String,
-        #[arg(long, default_value = "8Gi")]
-        memory: String,
-        /// The Job's activeDeadlineSeconds, in hours.
-        #[arg(long, default_value_t = 72.0)]
-        deadline_hours: f64,
+        #[command(flatten)]
+        opts: k8s::RenderOptions,
     },
 }
 
@@ -579,34 +554,8 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", out.display());
             Ok(())
         }
-        Command::K8s(K8sCommand::Render {
-            spec,
-            image,
-            gpus_per_worker,
-            coordinator,
-            namespace,
-            data_pvc,
-            runs_pvc,
-            shm_size,
-            cpu,
-            memory,
-            deadline_hours,
-        }) => {
+        Command::K8s(K8sCommand::Render { spec, opts }) => {
             let job = JobSpec::from_file(&spec)?;
-            let variant = if gpus_per_worker > 0 { "cuda" } else { "cpu" };
-            let image = image.unwrap_or_else(|| format!("thaw:{}-{variant}", env!("CARGO_PKG_VERSION")));
-            let opts = k8s::RenderOptions {
-                image,
-                gpus_per_worker,
-                coordinator,
-                namespace,
-                data_pvc,
-                runs_pvc,
-                shm_size,
-                cpu,
-                memory,
-                deadline_hours,
-            };
             print!("{}", k8s::to_yaml(&k8s::render(&job, &opts)?)?);
             Ok(())
         }

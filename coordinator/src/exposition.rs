@@ -39,15 +39,7 @@ impl JobsCollector {
     }
 }
 
-const STATES: [JobState; 7] = [
-    JobState::Pending,
-    JobState::Rendezvous,
-    JobState::Running,
-    JobState::Recovering,
-    JobState::Succeeded,
-    JobState::Failed,
-    JobState::Cancelled,
-];
+const STATES: [JobState; 7] = JobState::ALL;
 
 type Labels = Vec<(&'static str, String)>;
 
