@@ -195,16 +195,21 @@ where
             .y_label_area_size(64)
             .build_cartesian_2d(0u64..max_step.max(1), 0f64..lr_max)?;
         chart.configure_mesh().x_desc("step").y_desc("lr").label_style(("sans-serif", 14)).draw()?;
+        // Groups that never train (0 throughout) are left out; past LEGEND series the legend
+        // stops naming them (the lines are still drawn).
+        const LEGEND: usize = 10;
         let mut k = 0;
         for run in runs {
-            for (group, points) in &run.lrs {
+            for (group, points) in run.lrs.iter().filter(|(_, p)| p.iter().any(|x| x.1 > 0.0)) {
                 let c = COLORS[k % COLORS.len()];
                 k += 1;
                 let label = if runs.len() > 1 { format!("{} {group}", run.name) } else { group.clone() };
-                chart
-                    .draw_series(LineSeries::new(points.iter().copied(), c.stroke_width(2)))?
-                    .label(label)
-                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2)));
+                let series = chart.draw_series(LineSeries::new(points.iter().copied(), c.stroke_width(2)))?;
+                if k <= LEGEND {
+                    series
+                        .label(label)
+                        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2)));
+                }
             }
         }
         if k > 0 {
