@@ -1,6 +1,7 @@
 //! `thaw plot RUN_DIR... [--out curves.png|svg]`: a run's curves as a picture, with plotters.
 //!
-//! Four panels: training and validation loss per epoch, the same for accuracy (a colour per run,
+//! Four panels: training and validation loss per epoch (with the per-step training loss, a
+//! window mean, where the run's events have it), the same for accuracy (a colour per run,
 //! validation dashed), the learning rate of each layer group over steps (from the run's
 //! TensorBoard events), and, behind the epoch panels, the first run's freeze-schedule stages as
 //! alternating bands with the groups that train. Several runs are overlaid (e.g. the strategies
@@ -20,6 +21,9 @@ struct Run {
     epochs: Vec<EpochMetrics>,
     /// (group, [(step, lr)]).
     lrs: Vec<(String, Vec<(u64, f64)>)>,
+    /// The per-step training loss as (epoch position, loss averaged over a window), where the
+    /// events say how many steps an epoch has.
+    step_loss: Vec<(f64, f64)>,
     /// (first epoch, end epoch, trainable groups) of each stage.
     stages: Vec<(usize, usize, String)>,
 }
@@ -34,14 +38,25 @@ fn load(dir: &Path) -> Result<Run> {
         bail!("{}: no finished epoch to plot yet", metrics.display());
     }
     let tb = dir.join("tb");
-    let lrs = if tb.is_dir() {
-        thaw_worker::tensorboard::read_scalars(&tb)?
-            .into_iter()
-            .filter_map(|(tag, points)| tag.strip_prefix("lr/").map(|g| (g.to_string(), by_step(points))))
-            .collect()
-    } else {
-        Vec::new()
+    let scalars = if tb.is_dir() { thaw_worker::tensorboard::read_scalars(&tb)? } else { Default::default() };
+    // Epoch metrics are written at each epoch's last step: the first one's step is an epoch's length.
+    let per_epoch = scalars.get("epoch/val_acc").and_then(|p| p.first()).map(|p| p.0).filter(|&n| n > 0);
+    let step_loss = match (per_epoch, scalars.get("train/step_loss")) {
+        (Some(n), Some(points)) => {
+            let points = by_step(points.clone());
+            let window = (n as usize / 20).clamp(1, 200);
+            points
+                .windows(window)
+                .step_by(window.div_ceil(4))
+                .map(|w| (0.5 + w[w.len() - 1].0 as f64 / n as f64, w.iter().map(|p| p.1).sum::<f64>() / w.len() as f64))
+                .collect()
+        }
+        _ => Vec::new(),
     };
+    let lrs = scalars
+        .into_iter()
+        .filter_map(|(tag, points)| tag.strip_prefix("lr/").map(|g| (g.to_string(), by_step(points))))
+        .collect();
     let mut stages = Vec::new();
     let mut name = dir.file_name().map_or_else(|| dir.display().to_string(), |n| n.to_string_lossy().to_string());
     if let Ok(spec) = JobSpec::from_file(&dir.join("spec.toml")) {
@@ -59,7 +74,7 @@ fn load(dir: &Path) -> Result<Run> {
             }
         }
     }
-    Ok(Run { name, epochs, lrs, stages })
+    Ok(Run { name, epochs, lrs, step_loss, stages })
 }
 
 /// The font plotters lays text out with, registered as "sans-serif".
@@ -123,7 +138,7 @@ where
         let max_epoch = runs.iter().map(|r| r.epochs.len()).max().unwrap_or(1) as f64;
         let loss_max = runs
             .iter()
-            .flat_map(|r| r.epochs.iter().flat_map(|m| [m.train_loss, m.val_loss]))
+            .flat_map(|r| r.epochs.iter().flat_map(|m| [m.train_loss, m.val_loss]).chain(r.step_loss.iter().map(|p| p.1)))
             .filter(|x| x.is_finite())
             .fold(0.0, f64::max)
             .max(1e-3)
@@ -161,6 +176,12 @@ where
                     (_, false) => m.train_acc,
                     (_, true) => m.val_acc,
                 };
+                if i == 0 && !run.step_loss.is_empty() {
+                    chart
+                        .draw_series(LineSeries::new(run.step_loss.iter().copied(), c.mix(0.45).stroke_width(1)))?
+                        .label(format!("{} train, per step (window mean)", run.name))
+                        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.mix(0.45).stroke_width(1)));
+                }
                 let train: Vec<(f64, f64)> = run.epochs.iter().map(|m| (m.epoch as f64, pick(m, false))).collect();
                 let val: Vec<(f64, f64)> = run.epochs.iter().map(|m| (m.epoch as f64, pick(m, true))).collect();
                 chart
