@@ -84,8 +84,9 @@ async fn job(AxumState(state): AxumState<Arc<State>>, Path(id): Path<String>, he
         return (StatusCode::NOT_FOUND, format!("no job `{id}`")).into_response();
     };
     let mut out = summary(&d.view, d.epochs, now_ms());
-    let ranks: Vec<Value> = d
-        .ranks
+    let mut by_rank = d.ranks.clone();
+    by_rank.sort_by_key(|r| r.rank);
+    let ranks: Vec<Value> = by_rank
         .iter()
         .map(|r| {
             let t = &r.telemetry;
