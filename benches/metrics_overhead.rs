@@ -1,6 +1,6 @@
 //! What watching a job costs a training step: the per-step work that metrics add on a rank —
-//! building its `StepTelemetry`, adding it to the totals that heartbeats carry (under the lock
-//! the agent uses), and rank 0's TensorBoard scalars (the loss and each group's learning rate) —
+//! building its `StepTelemetry`, adding it to the totals that heartbeats carry (the agent's own
+//! `add_step`, under a lock as the agent takes it), and rank 0's TensorBoard scalars (the loss and each group's learning rate) —
 //! against the training step itself, in the same run.
 //!
 //! The step is LeNet-5's on a batch of 32 (forward, backward, SGD with momentum): thaw's
@@ -13,25 +13,11 @@ use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
 use thaw_coordinator::spec::OptimizerSpec;
+use thaw_proto::v1::RankTelemetry;
 use thaw_worker::optim::{Optimizer, Param};
 use thaw_worker::tensorboard::EventWriter;
 use thaw_worker::train::StepTelemetry;
 use thaw_worker::zoo::{Arch, GroupMode, Network};
-
-/// The totals a worker keeps for its heartbeats (the agent's `RankTelemetry`).
-#[derive(Default)]
-struct Totals {
-    steps: u64,
-    step_seconds: f64,
-    data_wait_seconds: f64,
-    allreduce_seconds: f64,
-    allreduce_exposed_seconds: f64,
-    samples: u64,
-    skipped: u64,
-    loss: f64,
-    group_lr: Vec<f64>,
-    stage: u32,
-}
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -39,7 +25,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// The metrics work of one step.
-fn metrics_work(totals: &Mutex<Totals>, events: &mut EventWriter, step: u64, loss: f64, lrs: &[f64], secs: f64) {
+fn metrics_work(totals: &Mutex<RankTelemetry>, events: &mut EventWriter, step: u64, loss: f64, lrs: &[f64], secs: f64) {
     let t = StepTelemetry {
         seconds: secs,
         data_wait: secs * 0.01,
@@ -51,19 +37,7 @@ fn metrics_work(totals: &Mutex<Totals>, events: &mut EventWriter, step: u64, los
         group_lr: lrs.to_vec(),
         stage: 1,
     };
-    {
-        let mut x = totals.lock().unwrap_or_else(|p| p.into_inner());
-        x.steps += 1;
-        x.step_seconds += t.seconds;
-        x.data_wait_seconds += t.data_wait;
-        x.allreduce_seconds += t.allreduce;
-        x.allreduce_exposed_seconds += t.allreduce_exposed;
-        x.samples += t.samples;
-        x.skipped += t.skipped;
-        x.loss = t.loss;
-        x.group_lr.clone_from(&t.group_lr);
-        x.stage = t.stage;
-    }
+    thaw_worker::agent::add_step(&mut totals.lock().unwrap_or_else(|p| p.into_inner()), &t);
     let values = [("train/step_loss", loss), ("lr/conv", lrs[0]), ("lr/fc", lrs[1]), ("lr/head", lrs[2])];
     events.scalars(step, &values);
 }
@@ -84,7 +58,7 @@ fn main() {
     let ys = Tensor::randint(10, [32], (Kind::Int64, Device::Cpu));
     let dir = tempfile::tempdir().expect("a temporary directory");
     let mut events = EventWriter::create(dir.path()).expect("an event file");
-    let totals = Mutex::new(Totals::default());
+    let totals = Mutex::new(RankTelemetry::default());
     let lrs = [0.05, 0.05, 0.05];
     let mut plain = Vec::new();
     let mut watched = Vec::new();

@@ -358,18 +358,7 @@ impl Control for GrpcControl {
     }
 
     fn step_done(&mut self, s: &crate::train::StepTelemetry) {
-        let mut f = flags(&self.shared);
-        let t = &mut f.telemetry;
-        t.steps += 1;
-        t.step_seconds += s.seconds;
-        t.data_wait_seconds += s.data_wait;
-        t.allreduce_seconds += s.allreduce;
-        t.allreduce_exposed_seconds += s.allreduce_exposed;
-        t.samples += s.samples;
-        t.skipped += s.skipped;
-        t.loss = s.loss;
-        t.group_lr.clone_from(&s.group_lr);
-        t.stage = s.stage;
+        add_step(&mut flags(&self.shared).telemetry, s);
     }
 
     fn trained(&mut self, epoch: u32, step: u64, samples: &[usize]) {
@@ -377,6 +366,20 @@ impl Control for GrpcControl {
         let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
         ledger.line(serde_json::json!({ "gen": self.generation, "e": epoch, "s": step, "t": t, "x": samples }));
     }
+}
+
+/// Adds one finished step to a worker's totals (what its heartbeats carry).
+pub fn add_step(t: &mut pb::RankTelemetry, s: &crate::train::StepTelemetry) {
+    t.steps += 1;
+    t.step_seconds += s.seconds;
+    t.data_wait_seconds += s.data_wait;
+    t.allreduce_seconds += s.allreduce;
+    t.allreduce_exposed_seconds += s.allreduce_exposed;
+    t.samples += s.samples;
+    t.skipped += s.skipped;
+    t.loss = s.loss;
+    t.group_lr.clone_from(&s.group_lr);
+    t.stage = s.stage;
 }
 
 /// Runs one worker of `opts.job` to the end: joins, trains, and joins again whenever its group
