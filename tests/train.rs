@@ -306,3 +306,29 @@ fn bf16_and_fp16_train_on_cpu_close_to_fp32() {
     let scale = f64::from_le_bytes(scale.data()[..8].try_into().unwrap());
     assert!(scale > 0.0 && scale <= 65536.0, "{scale}");
 }
+
+#[test]
+fn progressive_sizes_train_each_epoch_at_its_size_with_random_shifts() {
+    // MobileNetV2 (any input size) at 16 pixels in epoch 1, then at image_size (24) in epoch 2,
+    // with random shifts; each epoch is evaluated at the size it trained at.
+    let dir = tempfile::tempdir().unwrap();
+    let (spec, out) = fmnist_job(
+        dir.path(),
+        "progressive",
+        "arch = \"mobilenet_v2\"\nweights = \"none\"",
+        "image_size = 24\nprogressive_sizes = [16]\nrandom_shift = 2\nhflip = true\ntrain_limit = 512\nval_limit = 256\n\
+         [train]\nepochs = 2\nbatch_size = 32\nlr = 0.05\n[schedule]\nstrategy = \"scratch\"",
+    );
+    let o = ok(thaw(&["train", spec.to_str().unwrap()]));
+    let log = format!("{}{}", stdout(&o), String::from_utf8_lossy(&o.stderr));
+    let sizes: Vec<&str> = log.lines().filter(|l| l.contains("input size")).collect();
+    assert!(sizes.len() == 2, "one size line per change:\n{log}");
+    assert!(sizes[0].contains("epoch=1") && sizes[0].contains("image_size=16"), "{}", sizes[0]);
+    assert!(sizes[1].contains("epoch=2") && sizes[1].contains("image_size=24"), "{}", sizes[1]);
+    let metrics: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    assert_eq!(metrics.as_array().map(Vec::len), Some(2), "{metrics}");
+    assert!(metrics[1]["train_loss"].as_f64().is_some_and(f64::is_finite), "{metrics}");
+    let resolved = std::fs::read_to_string(out.join("spec.toml")).unwrap();
+    assert!(resolved.contains("progressive_sizes = [16]") && resolved.contains("random_shift = 2"), "{resolved}");
+}

@@ -228,6 +228,10 @@ impl Stage {
             Some("random flips change the prefix's input every epoch (data.hflip)")
         } else if data.random_resized_crop {
             Some("random crops change the prefix's input every epoch (data.random_resized_crop)")
+        } else if data.random_shift > 0 {
+            Some("random shifts change the prefix's input every epoch (data.random_shift)")
+        } else if !data.progressive_sizes.is_empty() {
+            Some("the input size changes from epoch to epoch (data.progressive_sizes)")
         } else {
             None
         }

@@ -100,6 +100,12 @@ impl DataSpec {
     pub fn blocks(&self) -> Option<(u32, u32)> {
         (self.format == DataFormat::Shards).then_some((self.read_block, self.shuffle_window))
     }
+
+    /// The input side of 0-based `epoch`: its `progressive_sizes` entry, else `image_size`
+    /// (`None`: the architecture's default).
+    pub fn size_for_epoch(&self, epoch: usize) -> Option<i64> {
+        self.progressive_sizes.get(epoch).copied().or(self.image_size)
+    }
 }
 
 /// The optimizer and its hyper-parameters.
@@ -280,6 +286,15 @@ pub struct DataSpec {
     /// Test-time flips: evaluation averages the logits of each image and of its mirror image.
     #[serde(default)]
     pub tta_hflip: bool,
+    /// Random translations while training: each stored image moves by up to this many of its own
+    /// pixels each way, the border black (torchvision's `RandomCrop(padding=n)`). IDX only.
+    #[serde(default)]
+    pub random_shift: u32,
+    /// Progressive resizing: the input side of the first epochs, one entry per epoch; the epochs
+    /// after the list, evaluation at the end and predictions use `image_size`. Each epoch is
+    /// evaluated at the side it trained at.
+    #[serde(default)]
+    pub progressive_sizes: Vec<i64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -386,6 +401,8 @@ struct RawData {
     holdout: Option<f64>,
     #[serde(default)]
     tta_hflip: bool,
+    random_shift: Option<u32>,
+    progressive_sizes: Option<Vec<i64>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -537,6 +554,24 @@ impl JobSpec {
             Some(f) => Some(check_finite("data.holdout", f, 0.0, false, Some(0.5))?),
             None => None,
         };
+        let random_shift = d.random_shift.unwrap_or(0);
+        if random_shift > 0 && d.format != DataFormat::Idx {
+            return Err(invalid("data.random_shift", random_shift, "applies to format = \"idx\" only (photos: random_resized_crop)"));
+        }
+        if random_shift > 16 {
+            return Err(invalid("data.random_shift", random_shift, "must be between 0 and 16 pixels"));
+        }
+        let progressive_sizes = d.progressive_sizes.unwrap_or_default();
+        if let Some(s) = progressive_sizes.iter().find(|s| !(8..=1024).contains(*s)) {
+            return Err(invalid("data.progressive_sizes", s, "every side must be between 8 and 1024 pixels"));
+        }
+        if !progressive_sizes.is_empty() && d.image_size.is_none() {
+            return Err(invalid(
+                "data.progressive_sizes",
+                format!("{progressive_sizes:?}"),
+                "needs data.image_size, the side of the epochs after the list and of evaluation",
+            ));
+        }
         let data = DataSpec {
             format: d.format,
             root: resolve(base, &d.root),
@@ -552,6 +587,8 @@ impl JobSpec {
             max_skipped: d.max_skipped,
             holdout,
             tta_hflip: d.tta_hflip,
+            random_shift,
+            progressive_sizes,
         };
 
         let t = raw.train;
@@ -749,6 +786,12 @@ impl JobSpec {
         if d.tta_hflip {
             s += "tta_hflip = true\n";
         }
+        if d.random_shift > 0 {
+            s += &format!("random_shift = {}\n", d.random_shift);
+        }
+        if !d.progressive_sizes.is_empty() {
+            s += &format!("progressive_sizes = {:?}\n", d.progressive_sizes);
+        }
         let t = &self.train;
         s += &format!("\n[train]\nepochs = {}\nbatch_size = {}\nlr = {:?}\n", t.epochs, t.batch_size, t.lr);
         match t.optimizer {
@@ -853,8 +896,14 @@ strategy = "feature_extract"
         assert_eq!((shards.data.read_block, shards.data.shuffle_window, shards.data.max_skipped), (64, 512, Some(3)));
         assert!(shards.data.random_resized_crop);
         assert_eq!(shards, JobSpec::from_toml(&shards.to_toml(), Path::new("/x")).unwrap());
-        let tuned = parse(&GOOD.replace("format = \"idx\"", "format = \"idx\"\nholdout = 0.1\ntta_hflip = true")).unwrap();
-        assert_eq!((tuned.data.holdout, tuned.data.tta_hflip), (Some(0.1), true));
+        let tuned = parse(&GOOD.replace(
+            "format = \"idx\"",
+            "format = \"idx\"\nholdout = 0.1\ntta_hflip = true\nrandom_shift = 2\nprogressive_sizes = [32, 48]",
+        ))
+        .unwrap();
+        assert_eq!((tuned.data.holdout, tuned.data.tta_hflip, tuned.data.random_shift), (Some(0.1), true, 2));
+        let sizes: Vec<_> = (0..4).map(|e| tuned.data.size_for_epoch(e)).collect();
+        assert_eq!(sizes, [Some(32), Some(48), Some(64), Some(64)]);
         assert_eq!(tuned, JobSpec::from_toml(&tuned.to_toml(), Path::new("/x")).unwrap());
     }
 
@@ -873,6 +922,10 @@ strategy = "feature_extract"
             ("image_size = 64", "image_size = 4", "data.image_size` = 4"),
             ("image_size = 64", "image_size = 64\nholdout = 0.7", "data.holdout` = 0.7"),
             ("image_size = 64", "image_size = 64\nholdout = 0.0", "data.holdout` = 0"),
+            ("image_size = 64", "image_size = 64\nrandom_shift = 17", "data.random_shift` = 17"),
+            ("image_size = 64", "image_size = 64\nprogressive_sizes = [32, 2000]", "data.progressive_sizes` = 2000"),
+            ("image_size = 64", "progressive_sizes = [32]", "data.progressive_sizes` = [32]"),
+            ("format = \"idx\"", "format = \"folder\"\nrandom_shift = 2", "data.random_shift` = 2"),
             ("strategy = \"feature_extract\"", "strategy = \"frozen_soup\"", "\"frozen_soup\""),
             ("strategy = \"feature_extract\"", "strategy = \"freeze_bottom\"", "schedule.k` = missing"),
             ("name = \"fmnist\"", "name = \"a b\"", "`name` = \"a b\""),

@@ -329,6 +329,8 @@ pub fn recommend(opts: &RecommendOptions) -> Result<Recommendation, RecommendErr
         max_skipped: None,
         holdout: None,
         tta_hflip: false,
+        random_shift: 0,
+        progressive_sizes: Vec::new(),
     };
     let splits = data::open_splits(&data_spec, opts.seed)?;
     let train = splits.train;
@@ -1043,6 +1045,8 @@ mod tests {
             max_skipped: None,
             holdout: None,
             tta_hflip: false,
+            random_shift: 0,
+            progressive_sizes: Vec::new(),
         };
         let text = spec_toml(rec, &data, 3);
         JobSpec::from_toml(&text, Path::new("/tmp")).unwrap_or_else(|e| panic!("{e}\n{text}"))

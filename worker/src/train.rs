@@ -267,6 +267,7 @@ impl Trainer {
             prefetch: 2,
             hflip: self.spec.data.hflip,
             random_crop: self.spec.data.random_resized_crop,
+            shift: self.spec.data.random_shift,
             seed: self.spec.seed,
             epoch: epoch as u64,
         }
@@ -318,6 +319,16 @@ impl Trainer {
         let at = (epoch.saturating_sub(st.epochs.start)) * steps_per_epoch + step;
         let factor = st.lr_factor(at, st.epochs.len() * steps_per_epoch);
         st.group_lr.iter().map(|lr| lr * factor).collect()
+    }
+
+    /// Sets the input side of `epoch` (progressive resizing), for its training and evaluation.
+    fn size_epoch(&mut self, epoch: usize) {
+        let whole = self.splits.train.resize_whole();
+        let t = Transform::new(&self.arch.preprocess(), self.spec.data.size_for_epoch(epoch), whole);
+        if t.size != self.transform.size {
+            tracing::info!(epoch = epoch + 1, image_size = t.size, "input size");
+        }
+        self.transform = t;
     }
 
     /// Moves to the stage of `epoch` if it is not the one in force; whether it changed.
@@ -580,6 +591,7 @@ impl Trainer {
             let plan = self.local_plan(epoch)?;
             let steps = plan.steps_per_rank() as usize;
             let cfg = self.train_loader_config(bs, epoch);
+            self.size_epoch(epoch);
             self.cache_for_stage(0);
             let planned = rank_batches(&plan, 0)?;
             let mut source = Feed::new(self.source(planned, self.cursor.step, cfg));
@@ -1099,6 +1111,7 @@ impl Trainer {
             let steps = plan.steps_per_rank() as usize;
             let batches = rank_batches(&plan, rank)?;
             let cfg = self.train_loader_config(self.spec.train.batch_size, epoch);
+            self.size_epoch(epoch);
             self.cache_for_stage(rank);
             let mut source = Feed::new(self.source(batches, self.cursor.step, cfg));
             let cached = source.cached();

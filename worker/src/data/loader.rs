@@ -49,6 +49,9 @@ pub struct LoaderConfig {
     pub hflip: bool,
     /// RandomResizedCrop instead of resize + centre crop (training only; encoded samples).
     pub random_crop: bool,
+    /// Random translations of up to this many stored pixels each way (training only; decoded
+    /// samples such as IDX images).
+    pub shift: u32,
     pub seed: u64,
     pub epoch: u64,
 }
@@ -56,7 +59,7 @@ pub struct LoaderConfig {
 impl LoaderConfig {
     /// Deterministic evaluation order and transforms: no flips, no random crops.
     pub fn eval(batch_size: usize, threads: usize) -> LoaderConfig {
-        LoaderConfig { batch_size, threads, prefetch: 2, hflip: false, random_crop: false, seed: 0, epoch: 0 }
+        LoaderConfig { batch_size, threads, prefetch: 2, hflip: false, random_crop: false, shift: 0, seed: 0, epoch: 0 }
     }
 }
 
@@ -72,6 +75,17 @@ fn mix(mut z: u64) -> u64 {
 /// from [`sample_key`]).
 pub fn flip_coin(seed: u64, epoch: u64, index: usize) -> bool {
     mix(seed ^ mix(epoch ^ mix(index as u64))) & 1 == 1
+}
+
+/// The translation of sample `index` in `epoch`: (dx, dy), each in `-max..=max`, independent of
+/// its flip coin.
+pub fn shift_of(seed: u64, epoch: u64, index: usize, max: u32) -> (i32, i32) {
+    if max == 0 {
+        return (0, 0);
+    }
+    let h = mix(mix(seed ^ 0x5348_4946_5400_0000) ^ mix(epoch ^ mix(index as u64)));
+    let span = 2 * max as u64 + 1;
+    ((h % span) as i32 - max as i32, ((h >> 32) % span) as i32 - max as i32)
 }
 
 pub struct Loader {
@@ -173,7 +187,8 @@ fn prepare(
         Some(Err(e)) => Err(e),
         None => {
             let img = ds.load(i)?;
-            t.apply(&img, cfg.hflip && flip_coin(cfg.seed, cfg.epoch, i), out);
+            let shift = shift_of(cfg.seed, cfg.epoch, i, cfg.shift);
+            t.apply_shifted(&img, cfg.hflip && flip_coin(cfg.seed, cfg.epoch, i), shift, out);
             Ok(())
         }
     }
@@ -279,5 +294,19 @@ mod tests {
         assert_eq!(&all[2..], &tail[..]);
         let flips = (0..1000).filter(|&i| flip_coin(5, 2, i)).count();
         assert!((400..600).contains(&flips), "coin is fair-ish: {flips}");
+    }
+
+    #[test]
+    fn shifts_cover_the_range_and_change_with_the_epoch() {
+        let shifts: Vec<(i32, i32)> = (0..2000).map(|i| shift_of(5, 2, i, 2)).collect();
+        for v in -2..=2 {
+            assert!(shifts.iter().any(|s| s.0 == v) && shifts.iter().any(|s| s.1 == v), "{v} never drawn");
+        }
+        assert!(shifts.iter().all(|s| s.0.abs() <= 2 && s.1.abs() <= 2));
+        let centred = shifts.iter().filter(|s| **s == (0, 0)).count();
+        assert!((40..130).contains(&centred), "about 1 in 25 unshifted: {centred}");
+        let other: Vec<(i32, i32)> = (0..2000).map(|i| shift_of(5, 3, i, 2)).collect();
+        assert!(shifts.iter().zip(&other).filter(|(a, b)| a != b).count() > 1500);
+        assert_eq!(shift_of(5, 2, 7, 0), (0, 0));
     }
 }

@@ -251,6 +251,8 @@ mod tests {
             max_skipped: None,
             holdout: None,
             tta_hflip: false,
+            random_shift: 0,
+            progressive_sizes: Vec::new(),
         };
         let plain = open_splits(&spec, 7).unwrap();
         assert_eq!((plain.train.len(), plain.val.len()), (20, 4));

@@ -65,7 +65,21 @@ impl Transform {
 
     /// Applies the transform, writing `channels x size x size` normalized values into `out`.
     pub fn apply(&self, img: &DynamicImage, hflip: bool, out: &mut [f32]) {
+        self.apply_shifted(img, hflip, (0, 0), out)
+    }
+
+    /// [`Transform::apply`] with the stored image first translated by `shift` = (dx, dy) of its
+    /// own pixels, the uncovered border black (torchvision's `RandomCrop(padding=n)` on the
+    /// stored image).
+    pub fn apply_shifted(&self, img: &DynamicImage, hflip: bool, shift: (i32, i32), out: &mut [f32]) {
         let s = self.size;
+        let shifted;
+        let img = if shift == (0, 0) {
+            img
+        } else {
+            shifted = translate(img, shift);
+            &shifted
+        };
         let img = if self.whole {
             if img.width() == s && img.height() == s {
                 img.clone()
@@ -105,6 +119,27 @@ impl Transform {
     }
 }
 
+/// `img` moved by (dx, dy) pixels, filled with black where nothing moved in.
+fn translate(img: &DynamicImage, (dx, dy): (i32, i32)) -> DynamicImage {
+    let (w, h) = (img.width() as i32, img.height() as i32);
+    let moved = |x: i32, y: i32| {
+        (x - dx >= 0 && x - dx < w && y - dy >= 0 && y - dy < h).then(|| ((x - dx) as u32, (y - dy) as u32))
+    };
+    match img {
+        DynamicImage::ImageLuma8(g) => {
+            DynamicImage::ImageLuma8(image::GrayImage::from_fn(w as u32, h as u32, |x, y| {
+                moved(x as i32, y as i32).map_or(image::Luma([0]), |(sx, sy)| *g.get_pixel(sx, sy))
+            }))
+        }
+        other => {
+            let rgb = other.to_rgb8();
+            DynamicImage::ImageRgb8(image::RgbImage::from_fn(w as u32, h as u32, |x, y| {
+                moved(x as i32, y as i32).map_or(image::Rgb([0, 0, 0]), |(sx, sy)| *rgb.get_pixel(sx, sy))
+            }))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -137,5 +172,23 @@ mod tests {
         let mut b = vec![0f32; t.sample_len()];
         t.apply(&DynamicImage::ImageRgb8(img), true, &mut b);
         assert!(b[0] > 0.9 && b[9] < 0.1, "{:?}", &b[..10]);
+    }
+
+    #[test]
+    fn shift_moves_the_stored_image_and_fills_black() {
+        let img =
+            DynamicImage::ImageLuma8(GrayImage::from_fn(4, 4, |x, y| image::Luma([(10 * (y * 4 + x) + 1) as u8])));
+        let pre = Preprocess { input_size: 4, resize_size: 4, mean: vec![0.], std: vec![1.], channels: 1 };
+        let t = Transform::new(&pre, None, true);
+        let mut out = vec![0f32; 16];
+        t.apply_shifted(&img, false, (1, -1), &mut out);
+        let px = |v: f32| (v * 255.0).round() as u8;
+        // Row 0 of the output is the input's row 1 moved right by one; column 0 is black.
+        assert_eq!((px(out[0]), px(out[1]), px(out[2])), (0, 41, 51));
+        // The last row came from below the image: black.
+        assert!(out[12..].iter().all(|&v| v == 0.0), "{:?}", &out[12..]);
+        let mut same = vec![0f32; 16];
+        t.apply_shifted(&img, false, (0, 0), &mut same);
+        assert_eq!(px(same[5]), 51);
     }
 }
