@@ -313,8 +313,8 @@ pub struct TrainSpec {
     /// The forward pass's arithmetic: fp32, or bf16/fp16 autocast with f32 master weights.
     #[serde(default)]
     pub precision: Precision,
-    /// Channels-last (NHWC) activations and convolution weights; unset: the default (on, unless
-    /// `THAW_CHANNELS_LAST=0`).
+    /// Channels-last (NHWC) activations and convolution weights; unset: the faster layout for the
+    /// architecture and device (`Arch::channels_last_on`), unless `THAW_CHANNELS_LAST` says.
     #[serde(default)]
     pub channels_last: Option<bool>,
 }

@@ -169,7 +169,9 @@ impl Trainer {
 
         // Random init (and everything else drawn from libtorch's RNG) follows the spec's seed.
         tch::manual_seed(spec.seed as i64);
-        let channels_last = spec.train.channels_last.unwrap_or_else(crate::zoo::channels_last_default);
+        let side = spec.data.image_size.unwrap_or(arch.preprocess().input_size);
+        let channels_last =
+            spec.train.channels_last.unwrap_or_else(|| crate::zoo::channels_last_default(arch, device, side));
         let mut net = Network::with_layout(arch, num_classes, device, channels_last);
         let groups = net.group_names();
         let stages = spec.schedule.expand(&groups, &spec.train)?;

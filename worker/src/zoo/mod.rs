@@ -131,6 +131,17 @@ impl Arch {
         Arch::ALL.iter().copied().find(|a| a.name() == name).ok_or_else(|| UnknownArch { name: name.to_string() })
     }
 
+    /// Whether channels-last is the faster memory layout for training `self` on `device` at
+    /// `side`x`side` inputs, as `cargo bench --bench train_step` measures it (its
+    /// `other_layout_ms` column): on CPUs oneDNN's channels-last convolutions win for
+    /// MobileNetV2's depthwise ones (1.4x at 64 px) and for ResNet18 at 224 px (7%), but ResNet18
+    /// at 64 px is 10% faster NCHW, so the ResNets' basic blocks stay NCHW below 128 px (a
+    /// crossover between the two measured sides). The other architectures compute
+    /// channels-last, as everything on GPUs does (tensor cores want NHWC).
+    pub fn channels_last_on(self, device: Device, side: i64) -> bool {
+        device.is_cuda() || !(matches!(self, Arch::Resnet18 | Arch::Resnet34) && side < 128)
+    }
+
     /// Default preprocessing (input size, resize, normalization, channels).
     pub fn preprocess(self) -> Preprocess {
         match self {
@@ -278,10 +289,11 @@ pub struct Network {
     channels_last: bool,
 }
 
-/// Whether new networks compute channels-last: yes unless `THAW_CHANNELS_LAST=0` (for comparing
-/// the layouts; results differ only by floating-point rounding).
-pub fn channels_last_default() -> bool {
-    std::env::var("THAW_CHANNELS_LAST").map_or(true, |v| v != "0")
+/// Whether a new `arch` network on `device` for `side`x`side` inputs computes channels-last:
+/// `THAW_CHANNELS_LAST=0|1` when set (for comparing the layouts; results differ only by
+/// floating-point rounding), else [`Arch::channels_last_on`].
+pub fn channels_last_default(arch: Arch, device: Device, side: i64) -> bool {
+    std::env::var("THAW_CHANNELS_LAST").map_or_else(|_| arch.channels_last_on(device, side), |v| v != "0")
 }
 
 /// A 4-d tensor with channels-last strides and the same values (itself when it already has them;
@@ -302,9 +314,10 @@ pub fn to_channels_last(t: &Tensor) -> Tensor {
 
 impl Network {
     /// Builds `arch` with a head for `num_classes`, randomly initialized (He init for convolutions
-    /// followed by ReLU, the architecture's published scheme elsewhere).
+    /// followed by ReLU, the architecture's published scheme elsewhere), in the faster layout
+    /// for the architecture's own input size.
     pub fn new(arch: Arch, num_classes: i64, device: Device) -> Network {
-        Self::with_layout(arch, num_classes, device, channels_last_default())
+        Self::with_layout(arch, num_classes, device, channels_last_default(arch, device, arch.preprocess().input_size))
     }
 
     /// [`Network::new`] with the memory layout chosen: channels-last or NCHW.
@@ -890,6 +903,18 @@ mod tests {
                 assert_eq!(has_grad, *mode == GroupMode::Train, "`{name}` in group {i} ({mode:?})");
             }
         }
+    }
+
+    #[test]
+    fn each_architecture_computes_in_its_faster_layout() {
+        let nhwc = |net: &Network| net.vs.variables()["features.0.0.weight"].stride()[1] == 1;
+        let (m, r, cpu) = (Arch::MobilenetV2, Arch::Resnet18, Device::Cpu);
+        assert!(m.channels_last_on(cpu, 64) && !r.channels_last_on(cpu, 64) && r.channels_last_on(cpu, 224));
+        assert!(r.channels_last_on(Device::Cuda(0), 64), "tensor cores want NHWC");
+        let net = Network::with_layout(m, 10, cpu, m.channels_last_on(cpu, 64));
+        assert!(net.channels_last() && nhwc(&net), "MobileNetV2's stem weight is stored NHWC");
+        let net = Network::with_layout(r, 10, cpu, r.channels_last_on(cpu, 64));
+        assert!(!net.channels_last() && net.vs.variables()["conv1.weight"].is_contiguous());
     }
 
     #[test]
