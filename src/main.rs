@@ -135,6 +135,21 @@ enum Command {
         #[arg(long)]
         check: bool,
     },
+    /// Evaluate a checkpoint on its job's validation split (or the test split): loss and accuracy.
+    /// For reporting and ablations: test-time flips on or off, the test images of a run that
+    /// was tuned on a holdout.
+    Eval {
+        checkpoint: PathBuf,
+        /// Average each image's logits with its mirror's (default: as the job's spec says).
+        #[arg(long)]
+        tta_hflip: Option<bool>,
+        /// Score the dataset's test images even when the job held out part of the training set
+        /// (`data.holdout`) as its validation split.
+        #[arg(long)]
+        test: bool,
+        #[arg(long, default_value = "auto")]
+        device: DeviceArg,
+    },
     /// Show a job's schedule expanded into stages: what trains when, how many parameters, at which
     /// learning rates, with which BatchNorm policy. Trains nothing.
     Plan {
@@ -503,6 +518,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Train { spec, resume, device, max_steps, time_budget, check } => {
             train(spec, resume, device.device()?, max_steps, time_budget, check)
         }
+        Command::Eval { checkpoint, tta_hflip, test, device } => eval(&checkpoint, tta_hflip, test, device.device()?),
         Command::Plan { spec, json } => plan::print(&spec, json),
         Command::Predict { model, weights, top_k, json, device, images } => {
             predict(&model, &weights, top_k, json, device.device()?, &images)
@@ -740,6 +756,31 @@ fn open_dataset(dir: &Path, format: FormatArg, split: &str) -> Result<Arc<dyn Da
         }
         _ => Arc::new(FolderDataset::open(dir)?),
     })
+}
+
+/// `thaw eval`: one evaluation of a checkpoint, printed as `split images loss accuracy`.
+fn eval(checkpoint: &Path, tta_hflip: Option<bool>, test: bool, device: tch::Device) -> Result<()> {
+    let mut trainer = Trainer::resume(checkpoint, device)?;
+    if let Some(t) = tta_hflip {
+        trainer.spec.data.tta_hflip = t;
+    }
+    let split = if test || trainer.spec.data.holdout.is_none() { "test" } else { "holdout" };
+    if test && trainer.spec.data.holdout.is_some() {
+        let mut data = trainer.spec.data.clone();
+        data.holdout = None;
+        trainer.splits = thaw_worker::data::open_splits(&data, trainer.spec.seed)?;
+    }
+    let started = std::time::Instant::now();
+    let (loss, acc) = trainer.evaluate()?;
+    println!(
+        "{split}: {} images, loss {loss:.4}, accuracy {acc:.4} (test-time flips {}, {}x{} inputs, {:.1}s)",
+        trainer.splits.val.len(),
+        if trainer.spec.data.tta_hflip { "on" } else { "off" },
+        trainer.transform.size,
+        trainer.transform.size,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 fn train(

@@ -331,4 +331,20 @@ fn progressive_sizes_train_each_epoch_at_its_size_with_random_shifts() {
     assert!(metrics[1]["train_loss"].as_f64().is_some_and(f64::is_finite), "{metrics}");
     let resolved = std::fs::read_to_string(out.join("spec.toml")).unwrap();
     assert!(resolved.contains("progressive_sizes = [16]") && resolved.contains("random_shift = 2"), "{resolved}");
+
+    // `thaw eval` scores the checkpoint at the final size, flips on and off; the plain score is
+    // the one the last epoch logged (the spec has no test-time flips).
+    let ck = out.join("checkpoint.safetensors");
+    let eval = |flips: &str| stdout(&ok(thaw(&["eval", ck.to_str().unwrap(), "--tta-hflip", flips])));
+    let (plain, flipped) = (eval("false"), eval("true"));
+    assert!(plain.contains("test: 256 images") && plain.contains("24x24 inputs"), "{plain}");
+    assert!(flipped.contains("test-time flips on"), "{flipped}");
+    let acc = |line: &str| -> f64 {
+        line.split("accuracy ").nth(1).and_then(|r| r.split_whitespace().next()).unwrap().parse().unwrap()
+    };
+    let logged = metrics[1]["val_acc"].as_f64().unwrap();
+    assert!((acc(&plain) - logged).abs() < 1e-3, "eval {plain} vs the run's {logged}");
+    let missing = thaw(&["eval", "/nonexistent/checkpoint.safetensors"]);
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/checkpoint.safetensors"));
 }

@@ -283,7 +283,8 @@ pub struct DataSpec {
     /// validation split, so that choices are made without ever looking at the test set.
     #[serde(default)]
     pub holdout: Option<f64>,
-    /// Test-time flips: evaluation averages the logits of each image and of its mirror image.
+    /// Test-time flips: the run's final evaluation (and `thaw eval`) averages the logits of each
+    /// image and of its mirror image; the epochs before it are scored plainly, at half the cost.
     #[serde(default)]
     pub tta_hflip: bool,
     /// Random translations while training: each stored image moves by up to this many of its own

@@ -680,7 +680,9 @@ impl Trainer {
             if self.cursor.step < steps && !timed_out {
                 break; // out of steps mid-epoch; the checkpoint above holds the cursor
             }
-            let (val_loss, val_acc) = self.evaluate()?;
+            // Test-time flips (when asked for) at the run's last evaluation only.
+            let last = timed_out || epoch + 1 == self.spec.train.epochs;
+            let (val_loss, val_acc) = self.evaluate_on((0..self.splits.val.len()).collect(), last)?.mean()?;
             let m = self.cursor.epoch_metrics(
                 epoch,
                 (val_loss, val_acc),
@@ -713,14 +715,17 @@ impl Trainer {
     }
 
     /// Loss and accuracy on the validation split (eval mode, no gradients), through the feature
-    /// cache when the stage has one.
+    /// cache when the stage has one; with test-time flips when the spec asks for them.
     pub fn evaluate(&mut self) -> Result<(f64, f64), TrainError> {
-        self.evaluate_on((0..self.splits.val.len()).collect())?.mean()
+        self.evaluate_on((0..self.splits.val.len()).collect(), true)?.mean()
     }
 
-    /// Loss and correct counts over the validation samples `order`.
-    fn evaluate_on(&mut self, order: Vec<usize>) -> Result<EvalSums, TrainError> {
-        let (bs, threads, tta) = (self.spec.train.batch_size, self.spec.data.loader_threads, self.spec.data.tta_hflip);
+    /// Loss and correct counts over the validation samples `order`. `last`: the run's final
+    /// evaluation, the one `data.tta_hflip` applies to (the epochs before it are scored plainly,
+    /// at half the cost; their accuracies are progress, the last one is the result).
+    fn evaluate_on(&mut self, order: Vec<usize>, last: bool) -> Result<EvalSums, TrainError> {
+        let (bs, threads) = (self.spec.train.batch_size, self.spec.data.loader_threads);
+        let tta = self.spec.data.tta_hflip && last;
         let device = self.net.vs.device();
         // Evaluation computes in the precision training does.
         autocast(self.spec.train.precision, device, || match &mut self.cache {
@@ -733,10 +738,10 @@ impl Trainer {
     /// Every rank scores its share of the validation set (every `world`-th sample from its rank)
     /// and the sums are reduced: all ranks work and wait alike, so evaluation never races the
     /// step deadline, and it is `world` times faster.
-    fn evaluate_distributed(&mut self, c: &mut dyn Collective) -> Result<(f64, f64), TrainError> {
+    fn evaluate_distributed(&mut self, c: &mut dyn Collective, last: bool) -> Result<(f64, f64), TrainError> {
         let (rank, world) = (c.rank(), c.world_size());
         let share: Vec<usize> = (rank..self.splits.val.len()).step_by(world).collect();
-        let s = self.evaluate_on(share)?;
+        let s = self.evaluate_on(share, last)?;
         crate::failpoint::hit("evaluate", rank as u32);
         let mut sums = [s.loss_sum as f32, s.correct as f32, s.seen as f32];
         c.all_reduce_sum(&mut sums)?;
@@ -907,13 +912,14 @@ pub fn evaluate(
 }
 
 /// Eval-mode logits of `xs`; with `tta_hflip`, the mean of the logits of `xs` and of its mirror
-/// image (flipped along the width).
+/// image (flipped along the width), both halves in one forward pass of twice the batch.
 pub fn eval_logits(net: &Network, xs: &Tensor, tta_hflip: bool) -> Tensor {
-    let logits = net.forward_t(xs, false);
     if tta_hflip {
-        (logits + net.forward_t(&xs.flip([3]), false)) * 0.5
+        let n = xs.size()[0];
+        let both = net.forward_t(&Tensor::cat(&[xs, &xs.flip([3])], 0), false);
+        (both.narrow(0, 0, n) + both.narrow(0, n, n)) * 0.5
     } else {
-        logits
+        net.forward_t(xs, false)
     }
 }
 
@@ -1272,7 +1278,7 @@ impl Trainer {
             );
             let mut totals = [self.cursor.skipped as f32];
             c.all_reduce_sum(&mut totals)?;
-            let (val_loss, val_acc) = self.evaluate_distributed(c)?;
+            let (val_loss, val_acc) = self.evaluate_distributed(c, epoch + 1 == self.spec.train.epochs)?;
             let m = self.cursor.epoch_metrics(epoch, (val_loss, val_acc), totals[0] as u64, seconds, data_wait);
             if rank == 0 {
                 tracing::info!(
