@@ -500,8 +500,13 @@ pub fn resolve_auto(mut spec: JobSpec) -> Result<JobSpec> {
     if spec.schedule.strategy == Strategy::Scratch {
         spec.model.weights = WeightsSpec::None;
     }
+    // A spec that leaves the image size open takes the recommendation's (48 for small images).
+    if spec.data.image_size.is_none() {
+        spec.data.image_size = JobSpec::from_toml(&r.spec_toml, Path::new("/"))?.data.image_size;
+    }
     tracing::info!(
         strategy = r.strategy,
+        image_size = ?spec.data.image_size,
         k = ?r.k,
         size = r.size.as_str(),
         similarity = r.similarity.as_str(),

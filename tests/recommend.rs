@@ -134,6 +134,23 @@ fn a_colour_folder_is_measured_and_gets_a_small_data_strategy() {
     assert_eq!(strategy, quadrant("small", v["similarity"].as_str().unwrap()));
     let spec = JobSpec::from_toml(v["spec_toml"].as_str().unwrap(), dir.path()).unwrap();
     assert_eq!(spec.schedule.name(), strategy);
+
+    // Without --image-size, images this small are probed and trained at 48x48, not 224x224.
+    let o = ok(thaw(&[
+        "recommend",
+        "--data",
+        dir.path().to_str().unwrap(),
+        "--model",
+        "mobilenet_v2",
+        "--probe-samples",
+        "20",
+        "--json",
+    ]));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["measures"]["image_size"], 48, "{v}");
+    assert!(v["reasons"].to_string().contains("the images are small"), "{}", v["reasons"]);
+    let spec = JobSpec::from_toml(v["spec_toml"].as_str().unwrap(), dir.path()).unwrap();
+    assert_eq!(spec.data.image_size, Some(48));
 }
 
 #[test]
