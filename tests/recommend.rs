@@ -108,19 +108,12 @@ fn a_colour_folder_is_measured_and_gets_a_small_data_strategy() {
             img.save(dir.path().join(class).join(format!("{i}.png"))).unwrap();
         }
     }
-    let o = ok(thaw(&[
-        "recommend",
-        "--data",
-        dir.path().to_str().unwrap(),
-        "--model",
-        "mobilenet_v2",
-        "--image-size",
-        "32",
-        "--probe-samples",
-        "20",
-        "--json",
-    ]));
-    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let recommend = |extra: &[&str]| -> serde_json::Value {
+        let mut args = vec!["recommend", "--data", dir.path().to_str().unwrap(), "--model", "mobilenet_v2"];
+        args.extend(["--probe-samples", "20", "--json"].iter().chain(extra));
+        serde_json::from_str(&stdout(&ok(thaw(&args)))).unwrap()
+    };
+    let v = recommend(&["--image-size", "32"]);
     let d = &v["dataset"];
     assert_eq!(d["format"], "folder");
     assert_eq!(d["channels"], "colour");
@@ -136,17 +129,7 @@ fn a_colour_folder_is_measured_and_gets_a_small_data_strategy() {
     assert_eq!(spec.schedule.name(), strategy);
 
     // Without --image-size, images this small are probed and trained at 48x48, not 224x224.
-    let o = ok(thaw(&[
-        "recommend",
-        "--data",
-        dir.path().to_str().unwrap(),
-        "--model",
-        "mobilenet_v2",
-        "--probe-samples",
-        "20",
-        "--json",
-    ]));
-    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let v = recommend(&[]);
     assert_eq!(v["measures"]["image_size"], 48, "{v}");
     assert!(v["reasons"].to_string().contains("the images are small"), "{}", v["reasons"]);
     let spec = JobSpec::from_toml(v["spec_toml"].as_str().unwrap(), dir.path()).unwrap();
