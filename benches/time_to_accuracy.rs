@@ -47,7 +47,6 @@ fn run(mut cmd: Command, target: f64, parse: &dyn Fn(&str) -> Option<(String, f6
         .process_group(0)
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
-    let pid = child.id().to_string();
     // stderr and stdout both carry progress; read them on two threads into one channel.
     let (tx, rx) = std::sync::mpsc::channel::<String>();
     let out = child.stdout.take().expect("piped stdout");
@@ -64,9 +63,12 @@ fn run(mut cmd: Command, target: f64, parse: &dyn Fn(&str) -> Option<(String, f6
             evals.push((label, acc, t));
             if acc >= target && reached.is_none() {
                 reached = Some(t);
-                let _ = Command::new("kill").args(["-INT", &format!("-{pid}")]).status();
+                // The job's whole process group (`kill -INT -PGID` would read the group as an
+                // option and signal nothing, which left the job running to its end).
+                let group = -(child.id() as libc::pid_t);
+                unsafe { libc::kill(group, libc::SIGINT) };
                 std::thread::sleep(std::time::Duration::from_secs(5));
-                let _ = Command::new("kill").args(["-KILL", &format!("-{pid}")]).status();
+                unsafe { libc::kill(group, libc::SIGKILL) };
                 break;
             }
         } else if line.contains("rror") {
