@@ -314,7 +314,7 @@ pub fn recommend(opts: &RecommendOptions) -> Result<Recommendation, RecommendErr
     };
     let root = std::path::absolute(&opts.data).unwrap_or_else(|_| opts.data.clone());
     let format = opts.format.unwrap_or_else(|| detect_format(&root));
-    let data_spec = DataSpec {
+    let mut data_spec = DataSpec {
         format,
         root: root.clone(),
         image_size: opts.image_size,
@@ -377,7 +377,6 @@ pub fn recommend(opts: &RecommendOptions) -> Result<Recommendation, RecommendErr
         _ => opts.weights.clone(),
     };
     let mut rec = decide(arch, dataset, measures, trunk_groups, &weights_spec);
-    let mut data_spec = data_spec;
     if let Some(side) = small_side {
         data_spec.image_size = Some(side);
         rec.reasons.push(format!(

@@ -682,7 +682,7 @@ impl Trainer {
             }
             // Test-time flips (when asked for) at the run's last evaluation only.
             let last = timed_out || epoch + 1 == self.spec.train.epochs;
-            let (val_loss, val_acc) = self.evaluate_on((0..self.splits.val.len()).collect(), last)?.mean()?;
+            let (val_loss, val_acc) = self.evaluate_all(last)?;
             let m = self.cursor.epoch_metrics(
                 epoch,
                 (val_loss, val_acc),
@@ -717,7 +717,12 @@ impl Trainer {
     /// Loss and accuracy on the validation split (eval mode, no gradients), through the feature
     /// cache when the stage has one; with test-time flips when the spec asks for them.
     pub fn evaluate(&mut self) -> Result<(f64, f64), TrainError> {
-        self.evaluate_on((0..self.splits.val.len()).collect(), true)?.mean()
+        self.evaluate_all(true)
+    }
+
+    /// [`Trainer::evaluate`] over the whole validation split; `last` as in `evaluate_on`.
+    fn evaluate_all(&mut self, last: bool) -> Result<(f64, f64), TrainError> {
+        self.evaluate_on((0..self.splits.val.len()).collect(), last)?.mean()
     }
 
     /// Loss and correct counts over the validation samples `order`. `last`: the run's final
