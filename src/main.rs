@@ -143,6 +143,10 @@ enum Command {
         /// Average each image's logits with its mirror's (default: as the job's spec says).
         #[arg(long)]
         tta_hflip: Option<bool>,
+        /// Score the moving average of the weights (`train.ema_decay`; the default when the run
+        /// kept one) or, with `false`, the weights as trained.
+        #[arg(long)]
+        ema: Option<bool>,
         /// Score the dataset's test images even when the job held out part of the training set
         /// (`data.holdout`) as its validation split.
         #[arg(long)]
@@ -523,7 +527,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Train { spec, resume, device, max_steps, time_budget, check } => {
             train(spec, resume, device.device()?, max_steps, time_budget, check)
         }
-        Command::Eval { checkpoint, tta_hflip, test, device } => eval(&checkpoint, tta_hflip, test, device.device()?),
+        Command::Eval { checkpoint, tta_hflip, ema, test, device } => {
+            eval(&checkpoint, tta_hflip, ema, test, device.device()?)
+        }
         Command::Plan { spec, json } => plan::print(&spec, json),
         Command::Predict { model, weights, top_k, json, device, images } => {
             predict(&model, &weights, top_k, json, device.device()?, &images)
@@ -764,11 +770,19 @@ fn open_dataset(dir: &Path, format: FormatArg, split: &str) -> Result<Arc<dyn Da
 }
 
 /// `thaw eval`: one evaluation of a checkpoint, printed as `split images loss accuracy`.
-fn eval(checkpoint: &Path, tta_hflip: Option<bool>, test: bool, device: tch::Device) -> Result<()> {
+fn eval(checkpoint: &Path, tta_hflip: Option<bool>, ema: Option<bool>, test: bool, device: tch::Device) -> Result<()> {
     let mut trainer = Trainer::resume(checkpoint, device)?;
     if let Some(t) = tta_hflip {
         trainer.spec.data.tta_hflip = t;
     }
+    match ema {
+        Some(true) if !trainer.scores_average() => {
+            anyhow::bail!("{}: the run kept no moving average of its weights (train.ema_decay)", checkpoint.display())
+        }
+        Some(false) => trainer.score_trained_weights(),
+        _ => {}
+    }
+    let weights = if trainer.scores_average() { "averaged weights" } else { "weights as trained" };
     let split = if test || trainer.spec.data.holdout.is_none() { "test" } else { "holdout" };
     if test && trainer.spec.data.holdout.is_some() {
         let mut data = trainer.spec.data.clone();
@@ -778,7 +792,7 @@ fn eval(checkpoint: &Path, tta_hflip: Option<bool>, test: bool, device: tch::Dev
     let started = std::time::Instant::now();
     let (loss, acc) = trainer.evaluate()?;
     println!(
-        "{split}: {} images, loss {loss:.4}, accuracy {acc:.4} (test-time flips {}, {}x{} inputs, {:.1}s)",
+        "{split}: {} images, loss {loss:.4}, accuracy {acc:.4} ({weights}, test-time flips {}, {}x{} inputs, {:.1}s)",
         trainer.splits.val.len(),
         if trainer.spec.data.tta_hflip { "on" } else { "off" },
         trainer.transform.size,

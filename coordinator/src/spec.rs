@@ -318,6 +318,10 @@ pub struct TrainSpec {
     /// architecture and device (`Arch::channels_last_on`), unless `THAW_CHANNELS_LAST` says.
     #[serde(default)]
     pub channels_last: Option<bool>,
+    /// An exponential moving average of the weights (BatchNorm statistics included), updated after
+    /// every step with this decay, in (0, 1): evaluations, `thaw eval` and `thaw predict` use it.
+    #[serde(default)]
+    pub ema_decay: Option<f64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -424,6 +428,7 @@ struct RawTrain {
     feature_cache_mb: Option<f64>,
     precision: Option<Precision>,
     channels_last: Option<bool>,
+    ema_decay: Option<f64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -647,6 +652,7 @@ impl JobSpec {
             )?,
             precision: t.precision.unwrap_or_default(),
             channels_last: t.channels_last,
+            ema_decay: t.ema_decay.map(|d| check_finite("train.ema_decay", d, 0.0, false, Some(1.0))).transpose()?,
         };
 
         if train.lr_schedule == LrSchedule::OneCycle && train.warmup_steps > 0 {
@@ -814,6 +820,9 @@ impl JobSpec {
         if let Some(cl) = t.channels_last {
             s += &format!("channels_last = {cl}\n");
         }
+        if let Some(d) = t.ema_decay {
+            s += &format!("ema_decay = {d:?}\n");
+        }
         s += &self.schedule.to_toml();
         s += &format!(
             "\n[output]\ndir = {}\ncheckpoint_every_steps = {}\nkeep_checkpoints = {}\n",
@@ -920,6 +929,8 @@ strategy = "feature_extract"
             ("num_classes = 10", "num_classes = 0", "model.num_classes` = 0"),
             ("lr = 0.05", "lr = -1.0", "train.lr` = -1"),
             ("batch_size = 64", "batch_size = 0", "train.batch_size` = 0"),
+            ("batch_size = 64", "batch_size = 64\nema_decay = 1.0", "train.ema_decay` = 1"),
+            ("batch_size = 64", "batch_size = 64\nema_decay = 0.0", "train.ema_decay` = 0"),
             ("image_size = 64", "image_size = 4", "data.image_size` = 4"),
             ("image_size = 64", "image_size = 64\nholdout = 0.7", "data.holdout` = 0.7"),
             ("image_size = 64", "image_size = 64\nholdout = 0.0", "data.holdout` = 0"),

@@ -15,6 +15,7 @@ pub mod collective;
 pub mod data;
 pub mod ddp;
 pub mod device;
+pub mod ema;
 pub mod failpoint;
 pub mod feature_cache;
 pub mod imagenet_classes;

@@ -26,6 +26,7 @@ use crate::data::transform::Transform;
 use crate::data::{self, DataError, Dataset, SampleError, Splits};
 use crate::amp::{autocast, LossScaler};
 use crate::ddp;
+use crate::ema::Ema;
 use crate::optim::{Optimizer, Param};
 use crate::progress::Progress;
 use crate::stage_cache::StageCache;
@@ -84,6 +85,8 @@ pub struct Trainer {
     /// TensorBoard events under `output.dir/tb` (rank 0, or the one process), opened at the
     /// first step.
     events: Option<EventWriter>,
+    /// The moving average of the weights that evaluations score (`train.ema_decay`).
+    ema: Option<Ema>,
 }
 
 /// Where an epoch's batches come from: decoded by the loader, or prefix outputs from the cache.
@@ -206,12 +209,20 @@ impl Trainer {
         let whole = splits.train.resize_whole();
         let transform = Transform::new(&pre, spec.data.image_size, whole);
 
-        let (cursor, history, scaler) = match ck {
-            None => (Cursor::default(), Vec::new(), LossScaler::default()),
+        let (cursor, history, scaler, ema) = match ck {
+            None => {
+                let ema = spec.train.ema_decay.map(|d| Ema::new(&net, d));
+                (Cursor::default(), Vec::new(), LossScaler::default(), ema)
+            }
             Some(ck) => {
                 ck.restore_model(&net)?;
                 optimizer.load_state(&ck.optim);
-                (ck.cursor, ck.history, scaler_of(&ck.optim))
+                let ema = spec.train.ema_decay.map(|d| {
+                    let mut ema = Ema::new(&net, d);
+                    ema.load_state(&ck.optim);
+                    ema
+                });
+                (ck.cursor, ck.history, scaler_of(&ck.optim), ema)
             }
         };
 
@@ -232,6 +243,7 @@ impl Trainer {
             time_budget: None,
             scaler,
             events: None,
+            ema,
         })
     }
 
@@ -469,7 +481,13 @@ impl Trainer {
             cursor: self.cursor.clone(),
             history: self.history.clone(),
             model: self.net.vs.variables(),
-            optim: self.optimizer.state_tensors().into_iter().chain(scaler_tensors(&self.scaler)).collect(),
+            optim: self
+                .optimizer
+                .state_tensors()
+                .into_iter()
+                .chain(scaler_tensors(&self.scaler))
+                .chain(self.ema.iter().flat_map(Ema::state_tensors))
+                .collect(),
         }
     }
 
@@ -518,6 +536,9 @@ impl Trainer {
         self.enter_stage_of(self.cursor.epoch.min(self.spec.train.epochs.saturating_sub(1)))?;
         self.optimizer.load_state(&ck.optim);
         self.scaler = scaler_of(&ck.optim);
+        if let Some(ema) = &mut self.ema {
+            ema.load_state(&ck.optim);
+        }
         Ok(())
     }
 
@@ -631,10 +652,12 @@ impl Trainer {
                         (&loss * self.scaler.factor()).backward();
                         if self.scaler.unscale(self.optimizer.params()) {
                             self.optimizer.step(&|g| lrs[g]);
+                            self.update_ema();
                         }
                     } else {
                         loss.backward();
                         self.optimizer.step(&|g| lrs[g]);
+                        self.update_ema();
                     }
                     let loss_v = loss.double_value(&[]);
                     if !loss_v.is_finite() {
@@ -732,12 +755,41 @@ impl Trainer {
         let (bs, threads) = (self.spec.train.batch_size, self.spec.data.loader_threads);
         let tta = self.spec.data.tta_hflip && last;
         let device = self.net.vs.device();
-        // Evaluation computes in the precision training does.
-        autocast(self.spec.train.precision, device, || match &mut self.cache {
-            // Cached prefix outputs cannot be mirrored: test-time flips run the whole network.
-            Some(c) if !tta => c.evaluate(&self.net, self.splits.val.clone(), order, &self.transform, bs, threads),
-            _ => evaluate_on(&self.net, self.splits.val.clone(), order, &self.transform, bs, threads, tta),
-        })
+        // With `train.ema_decay`, the average is what is scored (the frozen prefix a cache holds
+        // the outputs of does not change, so its average is itself).
+        let mut ema = self.ema.take();
+        let score = || {
+            // Evaluation computes in the precision training does.
+            autocast(self.spec.train.precision, device, || match &mut self.cache {
+                // Cached prefix outputs cannot be mirrored: test-time flips run the whole network.
+                Some(c) if !tta => c.evaluate(&self.net, self.splits.val.clone(), order, &self.transform, bs, threads),
+                _ => evaluate_on(&self.net, self.splits.val.clone(), order, &self.transform, bs, threads, tta),
+            })
+        };
+        let sums = match &mut ema {
+            Some(e) => e.with_average(score),
+            None => score(),
+        };
+        self.ema = ema;
+        sums
+    }
+
+    /// Whether evaluations score a moving average of the weights (`train.ema_decay`).
+    pub fn scores_average(&self) -> bool {
+        self.ema.is_some()
+    }
+
+    /// From now on evaluations score the weights as trained, not their average (for ablations:
+    /// `thaw eval --ema false`).
+    pub fn score_trained_weights(&mut self) {
+        self.ema = None;
+    }
+
+    /// One step of the weights' moving average, after an optimizer step.
+    fn update_ema(&mut self) {
+        if let Some(ema) = &mut self.ema {
+            ema.update();
+        }
     }
 
     /// Every rank scores its share of the validation set (every `world`-th sample from its rank)
@@ -1205,6 +1257,7 @@ impl Trainer {
                 let lrs = self.group_lrs(epoch, at, plan.schedule_steps() as usize);
                 if precision != Precision::Fp16 || self.scaler.unscale(&params) {
                     self.optimizer.step(&|g| lrs[g]);
+                    self.update_ema();
                 } else {
                     tracing::debug!(epoch, step = batch.step, scale = self.scaler.scale, "fp16 overflow: step skipped");
                 }
