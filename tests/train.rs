@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use common::*;
+use thaw_coordinator::spec::{DataFormat, JobSpec};
 
 fn fmnist_spec(name: &str, out: &Path, model: &str, extra: &str) -> String {
     format!(
@@ -94,32 +95,90 @@ fn lenet5_from_scratch_learns_and_leaves_a_checkpoint() {
     assert_eq!(v[0]["top"].as_array().unwrap().len(), 3);
 }
 
+/// Two runs of one LeNet-5 job on 640 images (`data_and_train`: the rest of `[data]`, then
+/// `[train]` with 2 epochs of 10 steps): one uninterrupted, one stopped after 13 steps and
+/// resumed. Their output directories (whole, split).
+fn whole_and_resumed(dir: &Path, data_and_train: &str) -> (PathBuf, PathBuf) {
+    let job = |name: &str| {
+        fmnist_job(
+            dir,
+            name,
+            "arch = \"lenet5\"\nweights = \"none\"",
+            &format!("train_limit = 640\nval_limit = 200\n{data_and_train}\n[schedule]\nstrategy = \"scratch\""),
+        )
+    };
+    let (whole_spec, whole) = job("whole");
+    ok(thaw(&["train", whole_spec.to_str().unwrap()]));
+    let (split_spec, split) = job("split");
+    let o = ok(thaw(&["train", split_spec.to_str().unwrap(), "--max-steps", "13"]));
+    assert!(stdout(&o).contains("stopped at epoch 2, step 3"), "{}", stdout(&o));
+    let o = ok(thaw(&["train", "--resume", split.join("checkpoint.safetensors").to_str().unwrap()]));
+    assert!(stderr(&o).contains("resuming at epoch 2, step 3"), "{}", stderr(&o));
+    (whole, split)
+}
+
 #[test]
 fn resume_mid_epoch_matches_an_uninterrupted_run() {
     let dir = tempfile::tempdir().unwrap();
-    let job = |name: &str| {
-        let (spec, out) = fmnist_job(
-            dir.path(),
-            name,
-            "arch = \"lenet5\"\nweights = \"none\"",
-            "train_limit = 640\nval_limit = 200\nhflip = true\n[train]\nepochs = 2\nbatch_size = 64\nlr = 0.05\nnesterov = true\nweight_decay = 0.0001\n[schedule]\nstrategy = \"scratch\"",
-        );
-        (spec, out.join("checkpoint.safetensors"))
-    };
-    let (whole_spec, whole_ck) = job("whole");
-    ok(thaw(&["train", whole_spec.to_str().unwrap()]));
-
-    let (split_spec, split_ck) = job("split");
-    let o = ok(thaw(&["train", split_spec.to_str().unwrap(), "--max-steps", "13"]));
-    assert!(stdout(&o).contains("stopped at epoch 2, step 3"), "{}", stdout(&o));
-    let o = ok(thaw(&["train", "--resume", split_ck.to_str().unwrap()]));
-    assert!(stderr(&o).contains("resuming at epoch 2, step 3"), "{}", stderr(&o));
-
-    let (a, b) = (tensors(&whole_ck), tensors(&split_ck));
+    let (whole, split) = whole_and_resumed(
+        dir.path(),
+        "hflip = true\n[train]\nepochs = 2\nbatch_size = 64\nlr = 0.05\nnesterov = true\nweight_decay = 0.0001",
+    );
+    let (a, b) = (tensors(&whole.join("checkpoint.safetensors")), tensors(&split.join("checkpoint.safetensors")));
     assert_eq!(a.len(), b.len());
     for (name, bytes) in &a {
         assert!(Some(bytes) == b.get(name), "variable {name} differs after resume");
     }
+}
+
+#[test]
+fn weight_averages_are_scored_and_resume_exactly() {
+    // `train.ema_decay`: evaluations score the moving average; it is saved with the optimizer
+    // state and a run stopped mid-epoch and resumed ends with the same average, bit for bit.
+    let dir = tempfile::tempdir().unwrap();
+    let (whole, split) =
+        whole_and_resumed(dir.path(), "[train]\nepochs = 2\nbatch_size = 64\nlr = 0.05\nema_decay = 0.9");
+    let averages = |out: &Path| -> HashMap<String, Vec<u8>> {
+        let bytes = std::fs::read(out.join("checkpoint.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        st.tensors().into_iter().filter(|(n, _)| n.starts_with("optim.ema.")).map(|(n, v)| (n, v.data().to_vec())).collect()
+    };
+    let (a, b) = (averages(&whole), averages(&split));
+    // Every variable of LeNet-5 (10 tensors) has an average, and the update count is kept:
+    // 2 epochs of 10 steps.
+    assert_eq!(a.len(), tensors(&whole.join("checkpoint.safetensors")).len() + 1, "{:?}", a.keys());
+    assert_eq!(a["optim.ema.updates"], 20f64.to_le_bytes().to_vec());
+    for (name, bytes) in &a {
+        assert!(Some(bytes) == b.get(name), "average {name} differs after resume");
+    }
+    let resolved = std::fs::read_to_string(whole.join("spec.toml")).unwrap();
+    assert!(resolved.contains("ema_decay = 0.9"), "{resolved}");
+
+    // The run logged the average's score; `thaw eval` scores it too, and `--ema false` the
+    // weights as trained, which differ from it.
+    let ck = whole.join("checkpoint.safetensors");
+    let metrics: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(whole.join("metrics.json")).unwrap()).unwrap();
+    let eval = |args: &[&str]| stdout(&ok(thaw(&[&["eval", ck.to_str().unwrap()], args].concat())));
+    let field = |line: &str, key: &str| -> f64 {
+        line.split(key).nth(1).and_then(|r| r.split([' ', ',']).next()).unwrap().parse().unwrap()
+    };
+    let (averaged, trained) = (eval(&[]), eval(&["--ema", "false"]));
+    assert!(averaged.contains("averaged weights") && trained.contains("weights as trained"), "{averaged}\n{trained}");
+    let logged = metrics[1]["val_acc"].as_f64().unwrap();
+    assert!((field(&averaged, "accuracy ") - logged).abs() < 1e-3, "eval {averaged} vs the run's {logged}");
+    assert!(field(&averaged, "loss ") != field(&trained, "loss "), "{averaged}\n{trained}");
+
+    // A checkpoint of a run without averages cannot be asked for one.
+    let (plain_spec, plain) = fmnist_job(
+        dir.path(),
+        "plain",
+        "arch = \"lenet5\"\nweights = \"none\"",
+        "train_limit = 64\nval_limit = 64\n[train]\nepochs = 1\nbatch_size = 64\n[schedule]\nstrategy = \"scratch\"",
+    );
+    ok(thaw(&["train", plain_spec.to_str().unwrap()]));
+    let o = thaw(&["eval", plain.join("checkpoint.safetensors").to_str().unwrap(), "--ema", "true"]);
+    assert!(!o.status.success() && stderr(&o).contains("train.ema_decay"), "{}", stderr(&o));
 }
 
 #[test]
@@ -347,4 +406,34 @@ fn progressive_sizes_train_each_epoch_at_its_size_with_random_shifts() {
     let missing = thaw(&["eval", "/nonexistent/checkpoint.safetensors"]);
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/checkpoint.safetensors"));
+}
+
+#[test]
+fn example_specs_parse_and_ablations_choose_on_a_holdout() {
+    // The README's recipes are files users run as they are: each parses, and finds the data set-up
+    // unpacks. The ablations were chosen on a holdout, never on the test images.
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let specs = |dir: &Path| -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+            .collect();
+        v.sort();
+        v
+    };
+    let ablations = specs(&examples.join("ablations"));
+    assert!(ablations.len() >= 4, "{ablations:?}");
+    for path in specs(&examples).iter().chain(&ablations) {
+        let spec = JobSpec::from_file(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        if spec.data.format == DataFormat::Idx {
+            let images = spec.data.root.join("train-images-idx3-ubyte.gz");
+            assert!(images.exists(), "{}: no {}", path.display(), images.display());
+        }
+    }
+    for path in &ablations {
+        let spec = JobSpec::from_file(path).unwrap();
+        assert_eq!(spec.data.holdout, Some(0.1), "{}", path.display());
+    }
 }
