@@ -143,6 +143,9 @@ enum Command {
         /// Average each image's logits with its mirror's (default: as the job's spec says).
         #[arg(long)]
         tta_hflip: Option<bool>,
+        /// Also average copies moved by this many pixels each way (default: as the spec says).
+        #[arg(long)]
+        tta_shift: Option<u32>,
         /// Score the moving average of the weights (`train.ema_decay`; the default when the run
         /// kept one) or, with `false`, the weights as trained.
         #[arg(long)]
@@ -527,8 +530,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Train { spec, resume, device, max_steps, time_budget, check } => {
             train(spec, resume, device.device()?, max_steps, time_budget, check)
         }
-        Command::Eval { checkpoint, tta_hflip, ema, test, device } => {
-            eval(&checkpoint, tta_hflip, ema, test, device.device()?)
+        Command::Eval { checkpoint, tta_hflip, tta_shift, ema, test, device } => {
+            eval(&checkpoint, (tta_hflip, tta_shift), ema, test, device.device()?)
         }
         Command::Plan { spec, json } => plan::print(&spec, json),
         Command::Predict { model, weights, top_k, json, device, images } => {
@@ -770,10 +773,19 @@ fn open_dataset(dir: &Path, format: FormatArg, split: &str) -> Result<Arc<dyn Da
 }
 
 /// `thaw eval`: one evaluation of a checkpoint, printed as `split images loss accuracy`.
-fn eval(checkpoint: &Path, tta_hflip: Option<bool>, ema: Option<bool>, test: bool, device: tch::Device) -> Result<()> {
+fn eval(
+    checkpoint: &Path,
+    (tta_hflip, tta_shift): (Option<bool>, Option<u32>),
+    ema: Option<bool>,
+    test: bool,
+    device: tch::Device,
+) -> Result<()> {
     let mut trainer = Trainer::resume(checkpoint, device)?;
     if let Some(t) = tta_hflip {
         trainer.spec.data.tta_hflip = t;
+    }
+    if let Some(s) = tta_shift {
+        trainer.spec.data.tta_shift = s;
     }
     match ema {
         Some(true) if !trainer.scores_average() => {
@@ -792,9 +804,10 @@ fn eval(checkpoint: &Path, tta_hflip: Option<bool>, ema: Option<bool>, test: boo
     let started = std::time::Instant::now();
     let (loss, acc) = trainer.evaluate()?;
     println!(
-        "{split}: {} images, loss {loss:.4}, accuracy {acc:.4} ({weights}, test-time flips {}, {}x{} inputs, {:.1}s)",
+        "{split}: {} images, loss {loss:.4}, accuracy {acc:.4} ({weights}, test-time flips {}, shifts {}, {}x{} inputs, {:.1}s)",
         trainer.splits.val.len(),
         if trainer.spec.data.tta_hflip { "on" } else { "off" },
+        trainer.spec.data.tta_shift,
         trainer.transform.size,
         trainer.transform.size,
         started.elapsed().as_secs_f64()

@@ -287,6 +287,11 @@ pub struct DataSpec {
     /// image and of its mirror image; the epochs before it are scored plainly, at half the cost.
     #[serde(default)]
     pub tta_hflip: bool,
+    /// Test-time shifts: the final evaluation also averages copies of each image moved by this
+    /// many pixels of the network's input left, right, up and down (edges repeated), each
+    /// mirrored too with `tta_hflip`. 0 (the default) is none.
+    #[serde(default)]
+    pub tta_shift: u32,
     /// Random translations while training: each stored image moves by up to this many of its own
     /// pixels each way, the border black (torchvision's `RandomCrop(padding=n)`). IDX only.
     #[serde(default)]
@@ -406,6 +411,7 @@ struct RawData {
     holdout: Option<f64>,
     #[serde(default)]
     tta_hflip: bool,
+    tta_shift: Option<u32>,
     random_shift: Option<u32>,
     progressive_sizes: Option<Vec<i64>>,
 }
@@ -567,6 +573,10 @@ impl JobSpec {
         if random_shift > 16 {
             return Err(invalid("data.random_shift", random_shift, "must be between 0 and 16 pixels"));
         }
+        let tta_shift = d.tta_shift.unwrap_or(0);
+        if tta_shift > 8 {
+            return Err(invalid("data.tta_shift", tta_shift, "must be between 0 and 8 pixels"));
+        }
         let progressive_sizes = d.progressive_sizes.unwrap_or_default();
         if let Some(s) = progressive_sizes.iter().find(|s| !(8..=1024).contains(*s)) {
             return Err(invalid("data.progressive_sizes", s, "every side must be between 8 and 1024 pixels"));
@@ -593,6 +603,7 @@ impl JobSpec {
             max_skipped: d.max_skipped,
             holdout,
             tta_hflip: d.tta_hflip,
+            tta_shift,
             random_shift,
             progressive_sizes,
         };
@@ -793,6 +804,9 @@ impl JobSpec {
         if d.tta_hflip {
             s += "tta_hflip = true\n";
         }
+        if d.tta_shift > 0 {
+            s += &format!("tta_shift = {}\n", d.tta_shift);
+        }
         if d.random_shift > 0 {
             s += &format!("random_shift = {}\n", d.random_shift);
         }
@@ -908,10 +922,11 @@ strategy = "feature_extract"
         assert_eq!(shards, JobSpec::from_toml(&shards.to_toml(), Path::new("/x")).unwrap());
         let tuned = parse(&GOOD.replace(
             "format = \"idx\"",
-            "format = \"idx\"\nholdout = 0.1\ntta_hflip = true\nrandom_shift = 2\nprogressive_sizes = [32, 48]",
+            "format = \"idx\"\nholdout = 0.1\ntta_hflip = true\ntta_shift = 2\nrandom_shift = 2\nprogressive_sizes = [32, 48]",
         ))
         .unwrap();
         assert_eq!((tuned.data.holdout, tuned.data.tta_hflip, tuned.data.random_shift), (Some(0.1), true, 2));
+        assert_eq!(tuned.data.tta_shift, 2);
         let sizes: Vec<_> = (0..4).map(|e| tuned.data.size_for_epoch(e)).collect();
         assert_eq!(sizes, [Some(32), Some(48), Some(64), Some(64)]);
         assert_eq!(tuned, JobSpec::from_toml(&tuned.to_toml(), Path::new("/x")).unwrap());
@@ -935,6 +950,7 @@ strategy = "feature_extract"
             ("image_size = 64", "image_size = 64\nholdout = 0.7", "data.holdout` = 0.7"),
             ("image_size = 64", "image_size = 64\nholdout = 0.0", "data.holdout` = 0"),
             ("image_size = 64", "image_size = 64\nrandom_shift = 17", "data.random_shift` = 17"),
+            ("image_size = 64", "image_size = 64\ntta_shift = 9", "data.tta_shift` = 9"),
             ("image_size = 64", "image_size = 64\nprogressive_sizes = [32, 2000]", "data.progressive_sizes` = 2000"),
             ("image_size = 64", "progressive_sizes = [32]", "data.progressive_sizes` = [32]"),
             ("format = \"idx\"", "format = \"folder\"\nrandom_shift = 2", "data.random_shift` = 2"),

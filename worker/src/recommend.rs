@@ -329,6 +329,7 @@ pub fn recommend(opts: &RecommendOptions) -> Result<Recommendation, RecommendErr
         max_skipped: None,
         holdout: None,
         tta_hflip: false,
+        tta_shift: 0,
         random_shift: 0,
         progressive_sizes: Vec::new(),
     };
@@ -1076,6 +1077,7 @@ mod tests {
             max_skipped: None,
             holdout: None,
             tta_hflip: false,
+            tta_shift: 0,
             random_shift: 0,
             progressive_sizes: Vec::new(),
         };

@@ -18,13 +18,13 @@ use thaw_coordinator::spec::{BnPolicy, JobSpec, Precision, SpecError, Stage, Wei
 use thaw_coordinator::core::PlanInfo;
 use thaw_coordinator::plan::{EpochCursor, EpochPlan};
 
+use crate::amp::{autocast, LossScaler};
 use crate::buckets::Buckets;
 use crate::checkpoint::{Checkpoint, CheckpointError, CheckpointPolicy, Cursor, EpochMetrics};
 use crate::collective::{Collective, CollectiveError};
 use crate::data::loader::{Batch, Loader, LoaderConfig};
 use crate::data::transform::Transform;
 use crate::data::{self, DataError, Dataset, SampleError, Splits};
-use crate::amp::{autocast, LossScaler};
 use crate::ddp;
 use crate::ema::Ema;
 use crate::optim::{Optimizer, Param};
@@ -753,7 +753,11 @@ impl Trainer {
     /// at half the cost; their accuracies are progress, the last one is the result).
     fn evaluate_on(&mut self, order: Vec<usize>, last: bool) -> Result<EvalSums, TrainError> {
         let (bs, threads) = (self.spec.train.batch_size, self.spec.data.loader_threads);
-        let tta = self.spec.data.tta_hflip && last;
+        let tta = if last {
+            Tta { hflip: self.spec.data.tta_hflip, shift: self.spec.data.tta_shift as i64 }
+        } else {
+            Tta::NONE
+        };
         let device = self.net.vs.device();
         // With `train.ema_decay`, the average is what is scored (the frozen prefix a cache holds
         // the outputs of does not change, so its average is itself).
@@ -761,8 +765,11 @@ impl Trainer {
         let score = || {
             // Evaluation computes in the precision training does.
             autocast(self.spec.train.precision, device, || match &mut self.cache {
-                // Cached prefix outputs cannot be mirrored: test-time flips run the whole network.
-                Some(c) if !tta => c.evaluate(&self.net, self.splits.val.clone(), order, &self.transform, bs, threads),
+                // Cached prefix outputs cannot be mirrored or moved: test-time views run the whole
+                // network.
+                Some(c) if tta == Tta::NONE => {
+                    c.evaluate(&self.net, self.splits.val.clone(), order, &self.transform, bs, threads)
+                }
                 _ => evaluate_on(&self.net, self.splits.val.clone(), order, &self.transform, bs, threads, tta),
             })
         };
@@ -965,19 +972,45 @@ pub fn evaluate(
     threads: usize,
 ) -> Result<(f64, f64), TrainError> {
     let order = (0..ds.len()).collect();
-    evaluate_on(net, ds, order, t, batch_size, threads, false)?.mean()
+    evaluate_on(net, ds, order, t, batch_size, threads, Tta::NONE)?.mean()
 }
 
-/// Eval-mode logits of `xs`; with `tta_hflip`, the mean of the logits of `xs` and of its mirror
-/// image (flipped along the width), both halves in one forward pass of twice the batch.
-pub fn eval_logits(net: &Network, xs: &Tensor, tta_hflip: bool) -> Tensor {
-    if tta_hflip {
-        let n = xs.size()[0];
-        let both = net.forward_t(&Tensor::cat(&[xs, &xs.flip([3])], 0), false);
-        (both.narrow(0, 0, n) + both.narrow(0, n, n)) * 0.5
-    } else {
-        net.forward_t(xs, false)
+/// Test-time augmentation of the final evaluation: mirror images (`data.tta_hflip`) and copies
+/// moved by `shift` pixels left, right, up and down (`data.tta_shift`, edges repeated).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Tta {
+    pub hflip: bool,
+    pub shift: i64,
+}
+
+impl Tta {
+    pub const NONE: Tta = Tta { hflip: false, shift: 0 };
+}
+
+/// Eval-mode logits of `xs`: with test-time augmentation, the mean of the logits of every view
+/// (the image, its shifted copies, and the mirror of each with `hflip`), all of them in one
+/// forward pass.
+pub fn eval_logits(net: &Network, xs: &Tensor, tta: Tta) -> Tensor {
+    if tta == Tta::NONE {
+        return net.forward_t(xs, false);
     }
+    let (n, h, w) = (xs.size()[0], xs.size()[2], xs.size()[3]);
+    let mut views = vec![xs.shallow_clone()];
+    let s = tta.shift;
+    if s > 0 {
+        let padded = xs.pad([s, s, s, s], "replicate", None);
+        for (dx, dy) in [(s, 0), (-s, 0), (0, s), (0, -s)] {
+            // A view moved by (dx, dy): the window of the padded image that starts at (s - dx, s - dy).
+            views.push(padded.narrow(2, s - dy, h).narrow(3, s - dx, w));
+        }
+    }
+    if tta.hflip {
+        let mirrored: Vec<Tensor> = views.iter().map(|v| v.flip([3])).collect();
+        views.extend(mirrored);
+    }
+    let k = views.len() as i64;
+    let all = net.forward_t(&Tensor::cat(&views, 0), false);
+    all.view([k, n, -1]).mean_dim(0, false, Kind::Float)
 }
 
 /// Loss and correct counts of `net` on the samples `order` of `ds`.
@@ -988,7 +1021,7 @@ fn evaluate_on(
     t: &Transform,
     batch_size: usize,
     threads: usize,
-    tta_hflip: bool,
+    tta: Tta,
 ) -> Result<EvalSums, TrainError> {
     let cfg = LoaderConfig::eval(batch_size, threads);
     let mut scores = Scores::new(order.len());
@@ -998,7 +1031,7 @@ fn evaluate_on(
             if batch.indices.is_empty() {
                 continue;
             }
-            let logits = eval_logits(net, &batch.images.to_device(device), tta_hflip);
+            let logits = eval_logits(net, &batch.images.to_device(device), tta);
             scores.add(&logits, &batch.labels.to_device(device));
         }
     });
@@ -1364,17 +1397,45 @@ mod tests {
     use super::*;
 
     #[test]
+    fn test_time_shifts_average_the_moved_copies_and_their_mirrors() {
+        let net = Network::new(Arch::Lenet5, 10, Device::Cpu);
+        let x = Tensor::randn([2, 1, 32, 32], (Kind::Float, Device::Cpu));
+        // A copy moved right by 2: column c shows column c - 2, the first two repeat column 0.
+        let right = Tensor::cat(&[x.narrow(3, 0, 1), x.narrow(3, 0, 1), x.narrow(3, 0, 30)], 3);
+        let down = Tensor::cat(&[x.narrow(2, 0, 1), x.narrow(2, 0, 1), x.narrow(2, 0, 30)], 2);
+        let left = Tensor::cat(&[x.narrow(3, 2, 30), x.narrow(3, 31, 1), x.narrow(3, 31, 1)], 3);
+        let up = Tensor::cat(&[x.narrow(2, 2, 30), x.narrow(2, 31, 1), x.narrow(2, 31, 1)], 2);
+        tch::no_grad(|| {
+            let one = |v: &Tensor| eval_logits(&net, v, Tta::NONE);
+            let views = [&x, &right, &left, &down, &up];
+            let want =
+                views.iter().map(|v| one(v)).fold(Tensor::zeros([2, 10], (Kind::Float, Device::Cpu)), |a, b| a + b)
+                    / 5.0;
+            let got = eval_logits(&net, &x, Tta { hflip: false, shift: 2 });
+            assert!((&got - &want).abs().max().double_value(&[]) < 1e-5, "five views, edges repeated");
+            let mirrored = views
+                .iter()
+                .map(|v| one(&v.flip([3])))
+                .fold(Tensor::zeros([2, 10], (Kind::Float, Device::Cpu)), |a, b| a + b);
+            let want_both = (want * 5.0 + mirrored) / 10.0;
+            let both = eval_logits(&net, &x, Tta { hflip: true, shift: 2 });
+            assert!((&both - &want_both).abs().max().double_value(&[]) < 1e-5, "and the mirror of each");
+        });
+    }
+
+    #[test]
     fn test_time_flips_average_an_image_and_its_mirror() {
         let net = Network::new(Arch::Lenet5, 10, Device::Cpu);
         let x = Tensor::randn([3, 1, 32, 32], (Kind::Float, Device::Cpu));
         let mirrored = x.flip([3]);
         tch::no_grad(|| {
-            let (plain, flipped) = (eval_logits(&net, &x, false), eval_logits(&net, &mirrored, false));
-            let tta = eval_logits(&net, &x, true);
+            let flips = Tta { hflip: true, shift: 0 };
+            let (plain, flipped) = (eval_logits(&net, &x, Tta::NONE), eval_logits(&net, &mirrored, Tta::NONE));
+            let tta = eval_logits(&net, &x, flips);
             let want = (&plain + &flipped) * 0.5;
             assert!((&tta - &want).abs().max().double_value(&[]) < 1e-5);
             // Flip-invariant by construction, unlike the plain logits.
-            let tta_mirrored = eval_logits(&net, &mirrored, true);
+            let tta_mirrored = eval_logits(&net, &mirrored, flips);
             assert!((&tta - &tta_mirrored).abs().max().double_value(&[]) < 1e-5);
             assert!((&plain - &flipped).abs().max().double_value(&[]) > 1e-6);
         });

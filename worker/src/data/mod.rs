@@ -251,6 +251,7 @@ mod tests {
             max_skipped: None,
             holdout: None,
             tta_hflip: false,
+            tta_shift: 0,
             random_shift: 0,
             progressive_sizes: Vec::new(),
         };
