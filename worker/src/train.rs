@@ -209,22 +209,22 @@ impl Trainer {
         let whole = splits.train.resize_whole();
         let transform = Transform::new(&pre, spec.data.image_size, whole);
 
-        let (cursor, history, scaler, ema) = match ck {
-            None => {
-                let ema = spec.train.ema_decay.map(|d| Ema::new(&net, d));
-                (Cursor::default(), Vec::new(), LossScaler::default(), ema)
-            }
+        let (cursor, history, scaler) = match &ck {
+            None => (Cursor::default(), Vec::new(), LossScaler::default()),
             Some(ck) => {
                 ck.restore_model(&net)?;
                 optimizer.load_state(&ck.optim);
-                let ema = spec.train.ema_decay.map(|d| {
-                    let mut ema = Ema::new(&net, d);
-                    ema.load_state(&ck.optim);
-                    ema
-                });
-                (ck.cursor, ck.history, scaler_of(&ck.optim), ema)
+                (ck.cursor.clone(), ck.history.clone(), scaler_of(&ck.optim))
             }
         };
+        // The average starts at the weights just loaded, or continues the checkpoint's.
+        let ema = spec.train.ema_decay.map(|d| {
+            let mut ema = Ema::new(&net, d);
+            if let Some(ck) = &ck {
+                ema.load_state(&ck.optim);
+            }
+            ema
+        });
 
         Ok(Trainer {
             spec,
