@@ -44,7 +44,7 @@ impl Classifier {
                     Ok(ck) => {
                         let net = Network::new(arch, ck.num_classes, device);
                         ck.restore_model(&net)?;
-                        // A run with `train.ema_decay` is scored with its average; so is it used.
+                        // A run with `train.ema_decay` was scored with its average: predict with it too.
                         crate::ema::overlay(&net, &ck.optim);
                         let mut names = ck.class_names.clone();
                         names.resize_with(ck.num_classes as usize, || "?".into());
