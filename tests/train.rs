@@ -367,15 +367,15 @@ fn bf16_and_fp16_train_on_cpu_close_to_fp32() {
 }
 
 #[test]
-fn progressive_sizes_train_each_epoch_at_its_size_with_random_shifts() {
+fn progressive_sizes_train_each_epoch_at_its_size_with_random_shifts_and_erasing() {
     // MobileNetV2 (any input size) at 16 pixels in epoch 1, then at image_size (24) in epoch 2,
-    // with random shifts; each epoch is evaluated at the size it trained at.
+    // with random shifts and random erasing; each epoch is evaluated at the size it trained at.
     let dir = tempfile::tempdir().unwrap();
     let (spec, out) = fmnist_job(
         dir.path(),
         "progressive",
         "arch = \"mobilenet_v2\"\nweights = \"none\"",
-        "image_size = 24\nprogressive_sizes = [16]\nrandom_shift = 2\nhflip = true\ntrain_limit = 512\nval_limit = 256\n\
+        "image_size = 24\nprogressive_sizes = [16]\nrandom_shift = 2\nrandom_erase = 0.5\nhflip = true\ntrain_limit = 512\nval_limit = 256\n\
          [train]\nepochs = 2\nbatch_size = 32\nlr = 0.05\n[schedule]\nstrategy = \"scratch\"",
     );
     let o = ok(thaw(&["train", spec.to_str().unwrap()]));
@@ -390,6 +390,7 @@ fn progressive_sizes_train_each_epoch_at_its_size_with_random_shifts() {
     assert!(metrics[1]["train_loss"].as_f64().is_some_and(f64::is_finite), "{metrics}");
     let resolved = std::fs::read_to_string(out.join("spec.toml")).unwrap();
     assert!(resolved.contains("progressive_sizes = [16]") && resolved.contains("random_shift = 2"), "{resolved}");
+    assert!(resolved.contains("random_erase = 0.5"), "{resolved}");
 
     // `thaw eval` scores the checkpoint at the final size, flips on and off; the plain score is
     // the one the last epoch logged (the spec has no test-time flips).

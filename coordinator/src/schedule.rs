@@ -230,6 +230,8 @@ impl Stage {
             Some("random crops change the prefix's input every epoch (data.random_resized_crop)")
         } else if data.random_shift > 0 {
             Some("random shifts change the prefix's input every epoch (data.random_shift)")
+        } else if data.random_erase > 0.0 {
+            Some("random erasing changes the prefix's input every epoch (data.random_erase)")
         } else if !data.progressive_sizes.is_empty() {
             Some("the input size changes from epoch to epoch (data.progressive_sizes)")
         } else {

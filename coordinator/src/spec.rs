@@ -296,6 +296,10 @@ pub struct DataSpec {
     /// pixels each way, the border black (torchvision's `RandomCrop(padding=n)`). IDX only.
     #[serde(default)]
     pub random_shift: u32,
+    /// Random erasing while training (torchvision's `RandomErasing`): the probability that an
+    /// image has one rectangle of 2-33% of its area set to the mean. 0 (the default) is none.
+    #[serde(default)]
+    pub random_erase: f64,
     /// Progressive resizing: the input side of the first epochs, one entry per epoch; the epochs
     /// after the list, evaluation at the end and predictions use `image_size`. Each epoch is
     /// evaluated at the side it trained at.
@@ -413,6 +417,7 @@ struct RawData {
     tta_hflip: bool,
     tta_shift: Option<u32>,
     random_shift: Option<u32>,
+    random_erase: Option<f64>,
     progressive_sizes: Option<Vec<i64>>,
 }
 
@@ -573,6 +578,10 @@ impl JobSpec {
         if random_shift > 16 {
             return Err(invalid("data.random_shift", random_shift, "must be between 0 and 16 pixels"));
         }
+        let random_erase = d.random_erase.unwrap_or(0.0);
+        if !(0.0..=1.0).contains(&random_erase) {
+            return Err(invalid("data.random_erase", random_erase, "is a probability: between 0 and 1"));
+        }
         let tta_shift = d.tta_shift.unwrap_or(0);
         if tta_shift > 8 {
             return Err(invalid("data.tta_shift", tta_shift, "must be between 0 and 8 pixels"));
@@ -605,6 +614,7 @@ impl JobSpec {
             tta_hflip: d.tta_hflip,
             tta_shift,
             random_shift,
+            random_erase,
             progressive_sizes,
         };
 
@@ -810,6 +820,9 @@ impl JobSpec {
         if d.random_shift > 0 {
             s += &format!("random_shift = {}\n", d.random_shift);
         }
+        if d.random_erase > 0.0 {
+            s += &format!("random_erase = {:?}\n", d.random_erase);
+        }
         if !d.progressive_sizes.is_empty() {
             s += &format!("progressive_sizes = {:?}\n", d.progressive_sizes);
         }
@@ -922,11 +935,11 @@ strategy = "feature_extract"
         assert_eq!(shards, JobSpec::from_toml(&shards.to_toml(), Path::new("/x")).unwrap());
         let tuned = parse(&GOOD.replace(
             "format = \"idx\"",
-            "format = \"idx\"\nholdout = 0.1\ntta_hflip = true\ntta_shift = 2\nrandom_shift = 2\nprogressive_sizes = [32, 48]",
+            "format = \"idx\"\nholdout = 0.1\ntta_hflip = true\ntta_shift = 2\nrandom_shift = 2\nrandom_erase = 0.25\nprogressive_sizes = [32, 48]",
         ))
         .unwrap();
         assert_eq!((tuned.data.holdout, tuned.data.tta_hflip, tuned.data.random_shift), (Some(0.1), true, 2));
-        assert_eq!(tuned.data.tta_shift, 2);
+        assert_eq!((tuned.data.tta_shift, tuned.data.random_erase), (2, 0.25));
         let sizes: Vec<_> = (0..4).map(|e| tuned.data.size_for_epoch(e)).collect();
         assert_eq!(sizes, [Some(32), Some(48), Some(64), Some(64)]);
         assert_eq!(tuned, JobSpec::from_toml(&tuned.to_toml(), Path::new("/x")).unwrap());
@@ -950,6 +963,8 @@ strategy = "feature_extract"
             ("image_size = 64", "image_size = 64\nholdout = 0.7", "data.holdout` = 0.7"),
             ("image_size = 64", "image_size = 64\nholdout = 0.0", "data.holdout` = 0"),
             ("image_size = 64", "image_size = 64\nrandom_shift = 17", "data.random_shift` = 17"),
+            ("image_size = 64", "image_size = 64\nrandom_erase = 1.5", "data.random_erase` = 1.5"),
+            ("image_size = 64", "image_size = 64\nrandom_erase = -0.1", "data.random_erase` = -0.1"),
             ("image_size = 64", "image_size = 64\ntta_shift = 9", "data.tta_shift` = 9"),
             ("image_size = 64", "image_size = 64\nprogressive_sizes = [32, 2000]", "data.progressive_sizes` = 2000"),
             ("image_size = 64", "progressive_sizes = [32]", "data.progressive_sizes` = [32]"),

@@ -331,6 +331,7 @@ pub fn recommend(opts: &RecommendOptions) -> Result<Recommendation, RecommendErr
         tta_hflip: false,
         tta_shift: 0,
         random_shift: 0,
+        random_erase: 0.0,
         progressive_sizes: Vec::new(),
     };
     let splits = data::open_splits(&data_spec, opts.seed)?;
@@ -1079,6 +1080,7 @@ mod tests {
             tta_hflip: false,
             tta_shift: 0,
             random_shift: 0,
+        random_erase: 0.0,
             progressive_sizes: Vec::new(),
         };
         let text = spec_toml(rec, &data, 3);

@@ -282,6 +282,7 @@ impl Trainer {
             hflip: self.spec.data.hflip,
             random_crop: self.spec.data.random_resized_crop,
             shift: self.spec.data.random_shift,
+            erase: self.spec.data.random_erase as f32,
             seed: self.spec.seed,
             epoch: epoch as u64,
         }

@@ -457,11 +457,11 @@ impl Rng {
         mix(self.0)
     }
     /// Uniform in [a, b).
-    fn uniform(&mut self, a: f64, b: f64) -> f64 {
+    pub(crate) fn uniform(&mut self, a: f64, b: f64) -> f64 {
         a + (b - a) * ((self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64))
     }
     /// Uniform in 0..n (n > 0).
-    fn below(&mut self, n: u64) -> u64 {
+    pub(crate) fn below(&mut self, n: u64) -> u64 {
         ((self.next_u64() as u128 * n as u128) >> 64) as u64
     }
 }

@@ -22,7 +22,7 @@ use std::thread::JoinHandle;
 use tch::Tensor;
 
 use super::decode::{sample_key, Augment};
-use super::transform::Transform;
+use super::transform::{random_erase, Transform};
 use super::{Dataset, SampleError};
 
 /// One batch of inputs `[n, c, s, s]` and labels `[n]`; `n` may be less than the batch size when
@@ -52,6 +52,8 @@ pub struct LoaderConfig {
     /// Random translations of up to this many stored pixels each way (training only; decoded
     /// samples such as IDX images).
     pub shift: u32,
+    /// Random erasing: the probability that a sample has one rectangle blanked (training only).
+    pub erase: f32,
     pub seed: u64,
     pub epoch: u64,
 }
@@ -59,7 +61,17 @@ pub struct LoaderConfig {
 impl LoaderConfig {
     /// Deterministic evaluation order and transforms: no flips, no random crops.
     pub fn eval(batch_size: usize, threads: usize) -> LoaderConfig {
-        LoaderConfig { batch_size, threads, prefetch: 2, hflip: false, random_crop: false, shift: 0, seed: 0, epoch: 0 }
+        LoaderConfig {
+            batch_size,
+            threads,
+            prefetch: 2,
+            hflip: false,
+            random_crop: false,
+            shift: 0,
+            erase: 0.0,
+            seed: 0,
+            epoch: 0,
+        }
     }
 }
 
@@ -171,8 +183,24 @@ impl Drop for Loader {
     }
 }
 
-/// Reads, decodes and transforms sample `i` into `out`.
+/// Reads, decodes and transforms sample `i` into `out`, then erases part of it if `cfg.erase`
+/// says so.
 fn prepare(
+    ds: &dyn Dataset,
+    i: usize,
+    t: &Transform,
+    aug: &Augment,
+    cfg: &LoaderConfig,
+    out: &mut [f32],
+) -> Result<(), SampleError> {
+    transform_sample(ds, i, t, aug, cfg, out)?;
+    if cfg.erase > 0.0 {
+        random_erase(out, t.channels, t.size as usize, cfg.erase, sample_key(cfg.seed, cfg.epoch, i as u64));
+    }
+    Ok(())
+}
+
+fn transform_sample(
     ds: &dyn Dataset,
     i: usize,
     t: &Transform,

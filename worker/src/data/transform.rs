@@ -5,7 +5,7 @@
 use image::imageops::FilterType;
 use image::DynamicImage;
 
-use super::decode::{Augment, CropMode};
+use super::decode::{Augment, CropMode, Rng};
 use crate::zoo::Preprocess;
 
 /// How samples become network inputs.
@@ -119,6 +119,35 @@ impl Transform {
     }
 }
 
+/// Random erasing (Zhong et al., 2017; torchvision's `RandomErasing` with its defaults): with
+/// probability `p`, one rectangle of 2-33% of the image's area, aspect ratio 0.3-3.3, is set to 0
+/// in every channel of the normalized sample `out` (`channels x side x side`), i.e. to the
+/// dataset's mean. `key` draws everything, so a sample's erasure is a pure function of it.
+pub fn random_erase(out: &mut [f32], channels: usize, side: usize, p: f32, key: u64) {
+    let mut rng = Rng(key ^ 0x4552_4153_4500_0000);
+    if p <= 0.0 || rng.uniform(0.0, 1.0) >= p as f64 {
+        return;
+    }
+    let area = (side * side) as f64;
+    for _ in 0..10 {
+        let target = area * rng.uniform(0.02, 0.33);
+        let ratio = rng.uniform(0.3f64.ln(), 3.3f64.ln()).exp();
+        let h = (target * ratio).sqrt().round() as usize;
+        let w = (target / ratio).sqrt().round() as usize;
+        if h == 0 || w == 0 || h >= side || w >= side {
+            continue;
+        }
+        let (top, left) = (rng.below((side - h + 1) as u64) as usize, rng.below((side - w + 1) as u64) as usize);
+        for c in 0..channels {
+            for y in top..top + h {
+                let row = c * side * side + y * side;
+                out[row + left..row + left + w].fill(0.0);
+            }
+        }
+        return;
+    }
+}
+
 /// `img` moved by (dx, dy) pixels, filled with black where nothing moved in.
 fn translate(img: &DynamicImage, (dx, dy): (i32, i32)) -> DynamicImage {
     let (w, h) = (img.width() as i32, img.height() as i32);
@@ -190,5 +219,37 @@ mod tests {
         let mut same = vec![0f32; 16];
         t.apply_shifted(&img, false, (0, 0), &mut same);
         assert_eq!(px(same[5]), 51);
+    }
+
+    #[test]
+    fn random_erase_blanks_one_rectangle_in_every_channel_at_its_rate() {
+        let (c, side) = (3, 20);
+        let mut erased = 0;
+        for key in 0..1000u64 {
+            let mut out = vec![1f32; c * side * side];
+            random_erase(&mut out, c, side, 0.5, key);
+            let zeros: Vec<usize> = (0..side * side).filter(|&i| out[i] == 0.0).collect();
+            if zeros.is_empty() {
+                assert!(out.iter().all(|&v| v == 1.0));
+                continue;
+            }
+            erased += 1;
+            // Every channel blanks the same pixels, and they form one rectangle of 2-33% of the area.
+            for ch in 1..c {
+                assert!(zeros.iter().all(|&i| out[ch * side * side + i] == 0.0), "key {key}");
+            }
+            let (ys, xs): (Vec<usize>, Vec<usize>) = zeros.iter().map(|&i| (i / side, i % side)).unzip();
+            let h = ys.iter().max().unwrap() - ys.iter().min().unwrap() + 1;
+            let w = xs.iter().max().unwrap() - xs.iter().min().unwrap() + 1;
+            assert_eq!(h * w, zeros.len(), "key {key}: not a rectangle");
+            assert!((3..=160).contains(&zeros.len()), "key {key}: {} pixels", zeros.len());
+            let mut again = vec![1f32; c * side * side];
+            random_erase(&mut again, c, side, 0.5, key);
+            assert_eq!(out, again, "the key decides");
+        }
+        assert!((430..570).contains(&erased), "about half erased: {erased}");
+        let mut none = vec![1f32; side * side];
+        random_erase(&mut none, 1, side, 0.0, 3);
+        assert!(none.iter().all(|&v| v == 1.0));
     }
 }
