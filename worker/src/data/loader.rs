@@ -11,7 +11,7 @@
 //! Samples stored encoded (JPEG/PNG files, shards) are decoded and augmented in one pass
 //! ([`Augment`]); datasets held decoded (IDX) go through [`Transform::apply`].
 //!
-//! Deterministic: the order is given, and the only randomness (random crops, flips) is a pure
+//! Deterministic: the order is given, and the only randomness (crops, flips, shifts, erasing) is a pure
 //! function of (seed, epoch, sample index), so a resumed epoch sees exactly the batches it would
 //! have seen, whatever the thread count.
 
