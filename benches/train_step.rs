@@ -37,8 +37,8 @@ use thaw_worker::zoo::{channels_last_default, Arch, GroupMode, Network};
 
 use common::baseline_python;
 
-const CASES: [(Arch, i64); 4] =
-    [(Arch::Resnet18, 64), (Arch::Resnet18, 224), (Arch::MobilenetV2, 64), (Arch::MobilenetV2, 224)];
+const CASES: [(Arch, i64); 5] =
+    [(Arch::MobilenetV2, 48), (Arch::Resnet18, 64), (Arch::Resnet18, 224), (Arch::MobilenetV2, 64), (Arch::MobilenetV2, 224)];
 const BATCH: i64 = 32;
 
 fn steps_for(size: i64) -> usize {

@@ -77,6 +77,33 @@ pub fn autocast<T>(precision: Precision, device: Device, f: impl FnOnce() -> T) 
     f()
 }
 
+/// Runs `f` in f32 when CPU autocast is on (its inputs are cast up by the caller), as
+/// `torch.autocast("cpu", enabled=False)` does; the state is restored afterwards, panics included.
+/// Used for depthwise convolutions, whose bf16 kernels in oneDNN are far slower than its f32 ones
+/// ([`crate::zoo::layers::ConvBn`]).
+pub fn cpu_autocast_off<T>(f: impl FnOnce() -> T) -> T {
+    struct Restore;
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            // SAFETY: see the module documentation; a plain setter of thread-local state.
+            unsafe { ffi::set_autocast_enabled(CPU, true) }
+        }
+    }
+    // SAFETY: as above.
+    if !unsafe { ffi::is_autocast_enabled(CPU) } {
+        return f();
+    }
+    unsafe { ffi::set_autocast_enabled(CPU, false) };
+    let _restore = Restore;
+    f()
+}
+
+/// Whether CPU autocast is on on this thread.
+pub fn cpu_autocast_enabled() -> bool {
+    // SAFETY: see the module documentation; a plain getter of thread-local state.
+    unsafe { ffi::is_autocast_enabled(CPU) }
+}
+
 /// fp16's dynamic loss scaling, as PyTorch's `GradScaler`: the loss is multiplied by `scale`
 /// before backward so that small gradients survive in fp16; after the all-reduce, gradients
 /// with an inf or NaN skip the step and halve the scale, and `GROWTH_INTERVAL` good steps in a
@@ -163,6 +190,21 @@ mod tests {
         // A panic inside a region restores the state too.
         let _ = std::panic::catch_unwind(|| autocast(Precision::Bf16, Device::Cpu, || panic!("inside")));
         assert_eq!(conv().kind(), Kind::Float);
+    }
+
+    #[test]
+    fn cpu_autocast_off_runs_in_f32_inside_a_region_and_restores_it() {
+        let x = Tensor::randn([2, 3, 8, 8], (Kind::Float, Device::Cpu));
+        let w = Tensor::randn([4, 3, 3, 3], (Kind::Float, Device::Cpu));
+        let conv = || x.conv2d(&w, None::<Tensor>, [1, 1], [0, 0], [1, 1], 1);
+        let (off, after, on) = autocast(Precision::Bf16, Device::Cpu, || {
+            let off = cpu_autocast_off(conv).kind();
+            let _ = std::panic::catch_unwind(|| cpu_autocast_off(|| panic!("inside")));
+            (off, conv().kind(), cpu_autocast_enabled())
+        });
+        assert_eq!((off, after, on), (Kind::Float, Kind::BFloat16, true));
+        assert!(!cpu_autocast_enabled());
+        assert_eq!(cpu_autocast_off(conv).kind(), Kind::Float, "outside a region it changes nothing");
     }
 
     #[test]

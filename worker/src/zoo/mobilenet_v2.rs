@@ -28,7 +28,12 @@ const LAST_CHANNELS: i64 = 1280;
 /// torchvision's `Conv2dNormActivation`: `<p>.0` the convolution, `<p>.1` the BatchNorm.
 fn conv_norm(p: &nn::Path, c_in: i64, c_out: i64, k: i64, stride: i64, groups: i64, act: Act) -> ConvBn {
     let conv = layers::conv(p / 0, c_in, c_out, k, stride, (k - 1) / 2, groups, false);
-    ConvBn::new(conv, layers::batch_norm(p / 1, c_out, 1e-5), act)
+    let bn = layers::batch_norm(p / 1, c_out, 1e-5);
+    if groups > 1 {
+        ConvBn::depthwise(conv, bn, act)
+    } else {
+        ConvBn::new(conv, bn, act)
+    }
 }
 
 /// The inverted residual block: 1x1 expansion (absent when t = 1), 3x3 depthwise, 1x1 linear
