@@ -193,33 +193,22 @@ fn prepare(
     cfg: &LoaderConfig,
     out: &mut [f32],
 ) -> Result<(), SampleError> {
-    transform_sample(ds, i, t, aug, cfg, out)?;
-    if cfg.erase > 0.0 {
-        random_erase(out, t.channels, t.size as usize, cfg.erase, sample_key(cfg.seed, cfg.epoch, i as u64));
-    }
-    Ok(())
-}
-
-fn transform_sample(
-    ds: &dyn Dataset,
-    i: usize,
-    t: &Transform,
-    aug: &Augment,
-    cfg: &LoaderConfig,
-    out: &mut [f32],
-) -> Result<(), SampleError> {
+    let key = sample_key(cfg.seed, cfg.epoch, i as u64);
     match ds.encoded(i) {
-        Some(Ok(bytes)) => aug
-            .apply_encoded(&bytes, sample_key(cfg.seed, cfg.epoch, i as u64), out)
-            .map_err(|reason| SampleError { key: ds.key(i), reason }),
-        Some(Err(e)) => Err(e),
+        Some(Ok(bytes)) => {
+            aug.apply_encoded(&bytes, key, out).map_err(|reason| SampleError { key: ds.key(i), reason })?
+        }
+        Some(Err(e)) => return Err(e),
         None => {
             let img = ds.load(i)?;
             let shift = shift_of(cfg.seed, cfg.epoch, i, cfg.shift);
             t.apply_shifted(&img, cfg.hflip && flip_coin(cfg.seed, cfg.epoch, i), shift, out);
-            Ok(())
         }
     }
+    if cfg.erase > 0.0 {
+        random_erase(out, t.channels, t.size as usize, cfg.erase, key);
+    }
+    Ok(())
 }
 
 /// Decodes and transforms `idx` into one batch, skipping (and naming) samples that fail.
