@@ -154,6 +154,10 @@ enum Command {
         /// (`data.holdout`) as its validation split.
         #[arg(long)]
         test: bool,
+        /// First recompute BatchNorm's statistics over this many batches of the training split
+        /// (`train.precise_bn`; 0: as saved).
+        #[arg(long)]
+        precise_bn: Option<usize>,
         #[arg(long, default_value = "auto")]
         device: DeviceArg,
     },
@@ -530,8 +534,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Train { spec, resume, device, max_steps, time_budget, check } => {
             train(spec, resume, device.device()?, max_steps, time_budget, check)
         }
-        Command::Eval { checkpoint, tta_hflip, tta_shift, ema, test, device } => {
-            eval(&checkpoint, (tta_hflip, tta_shift), ema, test, device.device()?)
+        Command::Eval { checkpoint, tta_hflip, tta_shift, ema, test, precise_bn, device } => {
+            eval(&checkpoint, (tta_hflip, tta_shift), ema, test, precise_bn, device.device()?)
         }
         Command::Plan { spec, json } => plan::print(&spec, json),
         Command::Predict { model, weights, top_k, json, device, images } => {
@@ -778,6 +782,7 @@ fn eval(
     (tta_hflip, tta_shift): (Option<bool>, Option<u32>),
     ema: Option<bool>,
     test: bool,
+    precise_bn: Option<usize>,
     device: tch::Device,
 ) -> Result<()> {
     let mut trainer = Trainer::resume(checkpoint, device)?;
@@ -793,6 +798,11 @@ fn eval(
         }
         Some(false) => trainer.score_trained_weights(),
         _ => {}
+    }
+    if let Some(n) = precise_bn.filter(|n| *n > 0) {
+        let started = std::time::Instant::now();
+        let done = trainer.recalibrate_bn(n, 0, 1)?;
+        tracing::info!(batches = done, seconds = started.elapsed().as_secs_f64(), "recomputed BatchNorm statistics");
     }
     let weights = if trainer.scores_average() { "averaged weights" } else { "weights as trained" };
     let split = if test || trainer.spec.data.holdout.is_none() { "test" } else { "holdout" };

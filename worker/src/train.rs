@@ -27,6 +27,7 @@ use crate::data::transform::Transform;
 use crate::data::{self, DataError, Dataset, SampleError, Splits};
 use crate::ddp;
 use crate::ema::Ema;
+use crate::mix::mixed_loss;
 use crate::optim::{Optimizer, Param};
 use crate::progress::Progress;
 use crate::stage_cache::StageCache;
@@ -641,12 +642,13 @@ impl Trainer {
                     tch::manual_seed(step_seed(self.spec.seed, epoch, at));
                     let xs = batch.images.to_device(device);
                     let ys = batch.labels.to_device(device);
+                    let mixed = crate::mix::cutmix(&xs, &ys, self.spec.data.cutmix);
+                    let xs = mixed.as_ref().map_or(xs, |m| m.images.shallow_clone());
                     self.optimizer.zero_grad();
                     let (precision, smoothing) = (self.spec.train.precision, self.spec.train.label_smoothing);
                     let (logits, loss) = autocast(precision, device, || {
                         let logits = self.forward_batch(&xs, &batch, cached)?;
-                        let loss =
-                            logits.cross_entropy_loss::<Tensor>(&ys, None, tch::Reduction::Mean, -100, smoothing);
+                        let loss = mixed_loss(&logits, &ys, mixed.as_ref(), tch::Reduction::Mean, smoothing);
                         Ok::<_, TrainError>((logits, loss))
                     })?;
                     if precision == Precision::Fp16 {
@@ -780,6 +782,32 @@ impl Trainer {
         };
         self.ema = ema;
         sums
+    }
+
+    /// Precise BatchNorm statistics (`precise_bn.rs`) from up to `batches` batches of this
+    /// rank's share (every `world`-th from `rank`) of a seeded shuffle of the training images,
+    /// read without augmentation. Returns how many batches were averaged.
+    pub fn recalibrate_bn(&mut self, batches: usize, rank: u32, world: u32) -> Result<usize, TrainError> {
+        let bs = self.spec.train.batch_size;
+        let perm = crate::data::permutation(self.splits.train.len(), self.spec.seed, 0xB4);
+        let order: Vec<usize> = perm.into_iter().skip(rank as usize).step_by(world.max(1) as usize).take(batches * bs).collect();
+        let device = self.net.vs.device();
+        let cfg = LoaderConfig::eval(bs, self.spec.data.loader_threads);
+        let loader = Loader::start(self.splits.train.clone(), order, 0, self.transform.clone(), cfg);
+        let images = loader.filter(|b| b.indices.len() == bs).map(|b| b.images.to_device(device));
+        let (net, precision) = (&self.net, self.spec.train.precision);
+        let recalibrate = || {
+            crate::precise_bn::recalibrate(net, images, |xs| {
+                autocast(precision, device, || {
+                    let _ = net.forward_t(xs, false);
+                })
+            })
+        };
+        // With `train.ema_decay` the average is what is scored: its statistics are recomputed.
+        Ok(match &mut self.ema {
+            Some(e) => e.with_average(recalibrate),
+            None => recalibrate(),
+        })
     }
 
     /// Whether evaluations score a moving average of the weights (`train.ema_decay`).
@@ -1245,11 +1273,12 @@ impl Trainer {
                     tch::manual_seed(step_seed(self.spec.seed, epoch, at) ^ rank as i64);
                     let xs = batch.images.to_device(device);
                     let ys = batch.labels.to_device(device);
+                    let mixed = crate::mix::cutmix(&xs, &ys, self.spec.data.cutmix);
+                    let xs = mixed.as_ref().map_or(xs, |m| m.images.shallow_clone());
                     let smoothing = self.spec.train.label_smoothing;
                     let (fwd, sum) = autocast(precision, device, || {
                         let fwd = self.forward_pass(&xs, &batch, cached, overlap)?;
-                        let sum =
-                            fwd.output.cross_entropy_loss::<Tensor>(&ys, None, tch::Reduction::Sum, -100, smoothing);
+                        let sum = mixed_loss(&fwd.output, &ys, mixed.as_ref(), tch::Reduction::Sum, smoothing);
                         Ok::<_, TrainError>((fwd, sum))
                     })?;
                     loss_sum = sum.double_value(&[]);
