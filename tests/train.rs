@@ -367,15 +367,16 @@ fn bf16_and_fp16_train_on_cpu_close_to_fp32() {
 }
 
 #[test]
-fn progressive_sizes_train_each_epoch_at_its_size_with_random_shifts_and_erasing() {
+fn progressive_sizes_train_each_epoch_at_its_size_with_random_shifts_erasing_and_cutmix() {
     // MobileNetV2 (any input size) at 16 pixels in epoch 1, then at image_size (24) in epoch 2,
-    // with random shifts and random erasing; each epoch is evaluated at the size it trained at.
+    // with random shifts, random erasing and CutMix; each epoch is evaluated at the size it
+    // trained at.
     let dir = tempfile::tempdir().unwrap();
     let (spec, out) = fmnist_job(
         dir.path(),
         "progressive",
         "arch = \"mobilenet_v2\"\nweights = \"none\"",
-        "image_size = 24\nprogressive_sizes = [16]\nrandom_shift = 2\nrandom_erase = 0.5\nhflip = true\ntrain_limit = 512\nval_limit = 256\n\
+        "image_size = 24\nprogressive_sizes = [16]\nrandom_shift = 2\nrandom_erase = 0.5\ncutmix = 0.5\nhflip = true\ntrain_limit = 512\nval_limit = 256\n\
          [train]\nepochs = 2\nbatch_size = 32\nlr = 0.05\n[schedule]\nstrategy = \"scratch\"",
     );
     let o = ok(thaw(&["train", spec.to_str().unwrap()]));
@@ -390,7 +391,7 @@ fn progressive_sizes_train_each_epoch_at_its_size_with_random_shifts_and_erasing
     assert!(metrics[1]["train_loss"].as_f64().is_some_and(f64::is_finite), "{metrics}");
     let resolved = std::fs::read_to_string(out.join("spec.toml")).unwrap();
     assert!(resolved.contains("progressive_sizes = [16]") && resolved.contains("random_shift = 2"), "{resolved}");
-    assert!(resolved.contains("random_erase = 0.5"), "{resolved}");
+    assert!(resolved.contains("random_erase = 0.5") && resolved.contains("cutmix = 0.5"), "{resolved}");
 
     // `thaw eval` scores the checkpoint at the final size, flips on and off; the plain score is
     // the one the last epoch logged (the spec has no test-time flips).
@@ -404,6 +405,15 @@ fn progressive_sizes_train_each_epoch_at_its_size_with_random_shifts_and_erasing
     };
     let logged = metrics[1]["val_acc"].as_f64().unwrap();
     assert!((acc(&plain) - logged).abs() < 1e-3, "eval {plain} vs the run's {logged}");
+    // Precise BatchNorm statistics: recomputed over 4 batches of the training split (logged),
+    // then scored; the statistics change, so the loss does.
+    let precise = thaw(&["eval", ck.to_str().unwrap(), "--tta-hflip", "false", "--precise-bn", "4"]);
+    let (out_p, err_p) = (stdout(&ok(precise.clone())), String::from_utf8_lossy(&precise.stderr).into_owned());
+    assert!(err_p.contains("recomputed BatchNorm statistics") && err_p.contains("batches=4"), "{err_p}");
+    let loss = |line: &str| -> f64 {
+        line.split("loss ").nth(1).and_then(|r| r.split(',').next()).unwrap().parse().unwrap()
+    };
+    assert!((loss(&out_p) - loss(&plain)).abs() > 1e-4, "precise statistics changed nothing: {out_p} / {plain}");
     let missing = thaw(&["eval", "/nonexistent/checkpoint.safetensors"]);
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/checkpoint.safetensors"));

@@ -232,6 +232,8 @@ impl Stage {
             Some("random shifts change the prefix's input every epoch (data.random_shift)")
         } else if data.random_erase > 0.0 {
             Some("random erasing changes the prefix's input every epoch (data.random_erase)")
+        } else if data.cutmix > 0.0 {
+            Some("CutMix changes the prefix's input every epoch (data.cutmix)")
         } else if !data.progressive_sizes.is_empty() {
             Some("the input size changes from epoch to epoch (data.progressive_sizes)")
         } else {

@@ -300,6 +300,11 @@ pub struct DataSpec {
     /// image has one rectangle of 2-33% of its area set to the mean. 0 (the default) is none.
     #[serde(default)]
     pub random_erase: f64,
+    /// CutMix while training (Yun et al., 2019): the probability that a batch has a rectangle of
+    /// each image replaced by another image's, the loss weighing the two labels by area. 0 (the
+    /// default) is none.
+    #[serde(default)]
+    pub cutmix: f64,
     /// Progressive resizing: the input side of the first epochs, one entry per epoch; the epochs
     /// after the list, evaluation at the end and predictions use `image_size`. Each epoch is
     /// evaluated at the side it trained at.
@@ -418,6 +423,7 @@ struct RawData {
     tta_shift: Option<u32>,
     random_shift: Option<u32>,
     random_erase: Option<f64>,
+    cutmix: Option<f64>,
     progressive_sizes: Option<Vec<i64>>,
 }
 
@@ -582,6 +588,10 @@ impl JobSpec {
         if !(0.0..=1.0).contains(&random_erase) {
             return Err(invalid("data.random_erase", random_erase, "is a probability: between 0 and 1"));
         }
+        let cutmix = d.cutmix.unwrap_or(0.0);
+        if !(0.0..=1.0).contains(&cutmix) {
+            return Err(invalid("data.cutmix", cutmix, "is a probability: between 0 and 1"));
+        }
         let tta_shift = d.tta_shift.unwrap_or(0);
         if tta_shift > 8 {
             return Err(invalid("data.tta_shift", tta_shift, "must be between 0 and 8 pixels"));
@@ -615,6 +625,7 @@ impl JobSpec {
             tta_shift,
             random_shift,
             random_erase,
+            cutmix,
             progressive_sizes,
         };
 
@@ -823,6 +834,9 @@ impl JobSpec {
         if d.random_erase > 0.0 {
             s += &format!("random_erase = {:?}\n", d.random_erase);
         }
+        if d.cutmix > 0.0 {
+            s += &format!("cutmix = {:?}\n", d.cutmix);
+        }
         if !d.progressive_sizes.is_empty() {
             s += &format!("progressive_sizes = {:?}\n", d.progressive_sizes);
         }
@@ -935,11 +949,11 @@ strategy = "feature_extract"
         assert_eq!(shards, JobSpec::from_toml(&shards.to_toml(), Path::new("/x")).unwrap());
         let tuned = parse(&GOOD.replace(
             "format = \"idx\"",
-            "format = \"idx\"\nholdout = 0.1\ntta_hflip = true\ntta_shift = 2\nrandom_shift = 2\nrandom_erase = 0.25\nprogressive_sizes = [32, 48]",
+            "format = \"idx\"\nholdout = 0.1\ntta_hflip = true\ntta_shift = 2\nrandom_shift = 2\nrandom_erase = 0.25\ncutmix = 0.5\nprogressive_sizes = [32, 48]",
         ))
         .unwrap();
         assert_eq!((tuned.data.holdout, tuned.data.tta_hflip, tuned.data.random_shift), (Some(0.1), true, 2));
-        assert_eq!((tuned.data.tta_shift, tuned.data.random_erase), (2, 0.25));
+        assert_eq!((tuned.data.tta_shift, tuned.data.random_erase, tuned.data.cutmix), (2, 0.25, 0.5));
         let sizes: Vec<_> = (0..4).map(|e| tuned.data.size_for_epoch(e)).collect();
         assert_eq!(sizes, [Some(32), Some(48), Some(64), Some(64)]);
         assert_eq!(tuned, JobSpec::from_toml(&tuned.to_toml(), Path::new("/x")).unwrap());
@@ -965,6 +979,7 @@ strategy = "feature_extract"
             ("image_size = 64", "image_size = 64\nrandom_shift = 17", "data.random_shift` = 17"),
             ("image_size = 64", "image_size = 64\nrandom_erase = 1.5", "data.random_erase` = 1.5"),
             ("image_size = 64", "image_size = 64\nrandom_erase = -0.1", "data.random_erase` = -0.1"),
+            ("image_size = 64", "image_size = 64\ncutmix = 2.0", "data.cutmix` = 2"),
             ("image_size = 64", "image_size = 64\ntta_shift = 9", "data.tta_shift` = 9"),
             ("image_size = 64", "image_size = 64\nprogressive_sizes = [32, 2000]", "data.progressive_sizes` = 2000"),
             ("image_size = 64", "progressive_sizes = [32]", "data.progressive_sizes` = [32]"),

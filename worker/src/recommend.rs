@@ -332,6 +332,7 @@ pub fn recommend(opts: &RecommendOptions) -> Result<Recommendation, RecommendErr
         tta_shift: 0,
         random_shift: 0,
         random_erase: 0.0,
+        cutmix: 0.0,
         progressive_sizes: Vec::new(),
     };
     let splits = data::open_splits(&data_spec, opts.seed)?;
@@ -1081,6 +1082,7 @@ mod tests {
             tta_shift: 0,
             random_shift: 0,
         random_erase: 0.0,
+        cutmix: 0.0,
             progressive_sizes: Vec::new(),
         };
         let text = spec_toml(rec, &data, 3);

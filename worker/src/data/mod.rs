@@ -254,6 +254,7 @@ mod tests {
             tta_shift: 0,
             random_shift: 0,
         random_erase: 0.0,
+        cutmix: 0.0,
             progressive_sizes: Vec::new(),
         };
         let plain = open_splits(&spec, 7).unwrap();
