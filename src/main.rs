@@ -155,7 +155,7 @@ enum Command {
         #[arg(long)]
         test: bool,
         /// First recompute BatchNorm's statistics over this many batches of the training split
-        /// (`train.precise_bn`; 0: as saved).
+        /// (precise BatchNorm; 0: as saved).
         #[arg(long)]
         precise_bn: Option<usize>,
         #[arg(long, default_value = "auto")]
@@ -801,7 +801,7 @@ fn eval(
     }
     if let Some(n) = precise_bn.filter(|n| *n > 0) {
         let started = std::time::Instant::now();
-        let done = trainer.recalibrate_bn(n, 0, 1)?;
+        let done = trainer.recalibrate_bn(n)?;
         tracing::info!(batches = done, seconds = started.elapsed().as_secs_f64(), "recomputed BatchNorm statistics");
     }
     let weights = if trainer.scores_average() { "averaged weights" } else { "weights as trained" };

@@ -13,24 +13,19 @@
 //! no gradients), so after it each holds `momentum * batch statistic`; the sum over batches, scaled
 //! by `1 / (momentum * n)`, is the average.
 
-use tch::Tensor;
+use tch::{nn, Tensor};
 
 use crate::zoo::layers::with_bn_mode;
 use crate::zoo::Network;
 
-/// The momentum every BatchNorm of the zoo updates its running statistics with (torchvision's).
-const MOMENTUM: f64 = 0.1;
-
-/// The running statistics of `net`'s BatchNorms, sorted by name.
-fn buffers(net: &Network) -> Vec<(String, Tensor)> {
-    let mut bufs: Vec<(String, Tensor)> = net
-        .vs
+/// The running statistics of `net`'s BatchNorms.
+fn buffers(net: &Network) -> Vec<Tensor> {
+    net.vs
         .variables()
         .into_iter()
         .filter(|(name, _)| name.ends_with(".running_mean") || name.ends_with(".running_var"))
-        .collect();
-    bufs.sort_by(|a, b| a.0.cmp(&b.0));
-    bufs
+        .map(|(_, t)| t)
+        .collect()
 }
 
 /// Recomputes `net`'s BatchNorm statistics as the average over `batches` (images, on the
@@ -41,15 +36,15 @@ pub fn recalibrate(net: &Network, batches: impl IntoIterator<Item = Tensor>, for
     if bufs.is_empty() {
         return 0;
     }
-    let sums: Vec<Tensor> = bufs.iter().map(|(_, b)| b.zeros_like()).collect();
+    let sums: Vec<Tensor> = bufs.iter().map(Tensor::zeros_like).collect();
     let mut n = 0usize;
     tch::no_grad(|| {
         for xs in batches {
-            for (_, b) in &bufs {
+            for b in &bufs {
                 let _ = b.shallow_clone().zero_();
             }
             with_bn_mode(Some(true), || forward(&xs));
-            for ((_, b), s) in bufs.iter().zip(&sums) {
+            for (b, s) in bufs.iter().zip(&sums) {
                 let _ = s.shallow_clone().g_add_(b);
             }
             n += 1;
@@ -57,8 +52,10 @@ pub fn recalibrate(net: &Network, batches: impl IntoIterator<Item = Tensor>, for
         if n == 0 {
             return;
         }
-        let scale = 1.0 / (MOMENTUM * n as f64);
-        for ((_, b), s) in bufs.iter().zip(&sums) {
+        // The zoo's BatchNorms all use tch's default momentum (torchvision's 0.1,
+        // `zoo::layers::batch_norm`).
+        let scale = 1.0 / (nn::BatchNormConfig::default().momentum * n as f64);
+        for (b, s) in bufs.iter().zip(&sums) {
             b.shallow_clone().copy_(&(s * scale));
         }
     });

@@ -27,7 +27,7 @@ use crate::data::transform::Transform;
 use crate::data::{self, DataError, Dataset, SampleError, Splits};
 use crate::ddp;
 use crate::ema::Ema;
-use crate::mix::mixed_loss;
+use crate::mix::{cutmix, mixed_loss};
 use crate::optim::{Optimizer, Param};
 use crate::progress::Progress;
 use crate::stage_cache::StageCache;
@@ -642,7 +642,7 @@ impl Trainer {
                     tch::manual_seed(step_seed(self.spec.seed, epoch, at));
                     let xs = batch.images.to_device(device);
                     let ys = batch.labels.to_device(device);
-                    let mixed = crate::mix::cutmix(&xs, &ys, self.spec.data.cutmix);
+                    let mixed = cutmix(&xs, &ys, self.spec.data.cutmix);
                     let xs = mixed.as_ref().map_or(xs, |m| m.images.shallow_clone());
                     self.optimizer.zero_grad();
                     let (precision, smoothing) = (self.spec.train.precision, self.spec.train.label_smoothing);
@@ -784,13 +784,13 @@ impl Trainer {
         sums
     }
 
-    /// Precise BatchNorm statistics (`precise_bn.rs`) from up to `batches` batches of this
-    /// rank's share (every `world`-th from `rank`) of a seeded shuffle of the training images,
-    /// read without augmentation. Returns how many batches were averaged.
-    pub fn recalibrate_bn(&mut self, batches: usize, rank: u32, world: u32) -> Result<usize, TrainError> {
+    /// Precise BatchNorm statistics (`precise_bn.rs`) from up to `batches` full batches of a
+    /// seeded shuffle of the training images, read without augmentation. Returns how many
+    /// batches were averaged.
+    pub fn recalibrate_bn(&mut self, batches: usize) -> Result<usize, TrainError> {
         let bs = self.spec.train.batch_size;
-        let perm = crate::data::permutation(self.splits.train.len(), self.spec.seed, 0xB4);
-        let order: Vec<usize> = perm.into_iter().skip(rank as usize).step_by(world.max(1) as usize).take(batches * bs).collect();
+        let mut order = crate::data::permutation(self.splits.train.len(), self.spec.seed, 0xB4);
+        order.truncate(batches * bs);
         let device = self.net.vs.device();
         let cfg = LoaderConfig::eval(bs, self.spec.data.loader_threads);
         let loader = Loader::start(self.splits.train.clone(), order, 0, self.transform.clone(), cfg);
@@ -1273,7 +1273,7 @@ impl Trainer {
                     tch::manual_seed(step_seed(self.spec.seed, epoch, at) ^ rank as i64);
                     let xs = batch.images.to_device(device);
                     let ys = batch.labels.to_device(device);
-                    let mixed = crate::mix::cutmix(&xs, &ys, self.spec.data.cutmix);
+                    let mixed = cutmix(&xs, &ys, self.spec.data.cutmix);
                     let xs = mixed.as_ref().map_or(xs, |m| m.images.shallow_clone());
                     let smoothing = self.spec.train.label_smoothing;
                     let (fwd, sum) = autocast(precision, device, || {
