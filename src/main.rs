@@ -137,9 +137,11 @@ enum Command {
     },
     /// Evaluate a checkpoint on its job's validation split (or the test split): loss and accuracy.
     /// For reporting and ablations: test-time flips on or off, the test images of a run that
-    /// was tuned on a holdout.
+    /// was tuned on a holdout. With several checkpoints, their ensemble: the mean of the
+    /// members' class probabilities, on a split they must share; the options apply to each.
     Eval {
-        checkpoint: PathBuf,
+        #[arg(required = true)]
+        checkpoints: Vec<PathBuf>,
         /// Average each image's logits with its mirror's (default: as the job's spec says).
         #[arg(long)]
         tta_hflip: Option<bool>,
@@ -534,8 +536,12 @@ fn run(cli: Cli) -> Result<()> {
         Command::Train { spec, resume, device, max_steps, time_budget, check } => {
             train(spec, resume, device.device()?, max_steps, time_budget, check)
         }
-        Command::Eval { checkpoint, tta_hflip, tta_shift, ema, test, precise_bn, device } => {
-            eval(&checkpoint, (tta_hflip, tta_shift), ema, test, precise_bn, device.device()?)
+        Command::Eval { checkpoints, tta_hflip, tta_shift, ema, test, precise_bn, device } => {
+            let opts = EvalOptions { tta_hflip, tta_shift, ema, test, precise_bn, device: device.device()? };
+            match checkpoints.as_slice() {
+                [one] => eval(one, &opts),
+                many => eval_ensemble(many, &opts),
+            }
         }
         Command::Plan { spec, json } => plan::print(&spec, json),
         Command::Predict { model, weights, top_k, json, device, images } => {
@@ -777,49 +783,109 @@ fn open_dataset(dir: &Path, format: FormatArg, split: &str) -> Result<Arc<dyn Da
 }
 
 /// `thaw eval`: one evaluation of a checkpoint, printed as `split images loss accuracy`.
-fn eval(
-    checkpoint: &Path,
-    (tta_hflip, tta_shift): (Option<bool>, Option<u32>),
+/// What `thaw eval` does to each checkpoint before scoring it.
+struct EvalOptions {
+    tta_hflip: Option<bool>,
+    tta_shift: Option<u32>,
     ema: Option<bool>,
     test: bool,
     precise_bn: Option<usize>,
     device: tch::Device,
-) -> Result<()> {
-    let mut trainer = Trainer::resume(checkpoint, device)?;
-    if let Some(t) = tta_hflip {
+}
+
+/// A checkpoint's trainer, ready to score as `opts` say: test-time views, which weights, precise
+/// BatchNorm statistics, the test split. Returns it with the split's name.
+fn open_for_eval(checkpoint: &Path, opts: &EvalOptions) -> Result<(Trainer, &'static str)> {
+    let mut trainer = Trainer::resume(checkpoint, opts.device)?;
+    if let Some(t) = opts.tta_hflip {
         trainer.spec.data.tta_hflip = t;
     }
-    if let Some(s) = tta_shift {
+    if let Some(s) = opts.tta_shift {
         trainer.spec.data.tta_shift = s;
     }
-    match ema {
+    match opts.ema {
         Some(true) if !trainer.scores_average() => {
             anyhow::bail!("{}: the run kept no moving average of its weights (train.ema_decay)", checkpoint.display())
         }
         Some(false) => trainer.score_trained_weights(),
         _ => {}
     }
-    if let Some(n) = precise_bn.filter(|n| *n > 0) {
+    if let Some(n) = opts.precise_bn.filter(|n| *n > 0) {
         let started = std::time::Instant::now();
         let done = trainer.recalibrate_bn(n)?;
         tracing::info!(batches = done, seconds = started.elapsed().as_secs_f64(), "recomputed BatchNorm statistics");
     }
-    let weights = if trainer.scores_average() { "averaged weights" } else { "weights as trained" };
-    let split = if test || trainer.spec.data.holdout.is_none() { "test" } else { "holdout" };
-    if test && trainer.spec.data.holdout.is_some() {
+    let split = if opts.test || trainer.spec.data.holdout.is_none() { "test" } else { "holdout" };
+    if opts.test && trainer.spec.data.holdout.is_some() {
         let mut data = trainer.spec.data.clone();
         data.holdout = None;
         trainer.splits = thaw_worker::data::open_splits(&data, trainer.spec.seed)?;
     }
-    let started = std::time::Instant::now();
-    let (loss, acc) = trainer.evaluate()?;
-    println!(
-        "{split}: {} images, loss {loss:.4}, accuracy {acc:.4} ({weights}, test-time flips {}, shifts {}, {}x{} inputs, {:.1}s)",
-        trainer.splits.val.len(),
+    Ok((trainer, split))
+}
+
+/// How a trainer scores: which weights, test-time views, input size.
+fn scoring(trainer: &Trainer) -> String {
+    format!(
+        "{}, test-time flips {}, shifts {}, {}x{} inputs",
+        if trainer.scores_average() { "averaged weights" } else { "weights as trained" },
         if trainer.spec.data.tta_hflip { "on" } else { "off" },
         trainer.spec.data.tta_shift,
         trainer.transform.size,
-        trainer.transform.size,
+        trainer.transform.size
+    )
+}
+
+fn eval(checkpoint: &Path, opts: &EvalOptions) -> Result<()> {
+    let (mut trainer, split) = open_for_eval(checkpoint, opts)?;
+    let started = std::time::Instant::now();
+    let (loss, acc) = trainer.evaluate()?;
+    println!(
+        "{split}: {} images, loss {loss:.4}, accuracy {acc:.4} ({}, {:.1}s)",
+        trainer.splits.val.len(),
+        scoring(&trainer),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// `thaw eval A B ...`: each member scored alone, then the mean of their class probabilities.
+/// The members must score the same images with the same labels (the same data, holdout and
+/// seed), else the error names the first that differs.
+fn eval_ensemble(checkpoints: &[PathBuf], opts: &EvalOptions) -> Result<()> {
+    let started = std::time::Instant::now();
+    let mut first: Option<(&Path, &'static str, Vec<Option<i64>>)> = None;
+    let mut sum: Option<tch::Tensor> = None;
+    for ck in checkpoints {
+        let (mut trainer, split) = open_for_eval(ck, opts)?;
+        let p = trainer.val_probabilities()?;
+        let (loss, acc) = p.score()?;
+        println!("member {}: {split}, loss {loss:.4}, accuracy {acc:.4} ({})", ck.display(), scoring(&trainer));
+        match &first {
+            None => first = Some((ck, split, p.labels.clone())),
+            Some((f, f_split, labels)) if *f_split != split || *labels != p.labels => anyhow::bail!(
+                "{} scores another split than {} ({} {} images against {} {}): an ensemble is scored on the split its members share (the same data, holdout and seed)",
+                ck.display(),
+                f.display(),
+                p.labels.len(),
+                split,
+                labels.len(),
+                f_split
+            ),
+            Some(_) => {}
+        }
+        sum = Some(match sum {
+            None => p.probs,
+            Some(s) => s + p.probs,
+        });
+    }
+    let (_, split, labels) = first.expect("at least one checkpoint");
+    let probs = sum.expect("at least one member") / checkpoints.len() as f64;
+    let n = labels.len();
+    let (loss, acc) = thaw_worker::train::ValProbabilities { probs, labels }.score()?;
+    println!(
+        "{split}: {n} images, loss {loss:.4}, accuracy {acc:.4} (ensemble of {}: mean of the members' probabilities, {:.1}s)",
+        checkpoints.len(),
         started.elapsed().as_secs_f64()
     );
     Ok(())

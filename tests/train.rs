@@ -179,6 +179,33 @@ fn weight_averages_are_scored_and_resume_exactly() {
     ok(thaw(&["train", plain_spec.to_str().unwrap()]));
     let o = thaw(&["eval", plain.join("checkpoint.safetensors").to_str().unwrap(), "--ema", "true"]);
     assert!(!o.status.success() && stderr(&o).contains("train.ema_decay"), "{}", stderr(&o));
+
+    // Ensembles (`thaw eval A B`). A model with itself scores what it scores alone.
+    let twice = eval(&[ck.to_str().unwrap()]);
+    assert!(twice.contains("ensemble of 2") && twice.contains("test: 200 images"), "{twice}");
+    let last = |out: &str| out.lines().last().unwrap().to_string();
+    assert_eq!(twice.lines().filter(|l| l.starts_with("member ")).count(), 2, "{twice}");
+    assert!((field(&last(&twice), "accuracy ") - field(&averaged, "accuracy ")).abs() < 1e-9, "{twice}\n{averaged}");
+    assert!((field(&last(&twice), "loss ") - field(&averaged, "loss ")).abs() < 1e-3, "{twice}\n{averaged}");
+    // With a different model on the same 200 images, the probabilities are averaged: by Jensen's
+    // inequality the ensemble's loss is at most the mean of its members'.
+    let (other_spec, other) = fmnist_job(
+        dir.path(),
+        "other",
+        "arch = \"lenet5\"\nweights = \"none\"",
+        "train_limit = 64\nval_limit = 200\n[train]\nepochs = 1\nbatch_size = 64\n[schedule]\nstrategy = \"scratch\"",
+    );
+    ok(thaw(&["train", other_spec.to_str().unwrap()]));
+    let pair = eval(&[other.join("checkpoint.safetensors").to_str().unwrap()]);
+    let members: Vec<f64> = pair.lines().filter(|l| l.starts_with("member ")).map(|l| field(l, "loss ")).collect();
+    assert_eq!(members.len(), 2, "{pair}");
+    let ensemble = field(&last(&pair), "loss ");
+    assert!(ensemble <= (members[0] + members[1]) / 2.0 + 1e-4, "{pair}");
+    assert!((ensemble - members[0]).abs() > 1e-4 && (ensemble - members[1]).abs() > 1e-4, "{pair}");
+    // Members scored on different images are an error naming both.
+    let o = thaw(&["eval", ck.to_str().unwrap(), plain.join("checkpoint.safetensors").to_str().unwrap()]);
+    let err = stderr(&o);
+    assert!(!o.status.success() && err.contains("scores another split than") && err.contains("64 test images"), "{err}");
 }
 
 #[test]

@@ -784,6 +784,25 @@ impl Trainer {
         sums
     }
 
+    /// Class probabilities of every validation image, as the final evaluation scores them (the
+    /// moving average of the weights where the run kept one, the test-time views of
+    /// `data.tta_hflip` and `data.tta_shift`): for averaging the members of an ensemble
+    /// (`thaw eval A B ...`).
+    pub fn val_probabilities(&mut self) -> Result<ValProbabilities, TrainError> {
+        let (bs, threads) = (self.spec.train.batch_size, self.spec.data.loader_threads);
+        let tta = Tta { hflip: self.spec.data.tta_hflip, shift: self.spec.data.tta_shift as i64 };
+        let (device, precision) = (self.net.vs.device(), self.spec.train.precision);
+        let mut ema = self.ema.take();
+        let (net, val, transform) = (&self.net, self.splits.val.clone(), &self.transform);
+        let run = || autocast(precision, device, || probabilities_on(net, val, transform, bs, threads, tta));
+        let out = match &mut ema {
+            Some(e) => e.with_average(run),
+            None => run(),
+        };
+        self.ema = ema;
+        out
+    }
+
     /// Precise BatchNorm statistics (`precise_bn.rs`) from up to `batches` full batches of a
     /// seeded shuffle of the training images, read without augmentation. Returns how many
     /// batches were averaged.
@@ -1002,6 +1021,69 @@ pub fn evaluate(
 ) -> Result<(f64, f64), TrainError> {
     let order = (0..ds.len()).collect();
     evaluate_on(net, ds, order, t, batch_size, threads, Tta::NONE)?.mean()
+}
+
+/// Per-image class probabilities over a validation split ([`Trainer::val_probabilities`]).
+pub struct ValProbabilities {
+    /// `[images, classes]`, f32 on the CPU; row i is validation image i (zeros where it could not
+    /// be read).
+    pub probs: Tensor,
+    /// Label of each image; `None` where it could not be read.
+    pub labels: Vec<Option<i64>>,
+}
+
+impl ValProbabilities {
+    /// (mean loss, accuracy) of these probabilities over the readable images: the loss is the
+    /// negative log of the true class's probability.
+    pub fn score(&self) -> Result<(f64, f64), TrainError> {
+        let rows: Vec<i64> = (0..self.labels.len() as i64).filter(|&i| self.labels[i as usize].is_some()).collect();
+        if rows.is_empty() {
+            return Err(TrainError::Invalid("no validation image could be read".into()));
+        }
+        let labels: Vec<i64> = self.labels.iter().flatten().copied().collect();
+        let (rows, labels) = (Tensor::from_slice(&rows), Tensor::from_slice(&labels));
+        let p = self.probs.index_select(0, &rows);
+        let correct = p.argmax(-1, false).eq_tensor(&labels).sum(Kind::Int64).int64_value(&[]);
+        let p_true = p.gather(1, &labels.unsqueeze(1), false).clamp_min(1e-12);
+        let loss = -p_true.log().mean(Kind::Double).double_value(&[]);
+        Ok((loss, correct as f64 / labels.size()[0] as f64))
+    }
+}
+
+fn probabilities_on(
+    net: &Network,
+    ds: Arc<dyn Dataset>,
+    t: &Transform,
+    batch_size: usize,
+    threads: usize,
+    tta: Tta,
+) -> Result<ValProbabilities, TrainError> {
+    let n = ds.len();
+    let mut probs = Tensor::zeros([n as i64, net.num_classes], (Kind::Float, Device::Cpu));
+    let mut labels = vec![None; n];
+    let mut progress = Progress::new("evaluate", n as u64, "img");
+    let device = net.vs.device();
+    tch::no_grad(|| {
+        let cfg = LoaderConfig::eval(batch_size, threads);
+        for batch in Loader::start(ds.clone(), (0..n).collect(), 0, t.clone(), cfg) {
+            if batch.indices.is_empty() {
+                continue;
+            }
+            let logits = eval_logits(net, &batch.images.to_device(device), tta);
+            let p = logits.to_kind(Kind::Float).softmax(-1, Kind::Float).to_device(Device::Cpu);
+            let rows: Vec<i64> = batch.indices.iter().map(|&i| i as i64).collect();
+            let _ = probs.index_copy_(0, &Tensor::from_slice(&rows), &p);
+            let ys = Vec::<i64>::try_from(batch.labels.to_device(Device::Cpu)).map_err(|e| TrainError::Invalid(e.to_string()))?;
+            for (&i, y) in batch.indices.iter().zip(ys) {
+                labels[i] = Some(y);
+            }
+            let done = labels.iter().filter(|l| l.is_some()).count();
+            progress.update(done as u64, || String::new());
+        }
+        Ok::<(), TrainError>(())
+    })?;
+    progress.finish();
+    Ok(ValProbabilities { probs, labels })
 }
 
 /// Test-time augmentation of the final evaluation: mirror images (`data.tta_hflip`) and copies
