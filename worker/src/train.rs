@@ -1078,7 +1078,7 @@ fn probabilities_on(
                 labels[i] = Some(y);
             }
             let done = labels.iter().filter(|l| l.is_some()).count();
-            progress.update(done as u64, || String::new());
+            progress.update(done as u64, String::new);
         }
         Ok::<(), TrainError>(())
     })?;
