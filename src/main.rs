@@ -1040,11 +1040,11 @@ fn models(json: bool) -> Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
-        println!("{:<13} {:>12} {:>6} {:>8}  groups", "arch", "parameters", "input", "features");
+        println!("{:<18} {:>12} {:>6} {:>8}  groups", "arch", "parameters", "input", "features");
         for r in &rows {
             let groups: Vec<&str> = r["groups"].as_array().into_iter().flatten().filter_map(|v| v.as_str()).collect();
             println!(
-                "{:<13} {:>12} {:>6} {:>8}  {}",
+                "{:<18} {:>12} {:>6} {:>8}  {}",
                 r["arch"].as_str().unwrap_or_default(),
                 r["parameters"].as_i64().unwrap_or_default(),
                 r["input_size"].as_i64().unwrap_or_default(),

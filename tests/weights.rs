@@ -63,5 +63,6 @@ fn models_lists_every_architecture_with_published_sizes() {
     assert_eq!(params("vgg16"), 138_357_544);
     assert_eq!(params("mobilenet_v2"), 3_504_872);
     assert_eq!(params("lenet5"), 61_706);
-    assert_eq!(v.as_array().unwrap().len(), 9);
+    assert_eq!(params("efficientnet_lite0"), 4_652_008);
+    assert_eq!(v.as_array().unwrap().len(), 10);
 }
