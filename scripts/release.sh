@@ -1,5 +1,6 @@
 # Sourced by the run scripts: set-up (idempotent), a release build, and the ImageNet weights of
-# MobileNetV2 and EfficientNet-Lite0 in the weights cache ($THAW_HOME, default ~/.cache/thaw). Sets $thaw to the binary.
+# MobileNetV2 and EfficientNet-Lite0 in the weights cache ($THAW_HOME, default ~/.cache/thaw).
+# Sets $thaw to the binary.
 # With network access `--weights imagenet` would download the weights instead of importing them.
 bash scripts/setup.sh
 cargo build --release --quiet

@@ -70,6 +70,15 @@ impl Ema {
         out
     }
 
+    /// Runs `f` on the weights a run scores: the average where it keeps one
+    /// ([`Ema::with_average`]), else the weights as trained.
+    pub fn scored<T>(ema: Option<&mut Ema>, f: impl FnOnce() -> T) -> T {
+        match ema {
+            Some(e) => e.with_average(f),
+            None => f(),
+        }
+    }
+
     fn swap(&mut self) {
         tch::no_grad(|| {
             for (_, var, avg) in &mut self.vars {

@@ -761,27 +761,19 @@ impl Trainer {
         } else {
             Tta::NONE
         };
-        let device = self.net.vs.device();
+        let (device, precision) = (self.net.vs.device(), self.spec.train.precision);
+        let (net, val, transform, cache) = (&self.net, self.splits.val.clone(), &self.transform, &mut self.cache);
         // With `train.ema_decay`, the average is what is scored (the frozen prefix a cache holds
         // the outputs of does not change, so its average is itself).
-        let mut ema = self.ema.take();
-        let score = || {
+        Ema::scored(self.ema.as_mut(), || {
             // Evaluation computes in the precision training does.
-            autocast(self.spec.train.precision, device, || match &mut self.cache {
+            autocast(precision, device, || match cache {
                 // Cached prefix outputs cannot be mirrored or moved: test-time views run the whole
                 // network.
-                Some(c) if tta == Tta::NONE => {
-                    c.evaluate(&self.net, self.splits.val.clone(), order, &self.transform, bs, threads)
-                }
-                _ => evaluate_on(&self.net, self.splits.val.clone(), order, &self.transform, bs, threads, tta),
+                Some(c) if tta == Tta::NONE => c.evaluate(net, val, order, transform, bs, threads),
+                _ => evaluate_on(net, val, order, transform, bs, threads, tta),
             })
-        };
-        let sums = match &mut ema {
-            Some(e) => e.with_average(score),
-            None => score(),
-        };
-        self.ema = ema;
-        sums
+        })
     }
 
     /// Class probabilities of every validation image, as the final evaluation scores them (the
@@ -792,15 +784,10 @@ impl Trainer {
         let (bs, threads) = (self.spec.train.batch_size, self.spec.data.loader_threads);
         let tta = Tta { hflip: self.spec.data.tta_hflip, shift: self.spec.data.tta_shift as i64 };
         let (device, precision) = (self.net.vs.device(), self.spec.train.precision);
-        let mut ema = self.ema.take();
         let (net, val, transform) = (&self.net, self.splits.val.clone(), &self.transform);
-        let run = || autocast(precision, device, || probabilities_on(net, val, transform, bs, threads, tta));
-        let out = match &mut ema {
-            Some(e) => e.with_average(run),
-            None => run(),
-        };
-        self.ema = ema;
-        out
+        Ema::scored(self.ema.as_mut(), || {
+            autocast(precision, device, || probabilities_on(net, val, transform, bs, threads, tta))
+        })
     }
 
     /// Precise BatchNorm statistics (`precise_bn.rs`) from up to `batches` full batches of a
@@ -815,18 +802,14 @@ impl Trainer {
         let loader = Loader::start(self.splits.train.clone(), order, 0, self.transform.clone(), cfg);
         let images = loader.filter(|b| b.indices.len() == bs).map(|b| b.images.to_device(device));
         let (net, precision) = (&self.net, self.spec.train.precision);
-        let recalibrate = || {
+        // With `train.ema_decay` the average is what is scored: its statistics are recomputed.
+        Ok(Ema::scored(self.ema.as_mut(), || {
             crate::precise_bn::recalibrate(net, images, |xs| {
                 autocast(precision, device, || {
                     let _ = net.forward_t(xs, false);
                 })
             })
-        };
-        // With `train.ema_decay` the average is what is scored: its statistics are recomputed.
-        Ok(match &mut self.ema {
-            Some(e) => e.with_average(recalibrate),
-            None => recalibrate(),
-        })
+        }))
     }
 
     /// Whether evaluations score a moving average of the weights (`train.ema_decay`).
@@ -1061,7 +1044,7 @@ fn probabilities_on(
     let n = ds.len();
     let mut probs = Tensor::zeros([n as i64, net.num_classes], (Kind::Float, Device::Cpu));
     let mut labels = vec![None; n];
-    let mut progress = Progress::new("evaluate", n as u64, "img");
+    let (mut progress, mut done) = (Progress::new("evaluate", n as u64, "img"), 0);
     let device = net.vs.device();
     tch::no_grad(|| {
         let cfg = LoaderConfig::eval(batch_size, threads);
@@ -1077,7 +1060,7 @@ fn probabilities_on(
             for (&i, y) in batch.indices.iter().zip(ys) {
                 labels[i] = Some(y);
             }
-            let done = labels.iter().filter(|l| l.is_some()).count();
+            done += batch.indices.len();
             progress.update(done as u64, String::new);
         }
         Ok::<(), TrainError>(())

@@ -23,7 +23,7 @@
 use tch::nn::{self, ModuleT};
 use tch::Tensor;
 
-use super::layers::{self, Act, ConvBn};
+use super::layers::{self, Act, ConvBn, Residual};
 use super::GroupsBuilder;
 
 /// Expansion t, depthwise kernel k, output channels c, repeats n, first stride s (EfficientNet-B0's
@@ -47,7 +47,7 @@ const BN_EPS: f64 = 1e-3;
 
 /// A convolution and its BatchNorm padded as TensorFlow's `SAME`: output side ceil(side / stride),
 /// the padding split with the odd pixel on the bottom and right. Stride 1 pads symmetrically in
-/// the convolution itself; stride 2 pads the input first when the split is uneven.
+/// the convolution itself; stride 2 pads the input first, by what its side needs.
 #[derive(Debug)]
 struct SameConvBn {
     inner: ConvBn,
@@ -91,34 +91,15 @@ impl ModuleT for SameConvBn {
 /// The mobile inverted bottleneck without squeeze-and-excitation: 1x1 expansion (absent when
 /// t = 1), kxk depthwise, 1x1 linear projection; a residual sum where stride is 1 and widths
 /// match.
-#[derive(Debug)]
-struct MbConv {
-    layers: Vec<SameConvBn>,
-    residual: bool,
-}
-
-impl MbConv {
-    fn new(p: &nn::Path, c_in: i64, c_out: i64, k: i64, stride: i64, expand: i64) -> Self {
-        let hidden = c_in * expand;
-        let mut layers = Vec::new();
-        if expand != 1 {
-            layers.push(SameConvBn::new(&(p / "_expand_conv"), &(p / "_bn0"), c_in, hidden, 1, 1, Act::Relu6));
-        }
-        layers.push(SameConvBn::new(&(p / "_depthwise_conv"), &(p / "_bn1"), hidden, hidden, k, stride, Act::Relu6));
-        layers.push(SameConvBn::new(&(p / "_project_conv"), &(p / "_bn2"), hidden, c_out, 1, 1, Act::Identity));
-        MbConv { layers, residual: stride == 1 && c_in == c_out }
+fn mb_conv(p: &nn::Path, c_in: i64, c_out: i64, k: i64, stride: i64, expand: i64) -> Residual<SameConvBn> {
+    let hidden = c_in * expand;
+    let mut layers = Vec::new();
+    if expand != 1 {
+        layers.push(SameConvBn::new(&(p / "_expand_conv"), &(p / "_bn0"), c_in, hidden, 1, 1, Act::Relu6));
     }
-}
-
-impl ModuleT for MbConv {
-    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
-        let ys = self.layers.iter().fold(xs.shallow_clone(), |ys, l| ys.apply_t(l, train));
-        if self.residual {
-            ys + xs
-        } else {
-            ys
-        }
-    }
+    layers.push(SameConvBn::new(&(p / "_depthwise_conv"), &(p / "_bn1"), hidden, hidden, k, stride, Act::Relu6));
+    layers.push(SameConvBn::new(&(p / "_project_conv"), &(p / "_bn2"), hidden, c_out, 1, 1, Act::Identity));
+    Residual { layers, residual: stride == 1 && c_in == c_out }
 }
 
 /// Builds EfficientNet-Lite0; returns the feature width (1280).
@@ -134,7 +115,7 @@ pub fn build_lite0(b: &mut GroupsBuilder, num_classes: i64) -> i64 {
         }
         for i in 0..n {
             let stride = if i == 0 { s } else { 1 };
-            group = group.add(MbConv::new(&(&blocks / index), c_in, c, k, stride, t));
+            group = group.add(mb_conv(&(&blocks / index), c_in, c, k, stride, t));
             index += 1;
             c_in = c;
         }

@@ -140,6 +140,25 @@ impl ModuleT for ConvBn {
     }
 }
 
+/// Layers run in sequence, their input added to their output when `residual` (the inverted
+/// bottlenecks of MobileNetV2 and EfficientNet: stride 1, equal widths).
+#[derive(Debug)]
+pub struct Residual<M> {
+    pub layers: Vec<M>,
+    pub residual: bool,
+}
+
+impl<M: ModuleT> ModuleT for Residual<M> {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        let ys = self.layers.iter().fold(xs.shallow_clone(), |ys, l| ys.apply_t(l, train));
+        if self.residual {
+            ys + xs
+        } else {
+            ys
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,10 +10,9 @@
 //! `[N, 1280]`), `head` (dropout 0.2, `classifier.1`).
 //! 3,504,872 parameters with 1000 classes, as torchvision.
 
-use tch::nn::{self, ModuleT};
-use tch::Tensor;
+use tch::nn;
 
-use super::layers::{self, Act, ConvBn};
+use super::layers::{self, Act, ConvBn, Residual};
 use super::GroupsBuilder;
 
 /// Expansion t, output channels c, repeats n, first stride s (the paper's table 2); one row per
@@ -38,37 +37,18 @@ fn conv_norm(p: &nn::Path, c_in: i64, c_out: i64, k: i64, stride: i64, groups: i
 
 /// The inverted residual block: 1x1 expansion (absent when t = 1), 3x3 depthwise, 1x1 linear
 /// projection, all under `<p>.conv`.
-#[derive(Debug)]
-struct InvertedResidual {
-    layers: Vec<ConvBn>,
-    residual: bool,
-}
-
-impl InvertedResidual {
-    fn new(p: &nn::Path, c_in: i64, c_out: i64, stride: i64, expand: i64) -> Self {
-        let p = p / "conv";
-        let hidden = c_in * expand;
-        let mut layers = Vec::new();
-        if expand != 1 {
-            layers.push(conv_norm(&(&p / 0), c_in, hidden, 1, 1, 1, Act::Relu6));
-        }
-        let i = layers.len();
-        layers.push(conv_norm(&(&p / i), hidden, hidden, 3, stride, hidden, Act::Relu6));
-        let project = layers::conv(&p / (i + 1), hidden, c_out, 1, 1, 0, 1, false);
-        layers.push(ConvBn::new(project, layers::batch_norm(&p / (i + 2), c_out, 1e-5), Act::Identity));
-        InvertedResidual { layers, residual: stride == 1 && c_in == c_out }
+fn inverted_residual(p: &nn::Path, c_in: i64, c_out: i64, stride: i64, expand: i64) -> Residual<ConvBn> {
+    let p = p / "conv";
+    let hidden = c_in * expand;
+    let mut layers = Vec::new();
+    if expand != 1 {
+        layers.push(conv_norm(&(&p / 0), c_in, hidden, 1, 1, 1, Act::Relu6));
     }
-}
-
-impl ModuleT for InvertedResidual {
-    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
-        let ys = self.layers.iter().fold(xs.shallow_clone(), |ys, l| ys.apply_t(l, train));
-        if self.residual {
-            ys + xs
-        } else {
-            ys
-        }
-    }
+    let i = layers.len();
+    layers.push(conv_norm(&(&p / i), hidden, hidden, 3, stride, hidden, Act::Relu6));
+    let project = layers::conv(&p / (i + 1), hidden, c_out, 1, 1, 0, 1, false);
+    layers.push(ConvBn::new(project, layers::batch_norm(&p / (i + 2), c_out, 1e-5), Act::Identity));
+    Residual { layers, residual: stride == 1 && c_in == c_out }
 }
 
 /// Builds MobileNetV2; returns the feature width (1280).
@@ -85,7 +65,7 @@ pub fn build(b: &mut GroupsBuilder, num_classes: i64) -> i64 {
         }
         for i in 0..n {
             let stride = if i == 0 { s } else { 1 };
-            group = group.add(InvertedResidual::new(&(&f / index), c_in, c, stride, t));
+            group = group.add(inverted_residual(&(&f / index), c_in, c, stride, t));
             index += 1;
             c_in = c;
         }
