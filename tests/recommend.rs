@@ -23,8 +23,10 @@ fn quadrant(size: &str, similarity: &str) -> &'static str {
     match (size, similarity) {
         ("small", "high") => "feature_extract",
         ("small", _) => "freeze_bottom",
-        // Large and different still fine-tunes when pretrained weights exist (issue 16).
-        ("large", _) => "finetune_all",
+        ("large", "high") => "finetune_all",
+        // Large and different still fine-tunes above the first third of the trunk when pretrained
+        // weights exist (issue 16).
+        ("large", _) => "freeze_bottom",
         _ => "scratch",
     }
 }
@@ -128,12 +130,12 @@ fn a_colour_folder_is_measured_and_gets_a_small_data_strategy() {
     let spec = JobSpec::from_toml(v["spec_toml"].as_str().unwrap(), dir.path()).unwrap();
     assert_eq!(spec.schedule.name(), strategy);
 
-    // Without --image-size, images this small are probed and trained at 48x48, not 224x224.
+    // Without --image-size, images this small are probed and trained at 64x64, not 224x224.
     let v = recommend(&[]);
-    assert_eq!(v["measures"]["image_size"], 48, "{v}");
+    assert_eq!(v["measures"]["image_size"], 64, "{v}");
     assert!(v["reasons"].to_string().contains("the images are small"), "{}", v["reasons"]);
     let spec = JobSpec::from_toml(v["spec_toml"].as_str().unwrap(), dir.path()).unwrap();
-    assert_eq!(spec.data.image_size, Some(48));
+    assert_eq!(spec.data.image_size, Some(64));
 }
 
 #[test]

@@ -217,11 +217,11 @@ fn strategy_auto_is_resolved_by_the_recommendation_before_anything_runs() {
     assert!(stderr(&o).contains("strategy \"auto\" resolved"), "{}", stderr(&o));
     assert!(plan["stages"][0]["frozen_prefix"].as_u64().unwrap() >= 1);
 
-    // A spec without an image size takes the recommendation's: 48 for 28x28 images, not 224.
+    // A spec without an image size takes the recommendation's: 64 for 28x28 images, not 224.
     let text = std::fs::read_to_string(&spec).unwrap().replace("image_size = 32\n", "");
     let open_size = write_spec(dir.path(), "auto-size", &text);
     let o = ok(thaw(&["plan", open_size.to_str().unwrap()]));
-    assert!(stderr(&o).contains("image_size=Some(48)"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("image_size=Some(64)"), "{}", stderr(&o));
 }
 
 #[test]
