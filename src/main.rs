@@ -148,6 +148,10 @@ enum Command {
         /// Also average copies moved by this many pixels each way (default: as the spec says).
         #[arg(long)]
         tta_shift: Option<u32>,
+        /// Also score the images resized to these sides and average over the sides, e.g.
+        /// `--tta-sizes 72,88` (default: as the spec says; `0`: none).
+        #[arg(long, value_delimiter = ',')]
+        tta_sizes: Option<Vec<i64>>,
         /// Score the moving average of the weights (`train.ema_decay`; the default when the run
         /// kept one) or, with `false`, the weights as trained.
         #[arg(long)]
@@ -536,8 +540,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Train { spec, resume, device, max_steps, time_budget, check } => {
             train(spec, resume, device.device()?, max_steps, time_budget, check)
         }
-        Command::Eval { checkpoints, tta_hflip, tta_shift, ema, test, precise_bn, device } => {
-            let opts = EvalOptions { tta_hflip, tta_shift, ema, test, precise_bn, device: device.device()? };
+        Command::Eval { checkpoints, tta_hflip, tta_shift, tta_sizes, ema, test, precise_bn, device } => {
+            let opts = EvalOptions { tta_hflip, tta_shift, tta_sizes, ema, test, precise_bn, device: device.device()? };
             match checkpoints.as_slice() {
                 [one] => eval(one, &opts),
                 many => eval_ensemble(many, &opts),
@@ -787,6 +791,7 @@ fn open_dataset(dir: &Path, format: FormatArg, split: &str) -> Result<Arc<dyn Da
 struct EvalOptions {
     tta_hflip: Option<bool>,
     tta_shift: Option<u32>,
+    tta_sizes: Option<Vec<i64>>,
     ema: Option<bool>,
     test: bool,
     precise_bn: Option<usize>,
@@ -802,6 +807,13 @@ fn open_for_eval(checkpoint: &Path, opts: &EvalOptions) -> Result<(Trainer, &'st
     }
     if let Some(s) = opts.tta_shift {
         trainer.spec.data.tta_shift = s;
+    }
+    if let Some(sizes) = &opts.tta_sizes {
+        let sizes: Vec<i64> = sizes.iter().copied().filter(|&s| s != 0).collect();
+        if let Some(s) = sizes.iter().find(|s| !(8..=1024).contains(*s)) {
+            anyhow::bail!("--tta-sizes {s}: every side must be between 8 and 1024 pixels (0: none)");
+        }
+        trainer.spec.data.tta_sizes = sizes;
     }
     match opts.ema {
         Some(true) if !trainer.scores_average() => {
@@ -827,12 +839,17 @@ fn open_for_eval(checkpoint: &Path, opts: &EvalOptions) -> Result<(Trainer, &'st
 /// How a trainer scores: which weights, test-time views, input size.
 fn scoring(trainer: &Trainer) -> String {
     format!(
-        "{}, test-time flips {}, shifts {}, {}x{} inputs",
+        "{}, test-time flips {}, shifts {}, {}x{} inputs{}",
         if trainer.scores_average() { "averaged weights" } else { "weights as trained" },
         if trainer.spec.data.tta_hflip { "on" } else { "off" },
         trainer.spec.data.tta_shift,
         trainer.transform.size,
-        trainer.transform.size
+        trainer.transform.size,
+        if trainer.spec.data.tta_sizes.is_empty() {
+            String::new()
+        } else {
+            format!(" and resized to {:?}", trainer.spec.data.tta_sizes)
+        }
     )
 }
 

@@ -143,6 +143,17 @@ fn batchnorm_policies_decide_what_moves() {
     for moved in ["features.3.conv.0.1.weight", "features.3.conv.0.1.bias", "features.3.conv.0.1.running_mean"] {
         assert!(after[moved] != before[moved], "{moved} should train under train_affine");
     }
+    // feature_extract + adapt_stats: the frozen trunk's BatchNorm statistics follow the new data,
+    // nothing of it learns, and its outputs are not cached (they change).
+    let (spec, out) = job(dir.path(), "adabn", "epochs = 1", "strategy = \"feature_extract\"\nbn = \"adapt_stats\"");
+    let log = stderr(&ok(thaw(&["train", spec.to_str().unwrap()])));
+    assert!(!log.contains("caching the frozen prefix"), "{log}");
+    let after = model_vars(&out.join("checkpoint.safetensors"));
+    for kept in ["features.3.conv.0.0.weight", "features.3.conv.0.1.weight", "features.3.conv.0.1.bias"] {
+        assert!(after[kept] == before[kept], "{kept} moved under adapt_stats");
+    }
+    assert!(after["features.3.conv.0.1.running_mean"] != before["features.3.conv.0.1.running_mean"]);
+    assert!(after["classifier.1.weight"] != before["classifier.1.weight"], "the head trains");
     // finetune_all + frozen_stats: everything trains except the stored statistics.
     let (spec, out) = job(dir.path(), "fstats", "epochs = 1", "strategy = \"finetune_all\"\nbn = \"frozen_stats\"");
     ok(thaw(&["train", spec.to_str().unwrap()]));

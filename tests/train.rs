@@ -441,6 +441,13 @@ fn progressive_sizes_train_each_epoch_at_its_size_with_random_shifts_erasing_and
         line.split("loss ").nth(1).and_then(|r| r.split(',').next()).unwrap().parse().unwrap()
     };
     assert!((loss(&out_p) - loss(&plain)).abs() > 1e-4, "precise statistics changed nothing: {out_p} / {plain}");
+    // Test-time sizes: the images also scored resized to 32x32, the logits averaged; a side out
+    // of range is refused, naming it.
+    let sized = stdout(&ok(thaw(&["eval", ck.to_str().unwrap(), "--tta-hflip", "false", "--tta-sizes", "32"])));
+    assert!(sized.contains("24x24 inputs and resized to [32]"), "{sized}");
+    assert!((loss(&sized) - loss(&plain)).abs() > 1e-4, "the second side changed nothing: {sized} / {plain}");
+    let bad = thaw(&["eval", ck.to_str().unwrap(), "--tta-sizes", "32,5000"]);
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("--tta-sizes 5000"));
     let missing = thaw(&["eval", "/nonexistent/checkpoint.safetensors"]);
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/checkpoint.safetensors"));

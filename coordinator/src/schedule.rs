@@ -25,7 +25,10 @@
 //! (every BatchNorm uses its stored statistics and never updates them, as Keras does with a
 //! pretrained base: the affine parameters of trainable groups still learn), `train_affine` (as
 //! fastai's `train_bn`: the BatchNorm layers of frozen groups keep training their affine
-//! parameters and statistics, the rest of those groups stays frozen).
+//! parameters and statistics, the rest of those groups stays frozen), `adapt_stats` (AdaBN, Li
+//! et al. 2016: the BatchNorm layers of frozen groups normalise with batch statistics and update
+//! their running statistics to the new data while training, with no gradient: nothing of a frozen
+//! group learns and no backward pass runs through it).
 //!
 //! Everything here is model independent: the caller passes the group names (the worker from its
 //! model, the coordinator from what the workers reported when they joined).
@@ -90,6 +93,7 @@ pub enum BnPolicy {
     Train,
     FrozenStats,
     TrainAffine,
+    AdaptStats,
 }
 
 impl BnPolicy {
@@ -98,6 +102,7 @@ impl BnPolicy {
             BnPolicy::Train => "train",
             BnPolicy::FrozenStats => "frozen_stats",
             BnPolicy::TrainAffine => "train_affine",
+            BnPolicy::AdaptStats => "adapt_stats",
         }
     }
 
@@ -106,6 +111,7 @@ impl BnPolicy {
             "train" => Some(BnPolicy::Train),
             "frozen_stats" => Some(BnPolicy::FrozenStats),
             "train_affine" => Some(BnPolicy::TrainAffine),
+            "adapt_stats" => Some(BnPolicy::AdaptStats),
             _ => None,
         }
     }
@@ -244,7 +250,7 @@ impl Stage {
     /// Groups `0..p` are frozen and their outputs deterministic per sample (their BatchNorm
     /// statistics are not updated): the longest such prefix.
     pub fn frozen_prefix(&self) -> usize {
-        if self.bn == BnPolicy::TrainAffine {
+        if matches!(self.bn, BnPolicy::TrainAffine | BnPolicy::AdaptStats) {
             return 0;
         }
         self.trainable.iter().take_while(|t| !**t).count()
@@ -475,7 +481,11 @@ fn parse_lr_mult(field: &'static str, t: Option<toml::Table>) -> Result<Vec<(Str
 fn parse_bn(field: &'static str, s: Option<String>) -> Result<Option<BnPolicy>, SpecError> {
     s.map(|s| {
         BnPolicy::parse(&s).ok_or_else(|| {
-            invalid(field, format!("\"{s}\""), "expected \"train\", \"frozen_stats\" or \"train_affine\"")
+            invalid(
+                field,
+                format!("\"{s}\""),
+                "expected \"train\", \"frozen_stats\", \"train_affine\" or \"adapt_stats\"",
+            )
         })
     })
     .transpose()
@@ -784,6 +794,16 @@ mod tests {
         );
         assert_eq!([st[0].lr_schedule, st[1].lr_schedule], [LrSchedule::OneCycle, LrSchedule::Cosine]);
         assert_eq!((st[0].frozen_prefix(), st[1].frozen_prefix(), st[2].frozen_prefix()), (3, 0, 0));
+    }
+
+    #[test]
+    fn adapt_stats_keeps_the_prefix_frozen_but_not_cacheable() {
+        let st = stages("strategy = \"freeze_bottom\"\nk = 2\nbn = \"adapt_stats\"", 2).unwrap();
+        assert_eq!(trainable(&st), [(0..2, vec!["layer2", "head"])]);
+        assert_eq!(st[0].bn, BnPolicy::AdaptStats);
+        assert_eq!(st[0].frozen_prefix(), 0, "its BatchNorm statistics move: outputs are not fixed");
+        let plain = stages("strategy = \"freeze_bottom\"\nk = 2", 2).unwrap();
+        assert_eq!(plain[0].frozen_prefix(), 2);
     }
 
     #[test]

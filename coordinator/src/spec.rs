@@ -292,6 +292,11 @@ pub struct DataSpec {
     /// mirrored too with `tta_hflip`. 0 (the default) is none.
     #[serde(default)]
     pub tta_shift: u32,
+    /// Test-time scales: the final evaluation also scores each image resized to these sides
+    /// (its flips and shifts too), and averages the logits over the sides. Empty (the default)
+    /// is none.
+    #[serde(default)]
+    pub tta_sizes: Vec<i64>,
     /// Random translations while training: each stored image moves by up to this many of its own
     /// pixels each way, the border black (torchvision's `RandomCrop(padding=n)`). IDX only.
     #[serde(default)]
@@ -421,6 +426,7 @@ struct RawData {
     #[serde(default)]
     tta_hflip: bool,
     tta_shift: Option<u32>,
+    tta_sizes: Option<Vec<i64>>,
     random_shift: Option<u32>,
     random_erase: Option<f64>,
     cutmix: Option<f64>,
@@ -596,6 +602,13 @@ impl JobSpec {
         if tta_shift > 8 {
             return Err(invalid("data.tta_shift", tta_shift, "must be between 0 and 8 pixels"));
         }
+        let tta_sizes = d.tta_sizes.unwrap_or_default();
+        if let Some(s) = tta_sizes.iter().find(|s| !(8..=1024).contains(*s)) {
+            return Err(invalid("data.tta_sizes", s, "every side must be between 8 and 1024 pixels"));
+        }
+        if tta_sizes.len() > 4 {
+            return Err(invalid("data.tta_sizes", format!("{tta_sizes:?}"), "takes at most 4 further sides"));
+        }
         let progressive_sizes = d.progressive_sizes.unwrap_or_default();
         if let Some(s) = progressive_sizes.iter().find(|s| !(8..=1024).contains(*s)) {
             return Err(invalid("data.progressive_sizes", s, "every side must be between 8 and 1024 pixels"));
@@ -623,6 +636,7 @@ impl JobSpec {
             holdout,
             tta_hflip: d.tta_hflip,
             tta_shift,
+            tta_sizes,
             random_shift,
             random_erase,
             cutmix,
@@ -828,6 +842,9 @@ impl JobSpec {
         if d.tta_shift > 0 {
             s += &format!("tta_shift = {}\n", d.tta_shift);
         }
+        if !d.tta_sizes.is_empty() {
+            s += &format!("tta_sizes = {:?}\n", d.tta_sizes);
+        }
         if d.random_shift > 0 {
             s += &format!("random_shift = {}\n", d.random_shift);
         }
@@ -949,11 +966,12 @@ strategy = "feature_extract"
         assert_eq!(shards, JobSpec::from_toml(&shards.to_toml(), Path::new("/x")).unwrap());
         let tuned = parse(&GOOD.replace(
             "format = \"idx\"",
-            "format = \"idx\"\nholdout = 0.1\ntta_hflip = true\ntta_shift = 2\nrandom_shift = 2\nrandom_erase = 0.25\ncutmix = 0.5\nprogressive_sizes = [32, 48]",
+            "format = \"idx\"\nholdout = 0.1\ntta_hflip = true\ntta_shift = 2\ntta_sizes = [72]\nrandom_shift = 2\nrandom_erase = 0.25\ncutmix = 0.5\nprogressive_sizes = [32, 48]",
         ))
         .unwrap();
         assert_eq!((tuned.data.holdout, tuned.data.tta_hflip, tuned.data.random_shift), (Some(0.1), true, 2));
         assert_eq!((tuned.data.tta_shift, tuned.data.random_erase, tuned.data.cutmix), (2, 0.25, 0.5));
+        assert_eq!(tuned.data.tta_sizes, [72]);
         let sizes: Vec<_> = (0..4).map(|e| tuned.data.size_for_epoch(e)).collect();
         assert_eq!(sizes, [Some(32), Some(48), Some(64), Some(64)]);
         assert_eq!(tuned, JobSpec::from_toml(&tuned.to_toml(), Path::new("/x")).unwrap());
@@ -981,6 +999,8 @@ strategy = "feature_extract"
             ("image_size = 64", "image_size = 64\nrandom_erase = -0.1", "data.random_erase` = -0.1"),
             ("image_size = 64", "image_size = 64\ncutmix = 2.0", "data.cutmix` = 2"),
             ("image_size = 64", "image_size = 64\ntta_shift = 9", "data.tta_shift` = 9"),
+            ("image_size = 64", "image_size = 64\ntta_sizes = [72, 4]", "data.tta_sizes` = 4"),
+            ("image_size = 64", "image_size = 64\ntta_sizes = [40, 48, 56, 72, 80]", "tta_sizes` = [40, 48, 56, 72"),
             ("image_size = 64", "image_size = 64\nprogressive_sizes = [32, 2000]", "data.progressive_sizes` = 2000"),
             ("image_size = 64", "progressive_sizes = [32]", "data.progressive_sizes` = [32]"),
             ("format = \"idx\"", "format = \"folder\"\nrandom_shift = 2", "data.random_shift` = 2"),

@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
 use thaw_coordinator::schedule::stage_of;
-use thaw_coordinator::spec::{BnPolicy, JobSpec, Precision, SpecError, Stage, WeightsSpec};
+use thaw_coordinator::spec::{BnPolicy, DataSpec, JobSpec, Precision, SpecError, Stage, WeightsSpec};
 
 use thaw_coordinator::core::PlanInfo;
 use thaw_coordinator::plan::{EpochCursor, EpochPlan};
@@ -756,11 +756,7 @@ impl Trainer {
     /// at half the cost; their accuracies are progress, the last one is the result).
     fn evaluate_on(&mut self, order: Vec<usize>, last: bool) -> Result<EvalSums, TrainError> {
         let (bs, threads) = (self.spec.train.batch_size, self.spec.data.loader_threads);
-        let tta = if last {
-            Tta { hflip: self.spec.data.tta_hflip, shift: self.spec.data.tta_shift as i64 }
-        } else {
-            Tta::NONE
-        };
+        let tta = if last { Tta::of(&self.spec.data) } else { Tta::NONE };
         let (device, precision) = (self.net.vs.device(), self.spec.train.precision);
         let (net, val, transform, cache) = (&self.net, self.splits.val.clone(), &self.transform, &mut self.cache);
         // With `train.ema_decay`, the average is what is scored (the frozen prefix a cache holds
@@ -771,7 +767,7 @@ impl Trainer {
                 // Cached prefix outputs cannot be mirrored or moved: test-time views run the whole
                 // network.
                 Some(c) if tta == Tta::NONE => c.evaluate(net, val, order, transform, bs, threads),
-                _ => evaluate_on(net, val, order, transform, bs, threads, tta),
+                _ => evaluate_on(net, val, order, transform, bs, threads, &tta),
             })
         })
     }
@@ -782,11 +778,11 @@ impl Trainer {
     /// (`thaw eval A B ...`).
     pub fn val_probabilities(&mut self) -> Result<ValProbabilities, TrainError> {
         let (bs, threads) = (self.spec.train.batch_size, self.spec.data.loader_threads);
-        let tta = Tta { hflip: self.spec.data.tta_hflip, shift: self.spec.data.tta_shift as i64 };
+        let tta = Tta::of(&self.spec.data);
         let (device, precision) = (self.net.vs.device(), self.spec.train.precision);
         let (net, val, transform) = (&self.net, self.splits.val.clone(), &self.transform);
         Ema::scored(self.ema.as_mut(), || {
-            autocast(precision, device, || probabilities_on(net, val, transform, bs, threads, tta))
+            autocast(precision, device, || probabilities_on(net, val, transform, bs, threads, &tta))
         })
     }
 
@@ -1003,7 +999,7 @@ pub fn evaluate(
     threads: usize,
 ) -> Result<(f64, f64), TrainError> {
     let order = (0..ds.len()).collect();
-    evaluate_on(net, ds, order, t, batch_size, threads, Tta::NONE)?.mean()
+    evaluate_on(net, ds, order, t, batch_size, threads, &Tta::NONE)?.mean()
 }
 
 /// Per-image class probabilities over a validation split ([`Trainer::val_probabilities`]).
@@ -1039,7 +1035,7 @@ fn probabilities_on(
     t: &Transform,
     batch_size: usize,
     threads: usize,
-    tta: Tta,
+    tta: &Tta,
 ) -> Result<ValProbabilities, TrainError> {
     let n = ds.len();
     let mut probs = Tensor::zeros([n as i64, net.num_classes], (Kind::Float, Device::Cpu));
@@ -1071,21 +1067,43 @@ fn probabilities_on(
 
 /// Test-time augmentation of the final evaluation: mirror images (`data.tta_hflip`) and copies
 /// moved by `shift` pixels left, right, up and down (`data.tta_shift`, edges repeated).
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Tta {
     pub hflip: bool,
     pub shift: i64,
+    /// Further sides the images are scored at (`data.tta_sizes`), each resized from the batch
+    /// with the other views of its own.
+    pub sizes: Vec<i64>,
 }
 
 impl Tta {
-    pub const NONE: Tta = Tta { hflip: false, shift: 0 };
+    pub const NONE: Tta = Tta { hflip: false, shift: 0, sizes: Vec::new() };
+
+    /// The final evaluation's views as `data` asks for them.
+    pub fn of(data: &DataSpec) -> Tta {
+        Tta { hflip: data.tta_hflip, shift: data.tta_shift as i64, sizes: data.tta_sizes.clone() }
+    }
 }
 
 /// Eval-mode logits of `xs`: with test-time augmentation, the mean of the logits of every view
 /// (the image, its shifted copies, and the mirror of each with `hflip`), all of them in one
-/// forward pass.
-pub fn eval_logits(net: &Network, xs: &Tensor, tta: Tta) -> Tensor {
-    if tta == Tta::NONE {
+/// forward pass; with `sizes`, the mean of that over the batch's side and each of `sizes` (the
+/// batch resized bilinearly, one forward pass a side).
+pub fn eval_logits(net: &Network, xs: &Tensor, tta: &Tta) -> Tensor {
+    if tta.sizes.is_empty() {
+        return side_logits(net, xs, tta);
+    }
+    let mut sum = side_logits(net, xs, tta);
+    for &side in &tta.sizes {
+        let resized = xs.upsample_bilinear2d([side, side], false, None, None);
+        sum += side_logits(net, &resized, tta);
+    }
+    sum / (tta.sizes.len() + 1) as f64
+}
+
+/// [`eval_logits`] at the side of `xs`: its flips and shifts.
+fn side_logits(net: &Network, xs: &Tensor, tta: &Tta) -> Tensor {
+    if !tta.hflip && tta.shift == 0 {
         return net.forward_t(xs, false);
     }
     let (n, h, w) = (xs.size()[0], xs.size()[2], xs.size()[3]);
@@ -1115,7 +1133,7 @@ fn evaluate_on(
     t: &Transform,
     batch_size: usize,
     threads: usize,
-    tta: Tta,
+    tta: &Tta,
 ) -> Result<EvalSums, TrainError> {
     let cfg = LoaderConfig::eval(batch_size, threads);
     let mut scores = Scores::new(order.len());
@@ -1501,20 +1519,39 @@ mod tests {
         let left = Tensor::cat(&[x.narrow(3, 2, 30), x.narrow(3, 31, 1), x.narrow(3, 31, 1)], 3);
         let up = Tensor::cat(&[x.narrow(2, 2, 30), x.narrow(2, 31, 1), x.narrow(2, 31, 1)], 2);
         tch::no_grad(|| {
-            let one = |v: &Tensor| eval_logits(&net, v, Tta::NONE);
+            let one = |v: &Tensor| eval_logits(&net, v, &Tta::NONE);
             let views = [&x, &right, &left, &down, &up];
             let want =
                 views.iter().map(|v| one(v)).fold(Tensor::zeros([2, 10], (Kind::Float, Device::Cpu)), |a, b| a + b)
                     / 5.0;
-            let got = eval_logits(&net, &x, Tta { hflip: false, shift: 2 });
+            let got = eval_logits(&net, &x, &Tta { hflip: false, shift: 2, sizes: vec![] });
             assert!((&got - &want).abs().max().double_value(&[]) < 1e-5, "five views, edges repeated");
             let mirrored = views
                 .iter()
                 .map(|v| one(&v.flip([3])))
                 .fold(Tensor::zeros([2, 10], (Kind::Float, Device::Cpu)), |a, b| a + b);
             let want_both = (want * 5.0 + mirrored) / 10.0;
-            let both = eval_logits(&net, &x, Tta { hflip: true, shift: 2 });
+            let both = eval_logits(&net, &x, &Tta { hflip: true, shift: 2, sizes: vec![] });
             assert!((&both - &want_both).abs().max().double_value(&[]) < 1e-5, "and the mirror of each");
+        });
+    }
+
+    #[test]
+    fn test_time_sizes_average_the_logits_over_the_sides() {
+        let net = Network::new(Arch::Resnet18, 10, Device::Cpu);
+        let x = Tensor::randn([2, 3, 32, 32], (Kind::Float, Device::Cpu));
+        tch::no_grad(|| {
+            let one = |v: &Tensor, hflip: bool| eval_logits(&net, v, &Tta { hflip, shift: 0, sizes: vec![] });
+            let resized = |side: i64| x.upsample_bilinear2d([side, side], false, None, None);
+            let (at40, at48) = (resized(40), resized(48));
+            for hflip in [false, true] {
+                let want = (one(&x, hflip) + one(&at40, hflip) + one(&at48, hflip)) / 3.0;
+                let got = eval_logits(&net, &x, &Tta { hflip, shift: 0, sizes: vec![40, 48] });
+                let off = (&got - &want).abs().max().double_value(&[]);
+                assert!(off < 1e-4, "hflip {hflip}: the mean over three sides, off by {off}");
+                let moved = (&got - one(&x, hflip)).abs().max().double_value(&[]);
+                assert!(moved > 1e-4, "the other sides count: {moved}");
+            }
         });
     }
 
@@ -1524,13 +1561,13 @@ mod tests {
         let x = Tensor::randn([3, 1, 32, 32], (Kind::Float, Device::Cpu));
         let mirrored = x.flip([3]);
         tch::no_grad(|| {
-            let flips = Tta { hflip: true, shift: 0 };
-            let (plain, flipped) = (eval_logits(&net, &x, Tta::NONE), eval_logits(&net, &mirrored, Tta::NONE));
-            let tta = eval_logits(&net, &x, flips);
+            let flips = Tta { hflip: true, shift: 0, sizes: vec![] };
+            let (plain, flipped) = (eval_logits(&net, &x, &Tta::NONE), eval_logits(&net, &mirrored, &Tta::NONE));
+            let tta = eval_logits(&net, &x, &flips);
             let want = (&plain + &flipped) * 0.5;
             assert!((&tta - &want).abs().max().double_value(&[]) < 1e-5);
             // Flip-invariant by construction, unlike the plain logits.
-            let tta_mirrored = eval_logits(&net, &mirrored, flips);
+            let tta_mirrored = eval_logits(&net, &mirrored, &flips);
             assert!((&tta - &tta_mirrored).abs().max().double_value(&[]) < 1e-5);
             assert!((&plain - &flipped).abs().max().double_value(&[]) > 1e-6);
         });

@@ -252,6 +252,7 @@ mod tests {
             holdout: None,
             tta_hflip: false,
             tta_shift: 0,
+            tta_sizes: Vec::new(),
             random_shift: 0,
         random_erase: 0.0,
         cutmix: 0.0,

@@ -460,7 +460,7 @@ impl Network {
     /// Training forward pass through the trunk and head with one mode per group, under the
     /// network's BatchNorm policy. The longest frozen prefix runs under `no_grad` (backward stops at
     /// its output) unless `train_affine` trains BatchNorm parameters in it; frozen groups run in
-    /// eval mode.
+    /// eval mode, but for their BatchNorm layers under `train_affine` and `adapt_stats`.
     pub fn forward_modes(&self, xs: &Tensor, modes: &[GroupMode]) -> Tensor {
         self.forward_range(xs, modes, 0..self.groups.len())
     }
@@ -502,11 +502,12 @@ impl Network {
         assert_eq!(modes.len(), self.groups.len(), "one mode per group");
         let frozen = |i: usize| modes[i] == GroupMode::Frozen;
         // BatchNorm of each group: following the group's mode, always stored statistics, or (for
-        // frozen groups under train_affine) always training.
+        // frozen groups under train_affine and adapt_stats) always training; under adapt_stats
+        // frozen groups still run without gradients.
         let bn_mode = |i: usize| match bn {
             BnPolicy::Train => None,
             BnPolicy::FrozenStats => Some(false),
-            BnPolicy::TrainAffine => frozen(i).then_some(true),
+            BnPolicy::TrainAffine | BnPolicy::AdaptStats => frozen(i).then_some(true),
         };
         let no_grad_end = if bn == BnPolicy::TrainAffine {
             range.start
@@ -991,6 +992,28 @@ mod tests {
         for name in ["features.0.0.weight", "features.1.conv.0.0.weight", "features.18.0.weight"] {
             let (ga, gb) = (a.vs.variables()[name].grad(), b.vs.variables()[name].grad());
             assert!(ga.defined() && rel(&ga, &gb) < 1e-2, "gradients of {name} differ: {}", rel(&ga, &gb));
+        }
+    }
+
+    #[test]
+    fn adapt_stats_moves_a_frozen_groups_batchnorm_statistics_without_gradients() {
+        // Inputs far from the stored statistics (zero means at initialisation).
+        let x = Tensor::randn([4, 3, 32, 32], (tch::Kind::Float, Device::Cpu)) * 3.0 + 2.0;
+        for (policy, moves) in [(BnPolicy::Train, false), (BnPolicy::AdaptStats, true)] {
+            let mut net = Network::new(Arch::MobilenetV2, 10, Device::Cpu);
+            let mut modes = vec![GroupMode::Train; net.groups().len()];
+            modes[0] = GroupMode::Frozen;
+            net.set_bn_policy(policy);
+            net.set_modes(&modes);
+            let vars = net.vs.variables();
+            let (stem_mean, stem_w) = (&vars["features.0.1.running_mean"], &vars["features.0.0.weight"]);
+            let before = stem_mean.copy();
+            let end = net.groups().len() - 1;
+            net.forward_range(&x, &modes, 0..end).sum(tch::Kind::Float).backward();
+            let moved = (stem_mean - &before).abs().max().double_value(&[]);
+            assert_eq!(moved > 1e-6, moves, "{policy:?}: the frozen stem's running mean moved by {moved}");
+            assert!(!stem_w.requires_grad() && !stem_w.grad().defined(), "{policy:?}: nothing frozen learns");
+            assert!(vars["features.18.0.weight"].grad().defined(), "{policy:?}: the trainable groups do");
         }
     }
 
