@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use thaw_coordinator::spec::JobSpec;
+use thaw_coordinator::spec::{JobSpec, IMAGE_SIDES};
 use thaw_worker::device::{self, DeviceRequest};
 use thaw_worker::data::idx::{IdxDataset, Split};
 use thaw_worker::data::transform::Transform;
@@ -810,7 +810,7 @@ fn open_for_eval(checkpoint: &Path, opts: &EvalOptions) -> Result<(Trainer, &'st
     }
     if let Some(sizes) = &opts.tta_sizes {
         let sizes: Vec<i64> = sizes.iter().copied().filter(|&s| s != 0).collect();
-        if let Some(s) = sizes.iter().find(|s| !(8..=1024).contains(*s)) {
+        if let Some(s) = sizes.iter().find(|s| !IMAGE_SIDES.contains(*s)) {
             anyhow::bail!("--tta-sizes {s}: every side must be between 8 and 1024 pixels (0: none)");
         }
         trainer.spec.data.tta_sizes = sizes;

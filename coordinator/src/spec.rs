@@ -30,6 +30,18 @@ pub fn invalid(field: &'static str, value: impl std::fmt::Display, reason: impl 
     SpecError::Invalid { field, value: value.to_string(), reason: reason.into() }
 }
 
+/// The image sides a spec or a command accepts, in pixels (`data.image_size`, the sides of
+/// `data.progressive_sizes` and `data.tta_sizes`, `--image-size`, `--tta-sizes`).
+pub const IMAGE_SIDES: std::ops::RangeInclusive<i64> = 8..=1024;
+
+/// Every side of the list `field` within [`IMAGE_SIDES`], or the error naming the first that is not.
+fn check_sides(field: &'static str, sides: &[i64]) -> Result<(), SpecError> {
+    match sides.iter().find(|s| !IMAGE_SIDES.contains(*s)) {
+        Some(s) => Err(invalid(field, s, "every side must be between 8 and 1024 pixels")),
+        None => Ok(()),
+    }
+}
+
 /// Where the initial weights come from.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "kind", content = "path")]
@@ -545,7 +557,7 @@ impl JobSpec {
 
         let d = raw.data;
         if let Some(s) = d.image_size {
-            if !(8..=1024).contains(&s) {
+            if !IMAGE_SIDES.contains(&s) {
                 return Err(invalid("data.image_size", s, "must be between 8 and 1024 pixels"));
             }
         }
@@ -603,16 +615,12 @@ impl JobSpec {
             return Err(invalid("data.tta_shift", tta_shift, "must be between 0 and 8 pixels"));
         }
         let tta_sizes = d.tta_sizes.unwrap_or_default();
-        if let Some(s) = tta_sizes.iter().find(|s| !(8..=1024).contains(*s)) {
-            return Err(invalid("data.tta_sizes", s, "every side must be between 8 and 1024 pixels"));
-        }
+        check_sides("data.tta_sizes", &tta_sizes)?;
         if tta_sizes.len() > 4 {
             return Err(invalid("data.tta_sizes", format!("{tta_sizes:?}"), "takes at most 4 further sides"));
         }
         let progressive_sizes = d.progressive_sizes.unwrap_or_default();
-        if let Some(s) = progressive_sizes.iter().find(|s| !(8..=1024).contains(*s)) {
-            return Err(invalid("data.progressive_sizes", s, "every side must be between 8 and 1024 pixels"));
-        }
+        check_sides("data.progressive_sizes", &progressive_sizes)?;
         if !progressive_sizes.is_empty() && d.image_size.is_none() {
             return Err(invalid(
                 "data.progressive_sizes",

@@ -53,7 +53,7 @@ use std::sync::Arc;
 use serde::Serialize;
 use tch::nn::{self, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
-use thaw_coordinator::spec::{DataFormat, DataSpec, JobSpec, SpecError};
+use thaw_coordinator::spec::{DataFormat, DataSpec, JobSpec, SpecError, IMAGE_SIDES};
 
 use crate::data::loader::{Loader, LoaderConfig};
 use crate::data::transform::Transform;
@@ -295,7 +295,7 @@ pub fn recommend(opts: &RecommendOptions) -> Result<Recommendation, RecommendErr
         return Err(RecommendError::Limit(0));
     }
     if let Some(s) = opts.image_size {
-        if !(8..=1024).contains(&s) {
+        if !IMAGE_SIDES.contains(&s) {
             return Err(RecommendError::ImageSize(s));
         }
     }

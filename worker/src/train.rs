@@ -1090,10 +1090,10 @@ impl Tta {
 /// forward pass; with `sizes`, the mean of that over the batch's side and each of `sizes` (the
 /// batch resized bilinearly, one forward pass a side).
 pub fn eval_logits(net: &Network, xs: &Tensor, tta: &Tta) -> Tensor {
-    if tta.sizes.is_empty() {
-        return side_logits(net, xs, tta);
-    }
     let mut sum = side_logits(net, xs, tta);
+    if tta.sizes.is_empty() {
+        return sum;
+    }
     for &side in &tta.sizes {
         let resized = xs.upsample_bilinear2d([side, side], false, None, None);
         sum += side_logits(net, &resized, tta);
