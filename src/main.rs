@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use thaw_coordinator::spec::{JobSpec, IMAGE_SIDES};
+use thaw_coordinator::spec::{check_tta_sizes, JobSpec, SpecError};
 use thaw_worker::device::{self, DeviceRequest};
 use thaw_worker::data::idx::{IdxDataset, Split};
 use thaw_worker::data::transform::Transform;
@@ -810,9 +810,11 @@ fn open_for_eval(checkpoint: &Path, opts: &EvalOptions) -> Result<(Trainer, &'st
     }
     if let Some(sizes) = &opts.tta_sizes {
         let sizes: Vec<i64> = sizes.iter().copied().filter(|&s| s != 0).collect();
-        if let Some(s) = sizes.iter().find(|s| !IMAGE_SIDES.contains(*s)) {
-            anyhow::bail!("--tta-sizes {s}: every side must be between 8 and 1024 pixels (0: none)");
-        }
+        // The spec's check, named by the flag the user typed.
+        check_tta_sizes(&sizes).map_err(|e| match e {
+            SpecError::Invalid { value, reason, .. } => anyhow::anyhow!("--tta-sizes {value}: {reason} (0: none)"),
+            other => other.into(),
+        })?;
         trainer.spec.data.tta_sizes = sizes;
     }
     match opts.ema {

@@ -448,6 +448,9 @@ fn progressive_sizes_train_each_epoch_at_its_size_with_random_shifts_erasing_and
     assert!((loss(&sized) - loss(&plain)).abs() > 1e-4, "the second side changed nothing: {sized} / {plain}");
     let bad = thaw(&["eval", ck.to_str().unwrap(), "--tta-sizes", "32,5000"]);
     assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("--tta-sizes 5000"));
+    let many = thaw(&["eval", ck.to_str().unwrap(), "--tta-sizes", "40,48,56,72,80"]);
+    let err = String::from_utf8_lossy(&many.stderr);
+    assert!(!many.status.success() && err.contains("--tta-sizes [40, 48, 56, 72, 80]: takes at most 4"), "{err}");
     let missing = thaw(&["eval", "/nonexistent/checkpoint.safetensors"]);
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/checkpoint.safetensors"));

@@ -42,6 +42,16 @@ fn check_sides(field: &'static str, sides: &[i64]) -> Result<(), SpecError> {
     }
 }
 
+/// The further sides of test-time scoring (`data.tta_sizes`, `thaw eval --tta-sizes`): each within
+/// [`IMAGE_SIDES`], at most 4 of them (each is one more forward pass of the whole split).
+pub fn check_tta_sizes(sizes: &[i64]) -> Result<(), SpecError> {
+    check_sides("data.tta_sizes", sizes)?;
+    if sizes.len() > 4 {
+        return Err(invalid("data.tta_sizes", format!("{sizes:?}"), "takes at most 4 further sides"));
+    }
+    Ok(())
+}
+
 /// Where the initial weights come from.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "kind", content = "path")]
@@ -615,10 +625,7 @@ impl JobSpec {
             return Err(invalid("data.tta_shift", tta_shift, "must be between 0 and 8 pixels"));
         }
         let tta_sizes = d.tta_sizes.unwrap_or_default();
-        check_sides("data.tta_sizes", &tta_sizes)?;
-        if tta_sizes.len() > 4 {
-            return Err(invalid("data.tta_sizes", format!("{tta_sizes:?}"), "takes at most 4 further sides"));
-        }
+        check_tta_sizes(&tta_sizes)?;
         let progressive_sizes = d.progressive_sizes.unwrap_or_default();
         check_sides("data.progressive_sizes", &progressive_sizes)?;
         if !progressive_sizes.is_empty() && d.image_size.is_none() {
